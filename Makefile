@@ -1,0 +1,32 @@
+# Each target bootstraps what it needs: uv into .tools/, then .venv from uv.lock.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+UV := .tools/bin/uv
+VENV := .venv
+export UV_PYTHON_DOWNLOADS := never
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: up test lint bench deps
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet 'uv>=0.13,<0.14'
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+deps: $(VENV)/.synced
+
+up: $(VENV)/.synced
+	$(VENV)/bin/indostar-jobs up
+
+test: $(VENV)/.synced
+	$(VENV)/bin/pytest
+
+lint: $(VENV)/.synced
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.synced
+	$(VENV)/bin/python -m bench.subscriptions --n 100000
+	$(VENV)/bin/python -m bench.cleanup --carts 1000000 --tokens 1000000
+	$(VENV)/bin/python -m bench.notifications --n 10000

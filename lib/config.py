@@ -1,0 +1,113 @@
+"""Settings for every job, read once from the environment (and an optional .env file).
+
+One typed ``Settings`` object; secrets are ``SecretStr`` so they never print. A wrong
+value fails with a message naming the variable, not a validation traceback.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of indostar-jobs; environment variable = field name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/indostar"
+    database_pool_size: int = Field(default=5, ge=1)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "indostar:"
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=1025, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: Literal["none", "starttls", "ssl"] = "none"
+    smtp_timeout: float = Field(default=10.0, gt=0)
+    smtp_from: str = "IndoStar Naturals <orders@indostar.example>"
+    smtp_credentials_block: str | None = None
+
+    sms_provider: Literal["log", "msg91", "twilio"] = "log"
+    sms_base_url: str = "http://127.0.0.1:8025"
+    sms_api_key: SecretStr | None = None
+    sms_account_sid: str | None = None
+    sms_sender_id: str = "INDSTR"
+    sms_timeout: float = Field(default=10.0, gt=0)
+
+    razorpay_webhook_secret: SecretStr = SecretStr("dev-webhook-secret")
+
+    cart_retention_days: int = Field(default=30, ge=1)
+    audit_log_retention_days: int = Field(default=90, ge=1)
+    session_inactive_days: int = Field(default=30, ge=1)
+
+    subscription_batch_size: int = Field(default=500, ge=1)
+    subscription_max_concurrency: int = Field(default=4, ge=1)
+    cleanup_batch_size: int = Field(default=10_000, ge=1)
+    notification_batch_size: int = Field(default=200, ge=1)
+
+    retry_attempts: int = Field(default=3, ge=0)
+    retry_base_seconds: float = Field(default=10.0, ge=0)
+    retry_cap_seconds: float = Field(default=600.0, ge=0)
+    retry_jitter_factor: float = Field(default=0.5, ge=0)
+
+    flow_soft_limit_seconds: float = Field(default=25 * 60, gt=0)
+    flow_timeout_seconds: float = Field(default=30 * 60, gt=0)
+
+    ops_email: str = "ops@indostar.example"
+    public_ui_url: str = "http://127.0.0.1:4200"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: str) -> str:
+        try:
+            url = make_url(v)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        if not url.drivername.startswith("postgresql"):
+            raise ValueError(f"expected a postgresql:// URL, got {url.drivername}://")
+        if not url.database:
+            raise ValueError("the URL names no database")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://host:port/db")
+        return v
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]).upper() if err["loc"] else "?"
+        parts.append(f"{name}: {err['msg']}")
+    return "invalid setting(s): " + "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, validated on first use."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def redacted_url(url: str) -> str:
+    """A DSN safe to print: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"

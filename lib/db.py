@@ -1,0 +1,143 @@
+"""Engine, sessions and migrations for the app database.
+
+The engine is built lazily and cached, so importing a flow module never connects.
+Callers own transactions: ``with session_scope() as s:`` commits on success and
+rolls back on error. Alembic migrations are the only way the schema is made.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lib.config import get_settings, redacted_url
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class ServiceUnavailableError(Exception):
+    """A service a command needs does not answer; the message says which and how to start it."""
+
+
+PG_HINT = (
+    "start PostgreSQL (e.g. `pg_ctlcluster --skip-systemctl-redirect <version> main start`) "
+    "or set DATABASE_URL"
+)
+
+
+def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
+    reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
+    return ServiceUnavailableError(
+        f"PostgreSQL is not reachable at {redacted_url(url)} (DATABASE_URL): {reason}; {PG_HINT}"
+    )
+
+
+def build_engine(url: str, pool_size: int = 5) -> Engine:
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "application_name": "indostar-jobs"},
+    )
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    s = get_settings()
+    return build_engine(s.database_url, s.database_pool_size)
+
+
+@lru_cache(maxsize=1)
+def _sessionmaker() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+def reset_engine() -> None:
+    """Forget the cached engine (after settings change, e.g. in tests)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+    _sessionmaker.cache_clear()
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """One short transaction: commit on success, roll back on any error."""
+    try:
+        session = _sessionmaker()()
+    except OperationalError as exc:  # pragma: no cover - raised lazily below instead
+        raise unavailable(get_settings().database_url, exc) from exc
+    try:
+        with session.begin():
+            yield session
+    except OperationalError as exc:
+        if "could not connect" in str(exc) or "Connection refused" in str(exc):
+            raise unavailable(get_settings().database_url, exc) from exc
+        raise
+    finally:
+        session.close()
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it does not exist; True if created."""
+    target = make_url(url)
+    admin = build_engine(target.set(database="postgres").render_as_string(False), 1)
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}
+            ).scalar()
+            if exists:
+                return False
+            conn.execute(text(f'CREATE DATABASE "{target.database}"'))
+            log.info("created database %s", target.database)
+            return True
+    except OperationalError as exc:
+        raise unavailable(url, exc) from exc
+    finally:
+        admin.dispose()
+
+
+def drop_database(url: str) -> None:
+    target = make_url(url)
+    admin = build_engine(target.set(database="postgres").render_as_string(False), 1)
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def alembic_config(url: str):  # -> alembic.config.Config (imported lazily: alembic is slow)
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would choke on a % in a password.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Create the database if missing, then upgrade it to ``revision``."""
+    from alembic import command
+
+    ensure_database(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)

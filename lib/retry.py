@@ -1,0 +1,47 @@
+"""One retry policy for every task: bounded count, capped exponential delays, jitter.
+
+Prefect's ``exponential_backoff()`` has no cap and its jitter can stretch a delay by
+the jitter factor, so the delays are an explicit list kept under cap / (1 + jitter):
+the longest real wait stays within the cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lib.config import get_settings
+from lib.errors import PermanentError, TransientError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int
+    delays: list[float]
+    jitter_factor: float
+
+
+def capped_delays(attempts: int, base: float, cap: float, jitter_factor: float) -> list[float]:
+    """Exponential delays base * 2**i, each at most cap / (1 + jitter_factor)."""
+    if attempts < 0 or base < 0 or cap < 0 or jitter_factor < 0:
+        raise ValueError("retry attempts, base, cap and jitter must be >= 0")
+    ceiling = cap / (1 + jitter_factor)
+    return [round(min(base * 2**i, ceiling), 3) for i in range(attempts)]
+
+
+def policy() -> RetryPolicy:
+    s = get_settings()
+    return RetryPolicy(
+        attempts=s.retry_attempts,
+        delays=capped_delays(s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds, s.retry_jitter_factor),
+        jitter_factor=s.retry_jitter_factor,
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying; anything unexpected counts as permanent."""
+    if isinstance(exc, PermanentError):
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    # Connection-level trouble from drivers not wrapped yet (e.g. a DB connection drop).
+    return isinstance(exc, (ConnectionError, TimeoutError))

@@ -1,0 +1,155 @@
+"""Shared fixtures: a fresh PostgreSQL database made by the migrations, a Redis key
+prefix of our own, an SMTP server and an SMS gateway on loopback, a Prefect harness.
+
+Environment is set here, before any lib module reads its settings, so every test in
+the session talks to these services and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+_RUN = uuid.uuid4().hex[:8]
+TEST_DB = f"indostar_test_{_RUN}"
+PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+psycopg2://postgres@127.0.0.1:5432")
+os.environ.update(
+    {
+        "DATABASE_URL": f"{PG_SERVER}/{TEST_DB}",
+        "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "REDIS_KEY_PREFIX": f"indostar-test:{_RUN}:",
+        "RAZORPAY_WEBHOOK_SECRET": "test-webhook-secret",
+        # Retries stay real but take milliseconds.
+        "RETRY_ATTEMPTS": "3",
+        "RETRY_BASE_SECONDS": "0.05",
+        "RETRY_CAP_SECONDS": "0.2",
+        "RETRY_JITTER_FACTOR": "0.1",
+        "SMTP_TIMEOUT": "2",
+        "SMS_TIMEOUT": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+)
+
+from lib import db  # noqa: E402
+from lib.config import get_settings  # noqa: E402
+from lib.devsmtp import DevSMTPServer, free_port  # noqa: E402
+from tests.servers import start_gateway  # noqa: E402
+
+APP_TABLES = (
+    "webhook_events, notifications, subscription_outcomes, order_items, orders, "
+    "subscriptions, cart_items, carts, audit_logs, user_sessions, products, customers"
+)
+
+
+@pytest.fixture(scope="session")
+def migrated_database():
+    """The test database, created and upgraded by the Alembic migrations; dropped at the end."""
+    url = get_settings().database_url
+    db.drop_database(url)
+    db.migrate(url)
+    yield url
+    db.reset_engine()
+    db.drop_database(url)
+
+
+@pytest.fixture
+def pg(migrated_database):
+    """An empty app database for one test (tables truncated before it runs)."""
+    from sqlalchemy import text
+
+    with db.get_engine().begin() as conn:
+        conn.execute(text(f"TRUNCATE {APP_TABLES} RESTART IDENTITY CASCADE"))
+    return db.get_engine()
+
+
+@pytest.fixture(scope="session")
+def redis_session():
+    """A Redis client; every key under this session's prefix is removed at the end."""
+    import redis
+
+    client = redis.Redis.from_url(get_settings().redis_url, decode_responses=True)
+    client.ping()
+    yield client
+    _wipe_prefix(client)
+    client.close()
+
+
+def _wipe_prefix(client) -> None:
+    prefix = get_settings().redis_key_prefix
+    batch = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    while batch:
+        client.delete(*batch[:500])
+        batch = batch[500:]
+
+
+@pytest.fixture
+def redis_client(redis_session):
+    """Redis with this session's prefix emptied before the test."""
+    _wipe_prefix(redis_session)
+    return redis_session
+
+
+@pytest.fixture(scope="session")
+def smtp_server():
+    """An aiosmtpd server on a free loopback port that records every message."""
+    port = free_port()
+    os.environ["SMTP_PORT"] = str(port)
+    os.environ["SMTP_HOST"] = "127.0.0.1"
+    get_settings.cache_clear()
+    server = DevSMTPServer("127.0.0.1", port).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server):
+    """The SMTP server with its inbox and faults cleared; restarted if a test stopped it."""
+    smtp_server.handler.messages.clear()
+    smtp_server.handler.rcpt_replies.clear()
+    if not smtp_server.running:
+        smtp_server.start()
+    yield smtp_server
+    if not smtp_server.running:
+        smtp_server.start()
+
+
+@pytest.fixture(scope="session")
+def sms_gateway_session():
+    server, state = start_gateway()
+    os.environ["SMS_BASE_URL"] = f"http://127.0.0.1:{server.server_address[1]}"
+    os.environ["SMS_PROVIDER"] = "msg91"
+    os.environ["SMS_API_KEY"] = "test-sms-key"
+    get_settings.cache_clear()
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture
+def sms_gateway(sms_gateway_session):
+    """The loopback SMS gateway with its log and fault script cleared."""
+    sms_gateway_session.reset()
+    return sms_gateway_session
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (it is slow to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+        _drain_prefect_logs()
+
+
+def _drain_prefect_logs() -> None:
+    import contextlib
+
+    from prefect.logging.handlers import APILogHandler
+
+    # Teardown must stay quiet whatever state the log worker is in.
+    with contextlib.suppress(Exception):
+        APILogHandler.flush()

@@ -1,0 +1,97 @@
+"""Loopback peers for integration tests: a scriptable HTTP SMS gateway.
+
+The SMTP side is lib.devsmtp (real aiosmtpd); faults there are set per recipient.
+The gateway answers like an MSG91/Twilio-style API and can be told to answer the
+next requests with given status codes or delays, faults a real provider gives
+only on a bad day.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+
+@dataclass
+class GatewayRequest:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def data(self) -> dict:
+        ctype = self.headers.get("content-type", "")
+        if "json" in ctype:
+            return json.loads(self.body)
+        return {k: v[0] for k, v in parse_qs(self.body.decode()).items()}
+
+
+@dataclass
+class SMSGateway:
+    requests: list[GatewayRequest] = field(default_factory=list)
+    # Each entry: (status, delay_seconds) for one upcoming request; then 200.
+    script: deque[tuple[int, float]] = field(default_factory=deque)
+    counter: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail_next(self, *statuses: int, delay: float = 0.0) -> None:
+        for status in statuses:
+            self.script.append((status, delay))
+
+    def delay_next(self, seconds: float, times: int = 1) -> None:
+        for _ in range(times):
+            self.script.append((200, seconds))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.script.clear()
+
+    @property
+    def delivered(self) -> list[GatewayRequest]:
+        """Requests the gateway accepted (answered 2xx)."""
+        return [r for r in self.requests if getattr(r, "status", 200) < 300]
+
+
+def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGateway]:
+    state = SMSGateway()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            req = GatewayRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            with state.lock:
+                status, delay = state.script.popleft() if state.script else (200, 0.0)
+                state.counter += 1
+                msg_id = f"gw-{state.counter}"
+            if delay:
+                time.sleep(delay)
+            req.status = status  # type: ignore[attr-defined]
+            with state.lock:
+                state.requests.append(req)
+            payload = (
+                {"type": "success", "message": msg_id, "sid": msg_id, "request_id": msg_id}
+                if status < 300
+                else {"type": "error", "message": f"gateway says {status}"}
+            )
+            raw = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client timed out first: that is the point of a delay
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
