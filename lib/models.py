@@ -152,9 +152,13 @@ class SubscriptionOutcome(Base):
 
     __tablename__ = "subscription_outcomes"
     __table_args__ = (
-        UniqueConstraint("subscription_id", "delivery_date", "run_date"),
+        # Per run: twin or concurrent runs each keep their own decision, and a claim
+        # skips what its own run already decided with one index probe.
+        UniqueConstraint("subscription_id", "run_id", "delivery_date"),
         CheckConstraint(_in("outcome", OUTCOMES), name="outcome_known"),
         Index("ix_subscription_outcomes_run_date", "run_date"),
+        # A run's created orders, paged for the confirmations.
+        Index("ix_subscription_outcomes_run_order", "run_id", "order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -164,6 +168,8 @@ class SubscriptionOutcome(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     order_id: Mapped[int | None] = mapped_column(ForeignKey("orders.id"))
+    # The flow run (or webhook event) that decided it.
+    run_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = _now()
 
 

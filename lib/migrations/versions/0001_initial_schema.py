@@ -181,17 +181,20 @@ def upgrade() -> None:
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('order_id', sa.BigInteger(), nullable=True),
+    sa.Column('run_id', sa.String(length=64), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("outcome IN ('created', 'out_of_stock', 'inactive', 'failed')", name=op.f('ck_subscription_outcomes_outcome_known')),
     sa.ForeignKeyConstraint(['order_id'], ['orders.id'], name=op.f('fk_subscription_outcomes_order_id_orders')),
     sa.ForeignKeyConstraint(['subscription_id'], ['subscriptions.id'], name=op.f('fk_subscription_outcomes_subscription_id_subscriptions')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_subscription_outcomes')),
-    sa.UniqueConstraint('subscription_id', 'delivery_date', 'run_date', name=op.f('uq_subscription_outcomes_subscription_id_delivery_date_run_date'))
+    sa.UniqueConstraint('subscription_id', 'run_id', 'delivery_date', name=op.f('uq_subscription_outcomes_subscription_id_run_id_delivery_date'))
     )
     op.create_index('ix_subscription_outcomes_run_date', 'subscription_outcomes', ['run_date'], unique=False)
+    op.create_index('ix_subscription_outcomes_run_order', 'subscription_outcomes', ['run_id', 'order_id'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index('ix_subscription_outcomes_run_order', table_name='subscription_outcomes')
     op.drop_index('ix_subscription_outcomes_run_date', table_name='subscription_outcomes')
     op.drop_table('subscription_outcomes')
     op.drop_index(op.f('ix_order_items_order_id'), table_name='order_items')

@@ -1,0 +1,205 @@
+"""Subscription flows: the nightly run, one subscription on demand, reminders, Razorpay events.
+
+Thin orchestration over lib.subscriptions and lib.razorpay: each task is one call
+with the shared retry policy; the work itself is set-based SQL in lib/.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import publish_table, retry_options, scheduled_date
+from lib import razorpay
+from lib import subscriptions as subs
+from lib.config import get_settings
+from lib.db import session_scope
+from lib.errors import InvalidInputError
+
+CONFIRMATION_CHUNK = 5000
+REMINDER_CHUNK = 1000
+
+
+def _run_id() -> str:
+    return flow_run.get_id() or f"adhoc-{uuid.uuid4()}"
+
+
+@task(name="process-lane", cache_policy=NO_CACHE, **retry_options())
+def process_lane(lane: int, run_date: dt.date, batch_size: int, run_id: str, deadline: float) -> subs.LaneResult:
+    """Claim and process batches (one transaction each) until nothing is due or the soft limit."""
+    result = subs.run_lane(session_scope, run_date, batch_size, run_id, deadline)
+    get_run_logger().info("lane %d: %d batches, %d isolated", lane, result.batches, result.isolated_batches)
+    return result
+
+
+@task(name="dry-run-subscriptions", cache_policy=NO_CACHE, **retry_options())
+def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> subs.LaneResult:
+    """Compute what a run would do, read-only."""
+    with session_scope() as session:
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        return subs.dry_run(session, run_date, batch_size)
+
+
+@task(name="list-created-orders", cache_policy=NO_CACHE, **retry_options())
+def list_created_orders(run_id: str, after_id: int, limit: int) -> list[int]:
+    """One page of the orders this run created."""
+    with session_scope() as session:
+        return subs.created_order_ids(session, run_id, after_id, limit)
+
+
+def _confirm(run_id: str) -> int:
+    from flows.notifications import send_order_confirmations
+
+    after, total = 0, 0
+    while page := list_created_orders(run_id, after, CONFIRMATION_CHUNK):
+        send_order_confirmations(order_ids=page)
+        after, total = page[-1], total + len(page)
+    return total
+
+
+def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> dict[str, Any]:
+    groups = subs.summarize([])
+    for lane in lanes:
+        groups = subs.summarize([], pd.concat([groups, lane.groups], ignore_index=True))
+    batch_ms = [ms for lane in lanes for ms in lane.batch_ms]
+    stats: dict[str, Any] = {
+        "run_date": run_date.isoformat(),
+        "dry_run": dry_run,
+        **subs.headline(groups),
+        "batches": sum(lane.batches for lane in lanes),
+        "isolated_batches": sum(lane.isolated_batches for lane in lanes),
+        "stopped_early": any(lane.stopped_early for lane in lanes),
+    }
+    publish_table(key, subs.night_tables(groups, batch_ms), f"Subscriptions due on or before {run_date}"
+                  + (" (dry run: nothing written)" if dry_run else ""))
+    return stats
+
+
+@flow(
+    name="process-due-subscriptions",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    timeout_seconds=get_settings().flow_timeout_seconds,
+)
+def process_due_subscriptions(
+    run_date: dt.date | None = None,
+    batch_size: int | None = None,
+    max_concurrency: int | None = None,
+    dry_run: bool = False,
+    send_confirmations: bool = True,
+) -> dict[str, Any]:
+    """Turn every due active subscription into one order, in concurrent set-based batches."""
+    s = get_settings()
+    run_date = scheduled_date(run_date)
+    batch_size = batch_size or s.subscription_batch_size
+    max_concurrency = max_concurrency or s.subscription_max_concurrency
+    subs.validate_knobs(batch_size, max_concurrency)
+    if dry_run:
+        return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
+    run_id = _run_id()
+    deadline = time.time() + s.flow_soft_limit_seconds
+    futures = [process_lane.submit(i, run_date, batch_size, run_id, deadline) for i in range(max_concurrency)]
+    stats = _report("process-due-subscriptions", [f.result() for f in futures], run_date, False)
+    if stats["stopped_early"]:
+        get_run_logger().warning("soft time limit reached: the rest stays due for the next run")
+    if send_confirmations and stats["created"]:
+        stats["confirmations_requested"] = _confirm(run_id)
+    return stats
+
+
+@task(name="process-one-subscription", cache_policy=NO_CACHE, **retry_options())
+def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.LaneResult:
+    """Process one subscription by id through the same batch code."""
+    with session_scope() as session:
+        row = subs.load_subscription(session, subscription_id)
+        if row.status != "active":
+            raise InvalidInputError(f"subscription {subscription_id} is {row.status}, not active: nothing to do")
+        result = subs.process_batch(session, run_date, 1, run_id, only_ids=[subscription_id])
+    return subs.LaneResult(subs.summarize(result.outcomes), [], 1, int(result.isolated), False)
+
+
+@flow(name="process-single-subscription")
+def process_single_subscription(
+    subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True
+) -> dict[str, Any]:
+    """Process one subscription now, with the nightly rules; unknown or inactive ids fail."""
+    if subscription_id <= 0:
+        raise InvalidInputError(f"subscription_id must be a positive id, got {subscription_id}")
+    run_date = scheduled_date(run_date)
+    run_id = _run_id()
+    stats = _report("process-single-subscription", [process_one(subscription_id, run_date, run_id)], run_date, False)
+    if stats["created"] == 0 and stats["out_of_stock"] == 0 and stats["failed"] == 0:
+        get_run_logger().info("subscription %d is not due on %s", subscription_id, run_date)
+    if send_confirmation and stats["created"]:
+        stats["confirmations_requested"] = _confirm(run_id)
+    return stats
+
+
+@task(name="list-reminders-due", cache_policy=NO_CACHE, **retry_options())
+def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[int, str]]:
+    """One page of active subscriptions delivering on ``day``."""
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        rows = session.execute(
+            text("SELECT id FROM subscriptions WHERE status = 'active' AND next_delivery_date = :d "
+                 "AND id > :a ORDER BY id LIMIT :n"),
+            {"d": day, "a": after_id, "n": limit},
+        ).scalars()
+        return [(sid, day.isoformat()) for sid in rows]
+
+
+@flow(name="send-subscription-renewal-reminders")
+def send_subscription_renewal_reminders(run_date: dt.date | None = None) -> dict[str, Any]:
+    """Remind every active subscription delivering tomorrow, once per delivery date."""
+    from flows.notifications import send_renewal_reminders
+
+    tomorrow = scheduled_date(run_date) + dt.timedelta(days=1)
+    after, counts = 0, {"subscriptions": 0}
+    while page := list_reminders_due(tomorrow, after, REMINDER_CHUNK):
+        result = send_renewal_reminders(items=page) or {}
+        for k, v in result.items():
+            if isinstance(v, int):
+                counts[k] = counts.get(k, 0) + v
+        after, counts["subscriptions"] = page[-1][0], counts["subscriptions"] + len(page)
+    counts["delivery_date"] = tomorrow.isoformat()
+    return counts
+
+
+@task(name="apply-razorpay-event", cache_policy=NO_CACHE, **retry_options())
+def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> dict[str, Any]:
+    """Apply one verified event in one transaction; replays change nothing."""
+    with session_scope() as session:
+        if event.event == "subscription.charged":
+            r = razorpay.handle_charged(session, event, today)
+            return {"event": event.event, "status": r.status, "order_id": r.order_id,
+                    "subscription_id": r.subscription_id}
+        if event.event == "payment.failed":
+            f = razorpay.handle_payment_failed(session, event)
+            return {"event": event.event, "status": f.status, "order_id": f.order_id,
+                    "subscription_id": f.subscription_id, "reason": f.reason}
+        new = razorpay.record_ignored(session, event)
+        return {"event": event.event, "status": "ignored" if new else "replay"}
+
+
+@flow(name="handle-razorpay-event")
+def handle_razorpay_event(body: str, signature: str, event_id: str | None = None) -> dict[str, Any]:
+    """Verify a Razorpay webhook and apply it idempotently (the event id is the key)."""
+    raw = body.encode()
+    razorpay.verify_signature(raw, signature, get_settings().razorpay_webhook_secret.get_secret_value())
+    event = razorpay.parse_event(raw, event_id)
+    result = apply_razorpay_event(event, dt.datetime.now(dt.UTC).date())
+    if result["event"] == "payment.failed" and result["status"] == "notify":
+        from flows.notifications import send_payment_failed
+
+        send_payment_failed(order_id=result["order_id"], subscription_id=result["subscription_id"],
+                            reason=result["reason"])
+    get_run_logger().info("razorpay %s %s: %s", event.event, event.event_id, result["status"])
+    return result

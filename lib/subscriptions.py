@@ -1,0 +1,447 @@
+"""Turning due subscriptions into orders, exactly once, in set-based batches.
+
+A batch is one transaction: claim due rows with FOR UPDATE SKIP LOCKED, lock their
+products in id order, allocate stock oldest due first, insert orders and items
+(ON CONFLICT DO NOTHING on (subscription_id, delivery_date)), reduce stock, move
+each subscription past the run date, and record one outcome per subscription. A
+killed worker's transaction rolls back, so its rows are simply due again.
+
+If the set-based statements hit a data error, the batch is redone row by row in
+savepoints so that one bad row fails alone (outcome ``failed``) and the rest go.
+Connection-level errors are raised as TransientError for the caller's retry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+from sqlalchemy import Row, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from lib.errors import InvalidInputError, NotFoundError, TransientError
+from lib.schedule import next_after
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ["outcome", "frequency", "product_id"]
+SUMMARY_COLUMNS = [*SUMMARY_KEYS, "subscriptions", "units", "revenue_paise"]
+
+
+@dataclass(frozen=True)
+class DueSub:
+    id: int
+    customer_id: int
+    product_id: int
+    quantity: int
+    frequency: str
+    next_delivery_date: dt.date
+    anchor_day: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    subscription_id: int
+    product_id: int
+    frequency: str
+    delivery_date: dt.date
+    outcome: str
+    reason: str | None = None
+    order_id: int | None = None
+    units: int = 0
+    revenue_paise: int = 0
+
+
+@dataclass
+class BatchResult:
+    claimed: int
+    outcomes: list[Outcome] = field(default_factory=list)
+    isolated: bool = False  # the batch fell back to row by row
+
+
+def allocate(subs: Sequence[DueSub], stock: dict[int, int]) -> tuple[list[DueSub], list[DueSub], dict[int, int]]:
+    """Serve the oldest due first while stock lasts; returns (served, short, stock left)."""
+    left = dict(stock)
+    served: list[DueSub] = []
+    short: list[DueSub] = []
+    for sub in sorted(subs, key=lambda s: (s.next_delivery_date, s.id)):
+        if left.get(sub.product_id, 0) >= sub.quantity:
+            left[sub.product_id] -= sub.quantity
+            served.append(sub)
+        else:
+            short.append(sub)
+    return served, short, left
+
+
+def validate_knobs(batch_size: int, max_concurrency: int = 1) -> None:
+    if batch_size <= 0:
+        raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
+    if max_concurrency <= 0:
+        raise InvalidInputError(f"max_concurrency must be > 0, got {max_concurrency}")
+
+
+_COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day"
+
+
+def claim_due(
+    session: Session, run_date: dt.date, limit: int, run_id: str, only_ids: Sequence[int] | None = None
+) -> list[DueSub]:
+    """Lock up to ``limit`` due active subscriptions this run has not decided yet, oldest first."""
+    where = "s.id = ANY(:only_ids) AND " if only_ids is not None else ""
+    rows = session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM subscriptions s "
+            f"WHERE {where}s.status = 'active' AND s.next_delivery_date <= :run_date "
+            "AND NOT EXISTS (SELECT 1 FROM subscription_outcomes o "
+            "                WHERE o.subscription_id = s.id AND o.run_id = :run_id) "
+            "ORDER BY s.next_delivery_date, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
+        ),
+        {"run_date": run_date, "limit": limit, "run_id": run_id, "only_ids": list(only_ids or [])},
+    ).all()
+    return [DueSub(*r) for r in rows]
+
+
+def _lock_products(session: Session, product_ids: Iterable[int]) -> dict[int, Row]:
+    # Id order everywhere, so two batches never wait on each other in a cycle.
+    rows = session.execute(
+        text("SELECT id, stock, price_paise FROM products WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+        {"ids": sorted(set(product_ids))},
+    ).all()
+    return {r.id: r for r in rows}
+
+
+def _existing_orders(session: Session, subs: Sequence[DueSub]) -> dict[int, int]:
+    """Orders already made for these (subscription, delivery date) pairs, e.g. by the webhook."""
+    if not subs:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT o.subscription_id, o.id FROM orders o "
+            "JOIN unnest(CAST(:sids AS bigint[]), CAST(:dates AS date[])) AS d(sid, day) "
+            "  ON o.subscription_id = d.sid AND o.delivery_date = d.day"
+        ),
+        {"sids": [s.id for s in subs], "dates": [s.next_delivery_date for s in subs]},
+    ).all()
+    return {r[0]: r[1] for r in rows}
+
+
+def _apply(session: Session, subs: Sequence[DueSub], run_date: dt.date, run_id: str) -> list[Outcome]:
+    """The set-based core for already-claimed rows; every write in a handful of statements."""
+    products = _lock_products(session, (s.product_id for s in subs))
+    existing = _existing_orders(session, subs)
+    todo = [s for s in subs if s.id not in existing and s.product_id in products]
+    missing = [s for s in subs if s.product_id not in products]
+    served, short, _ = allocate(todo, {pid: p.stock for pid, p in products.items()})
+
+    order_ids: dict[int, int] = {}
+    if served:
+        price = {pid: p.price_paise for pid, p in products.items()}
+        rows = session.execute(
+            text(
+                "INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
+                "SELECT * FROM unnest(CAST(:c AS bigint[]), CAST(:s AS bigint[]), CAST(:d AS date[]), "
+                "                     CAST(:t AS bigint[])) "
+                "ON CONFLICT (subscription_id, delivery_date) DO NOTHING RETURNING subscription_id, id"
+            ),
+            {
+                "c": [s.customer_id for s in served],
+                "s": [s.id for s in served],
+                "d": [s.next_delivery_date for s in served],
+                "t": [price[s.product_id] * s.quantity for s in served],
+            },
+        ).all()
+        order_ids = {r[0]: r[1] for r in rows}
+        # Only rows we actually inserted take stock (a conflict means another path did).
+        made = [s for s in served if s.id in order_ids]
+        session.execute(
+            text(
+                "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
+                "SELECT * FROM unnest(CAST(:o AS bigint[]), CAST(:p AS bigint[]), CAST(:q AS int[]), "
+                "                     CAST(:u AS bigint[]))"
+            ),
+            {
+                "o": [order_ids[s.id] for s in made],
+                "p": [s.product_id for s in made],
+                "q": [s.quantity for s in made],
+                "u": [price[s.product_id] for s in made],
+            },
+        )
+        take: dict[int, int] = {}
+        for s in made:
+            take[s.product_id] = take.get(s.product_id, 0) + s.quantity
+        session.execute(
+            text(
+                "UPDATE products p SET stock = p.stock - d.qty, updated_at = now() "
+                "FROM unnest(CAST(:ids AS bigint[]), CAST(:qty AS int[])) AS d(id, qty) WHERE p.id = d.id"
+            ),
+            {"ids": list(take), "qty": list(take.values())},
+        )
+
+    outcomes: list[Outcome] = []
+    moved: list[DueSub] = []
+    for s in served:
+        if s.id in order_ids:
+            unit = products[s.product_id].price_paise
+            outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created",
+                                    None, order_ids[s.id], s.quantity, unit * s.quantity))
+            moved.append(s)
+    for s in subs:
+        if s.id in existing:
+            outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created",
+                                    "order already existed", existing[s.id]))
+            moved.append(s)
+    for s in short:
+        have = products[s.product_id].stock
+        outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock",
+                                f"needs {s.quantity}, {have} in stock before this batch"))
+    for s in missing:
+        outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "failed",
+                                f"product {s.product_id} does not exist"))
+    if moved:
+        session.execute(
+            text(
+                "UPDATE subscriptions s SET next_delivery_date = d.day, updated_at = now() "
+                "FROM unnest(CAST(:ids AS bigint[]), CAST(:days AS date[])) AS d(id, day) WHERE s.id = d.id"
+            ),
+            {
+                "ids": [s.id for s in moved],
+                "days": [next_after(s.next_delivery_date, s.frequency, s.anchor_day, run_date) for s in moved],
+            },
+        )
+    record_outcomes(session, outcomes, run_date, run_id)
+    return outcomes
+
+
+def record_outcomes(session: Session, outcomes: Sequence[Outcome], run_date: dt.date, run_id: str) -> None:
+    if not outcomes:
+        return
+    session.execute(
+        text(
+            "INSERT INTO subscription_outcomes "
+            "  (subscription_id, delivery_date, run_date, outcome, reason, order_id, run_id) "
+            "SELECT d.sid, d.day, CAST(:run_date AS date), d.outcome, d.reason, d.order_id, :run_id "
+            "FROM unnest(CAST(:sids AS bigint[]), CAST(:days AS date[]), CAST(:outcomes AS text[]), "
+            "            CAST(:reasons AS text[]), CAST(:orders AS bigint[])) "
+            "     AS d(sid, day, outcome, reason, order_id) "
+            "ON CONFLICT (subscription_id, run_id, delivery_date) DO UPDATE SET "
+            "  outcome = excluded.outcome, reason = excluded.reason, order_id = excluded.order_id, "
+            "  created_at = now()"
+        ),
+        {
+            "run_date": run_date,
+            "run_id": run_id,
+            "sids": [o.subscription_id for o in outcomes],
+            "days": [o.delivery_date for o in outcomes],
+            "outcomes": [o.outcome for o in outcomes],
+            "reasons": [o.reason for o in outcomes],
+            "orders": [o.order_id for o in outcomes],
+        },
+    )
+
+
+def _short_error(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:500]
+
+
+def process_batch(
+    session: Session, run_date: dt.date, batch_size: int, run_id: str, only_ids: Sequence[int] | None = None
+) -> BatchResult:
+    """Claim and process one batch in the caller's transaction."""
+    try:
+        subs = claim_due(session, run_date, batch_size, run_id, only_ids)
+        if not subs:
+            return BatchResult(0)
+        try:
+            with session.begin_nested():
+                return BatchResult(len(subs), _apply(session, subs, run_date, run_id))
+        except OperationalError:
+            raise
+        except DBAPIError as exc:
+            log.warning("batch of %d failed (%s); isolating rows one by one", len(subs), _short_error(exc))
+        return BatchResult(len(subs), _row_by_row(session, subs, run_date, run_id), isolated=True)
+    except OperationalError as exc:
+        raise TransientError(f"database error while processing a batch: {_short_error(exc)}") from exc
+
+
+def _row_by_row(session: Session, subs: Sequence[DueSub], run_date: dt.date, run_id: str) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for sub in subs:
+        try:
+            with session.begin_nested():
+                outcomes.extend(_apply(session, [sub], run_date, run_id))
+        except OperationalError:
+            raise
+        except DBAPIError as exc:
+            reason = _short_error(exc)
+            log.error("subscription %d failed alone: %s", sub.id, reason)
+            failed = Outcome(sub.id, sub.product_id, sub.frequency, sub.next_delivery_date, "failed", reason)
+            with session.begin_nested():
+                record_outcomes(session, [failed], run_date, run_id)
+            outcomes.append(failed)
+    return outcomes
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def summarize(outcomes: Sequence[Outcome], into: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Counts, units and revenue by (outcome, frequency, product); merged into ``into`` if given.
+
+    The result is bounded by products x outcomes x frequencies, not by subscriptions,
+    so a lane can keep merging without its memory growing with the night's size.
+    """
+    frame = pd.DataFrame(
+        [(o.outcome, o.frequency, o.product_id, 1, o.units, o.revenue_paise) for o in outcomes],
+        columns=SUMMARY_COLUMNS,
+    )
+    if into is not None and not into.empty:
+        frame = pd.concat([into, frame], ignore_index=True) if not frame.empty else into
+    if frame.empty:
+        return frame
+    return frame.groupby(SUMMARY_KEYS, as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
+
+
+def night_tables(groups: pd.DataFrame, batch_ms: Sequence[float], top_products: int = 20) -> pd.DataFrame:
+    """One long table for the artifact: rows by outcome, by frequency, top products, batch timings."""
+    parts = []
+    if not groups.empty:
+        for dim in ("outcome", "frequency"):
+            t = groups.groupby(dim, as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
+            parts.append(t.assign(dimension=dim, key=t[dim].astype(str)))
+        created = groups[groups["outcome"] == "created"]
+        t = (created.groupby("product_id", as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
+             .sort_values(["units", "product_id"], ascending=[False, True]).head(top_products))
+        parts.append(t.assign(dimension="product (top by units)", key=t["product_id"].astype(str)))
+    table = (pd.concat(parts, ignore_index=True) if parts
+             else pd.DataFrame(columns=["dimension", "key", "subscriptions", "units", "revenue_paise"]))
+    table["revenue_inr"] = (table["revenue_paise"] / 100).round(2)
+    table = table[["dimension", "key", "subscriptions", "units", "revenue_inr"]]
+    if len(batch_ms):
+        s = pd.Series(batch_ms, dtype=float)
+        timing = pd.DataFrame({
+            "dimension": "batch duration (ms)",
+            "key": ["batches", "p50", "p95", "max"],
+            "subscriptions": [len(s), None, None, None],
+            "units": [None, round(s.median(), 1), round(s.quantile(0.95), 1), round(s.max(), 1)],
+            "revenue_inr": None,
+        })
+        table = pd.concat([table, timing], ignore_index=True)
+    return table
+
+
+def headline(groups: pd.DataFrame) -> dict[str, int | float]:
+    """The numbers a flow returns: subscriptions by outcome, units and revenue created."""
+    out: dict[str, int | float] = {k: 0 for k in ("created", "out_of_stock", "inactive", "failed")}
+    if not groups.empty:
+        for outcome, n in groups.groupby("outcome")["subscriptions"].sum().items():
+            out[str(outcome)] = int(n)
+        created = groups[groups["outcome"] == "created"]
+        out["units"] = int(created["units"].sum())
+        out["revenue_inr"] = round(float(created["revenue_paise"].sum()) / 100, 2)
+    else:
+        out.update(units=0, revenue_inr=0.0)
+    return out
+
+
+# --- the loops the flow tasks wrap -------------------------------------------------------------
+
+
+@dataclass
+class LaneResult:
+    groups: pd.DataFrame
+    batch_ms: list[float]
+    batches: int
+    isolated_batches: int
+    stopped_early: bool
+
+
+def run_lane(
+    session_factory, run_date: dt.date, batch_size: int, run_id: str, deadline: float | None = None
+) -> LaneResult:
+    """Process batch after batch, each its own transaction, until nothing is due or the deadline.
+
+    ``deadline`` is a ``time.time()`` value: past it, no new batch is claimed.
+    """
+    groups = pd.DataFrame(columns=SUMMARY_COLUMNS)
+    batch_ms: list[float] = []
+    isolated = 0
+    while True:
+        if deadline is not None and time.time() >= deadline:
+            return LaneResult(groups, batch_ms, len(batch_ms), isolated, True)
+        started = time.perf_counter()
+        with session_factory() as session:
+            result = process_batch(session, run_date, batch_size, run_id)
+        if result.claimed:
+            batch_ms.append((time.perf_counter() - started) * 1000)
+            groups = summarize(result.outcomes, groups)
+            isolated += result.isolated
+        if result.claimed < batch_size:
+            return LaneResult(groups, batch_ms, len(batch_ms), isolated, False)
+
+
+def load_subscription(session: Session, subscription_id: int) -> Row:
+    row = session.execute(
+        text("SELECT id, status, next_delivery_date FROM subscriptions WHERE id = :id"), {"id": subscription_id}
+    ).first()
+    if row is None:
+        raise NotFoundError(f"subscription {subscription_id} does not exist")
+    return row
+
+
+def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
+    """What a run would do, computed read-only with the same allocation; nothing is written.
+
+    Walks due rows by keyset (date, id) so memory stays bounded, carrying the stock
+    of the products seen so far.
+    """
+    stock: dict[int, int] = {}
+    groups = pd.DataFrame(columns=SUMMARY_COLUMNS)
+    cursor: tuple[dt.date, int] = (dt.date.min, 0)
+    batches = 0
+    while True:
+        rows = session.execute(
+            text(
+                f"SELECT {_COLUMNS}, p.price_paise, p.stock FROM subscriptions s "
+                "LEFT JOIN products p ON p.id = s.product_id "
+                "WHERE s.status = 'active' AND s.next_delivery_date <= :run_date "
+                "AND (s.next_delivery_date, s.id) > (:d, :i) ORDER BY s.next_delivery_date, s.id LIMIT :n"
+            ),
+            {"run_date": run_date, "d": cursor[0], "i": cursor[1], "n": batch_size},
+        ).all()
+        if not rows:
+            return LaneResult(groups, [], batches, 0, False)
+        batches += 1
+        subs = [DueSub(*r[:7]) for r in rows]
+        price = {r.product_id: r.price_paise for r in rows}
+        for r in rows:
+            if r.stock is not None:
+                stock.setdefault(r.product_id, r.stock)
+        existing = _existing_orders(session, subs)
+        served, short, stock_left = allocate([s for s in subs if s.id not in existing], stock)
+        stock.update(stock_left)
+        outcomes = [
+            Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created", None, None,
+                    s.quantity, (price[s.product_id] or 0) * s.quantity)
+            for s in served
+        ] + [Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock") for s in short]
+        groups = summarize(outcomes, groups)
+        cursor = (subs[-1].next_delivery_date, subs[-1].id)
+
+
+def created_order_ids(session: Session, run_id: str, after_id: int, limit: int) -> list[int]:
+    """Orders this run created, in id pages (for bulk confirmations)."""
+    return list(
+        session.execute(
+            text(
+                "SELECT order_id FROM subscription_outcomes WHERE run_id = :r AND outcome = 'created' "
+                "AND reason IS NULL AND order_id > :after ORDER BY order_id LIMIT :n"
+            ),
+            {"r": run_id, "after": after_id, "n": limit},
+        ).scalars()
+    )

@@ -1,0 +1,242 @@
+"""The nightly batch against the real PostgreSQL: one order per cycle, stock never negative."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from lib import subscriptions as subs
+from lib.db import session_scope
+from tests.builders import make_customer, make_product, make_subscription
+
+TODAY = dt.date(2026, 11, 28)
+
+
+def run_night(run_date=TODAY, batch_size=50, run_id=None):
+    return subs.run_lane(session_scope, run_date, batch_size, run_id or str(uuid.uuid4()))
+
+
+def scalar(pg, sql, **params):
+    with pg.connect() as c:
+        return c.execute(text(sql), params).scalar()
+
+
+def test_out_of_stock_makes_no_order_and_stays_due(pg):
+    """With no stock: no order, an out_of_stock outcome with reason, and the date unchanged."""
+    sid = make_subscription(pg, due=TODAY, stock=0)
+    lane = run_night()
+    assert subs.headline(lane.groups)["out_of_stock"] == 1
+    assert scalar(pg, "SELECT count(*) FROM orders") == 0
+    assert scalar(pg, "SELECT next_delivery_date FROM subscriptions WHERE id=:i", i=sid) == TODAY
+    assert "in stock" in scalar(pg, "SELECT reason FROM subscription_outcomes WHERE subscription_id=:i", i=sid)
+
+
+def test_scarce_stock_serves_the_oldest_due_first(pg):
+    """Stock for two of three: the two longest overdue get orders, the newest waits; stock ends at 0."""
+    product = make_product(pg, stock=4)
+    oldest = make_subscription(pg, product_id=product, due=TODAY - dt.timedelta(days=3), quantity=2)
+    middle = make_subscription(pg, product_id=product, due=TODAY - dt.timedelta(days=1), quantity=2)
+    newest = make_subscription(pg, product_id=product, due=TODAY, quantity=2)
+    run_night()
+    with pg.connect() as c:
+        ordered = set(c.execute(text("SELECT subscription_id FROM orders")).scalars())
+        stock = c.execute(text("SELECT stock FROM products WHERE id=:p"), {"p": product}).scalar()
+    assert ordered == {oldest, middle}
+    assert newest not in ordered and stock == 0
+
+
+def test_paused_and_cancelled_are_never_processed(pg):
+    """Only active subscriptions get orders; paused and cancelled keep their dates and get no outcome."""
+    active = make_subscription(pg, due=TODAY)
+    paused = make_subscription(pg, due=TODAY, status="paused")
+    cancelled = make_subscription(pg, due=TODAY - dt.timedelta(days=5), status="cancelled")
+    run_night()
+    with pg.connect() as c:
+        assert set(c.execute(text("SELECT subscription_id FROM orders")).scalars()) == {active}
+        assert c.execute(text("SELECT count(*) FROM subscription_outcomes WHERE subscription_id IN (:p, :c)"),
+                         {"p": paused, "c": cancelled}).scalar() == 0
+
+
+def test_two_days_overdue_gets_one_order_and_moves_past_today(pg):
+    """A weekly subscription missed for two nights gets exactly one order; its next date is after today."""
+    sid = make_subscription(pg, due=TODAY - dt.timedelta(days=2), frequency="weekly")
+    run_night()
+    with pg.connect() as c:
+        dates = c.execute(text("SELECT delivery_date FROM orders WHERE subscription_id=:s"), {"s": sid}).all()
+        nxt = c.execute(text("SELECT next_delivery_date FROM subscriptions WHERE id=:s"), {"s": sid}).scalar()
+    assert dates == [(TODAY - dt.timedelta(days=2),)]
+    assert nxt == TODAY + dt.timedelta(days=5)
+
+
+def test_order_rows_carry_price_quantity_and_stock_moves(pg):
+    """The order totals price x quantity, has one item, and stock drops by the quantity."""
+    product = make_product(pg, stock=10, price_paise=45_000)
+    sid = make_subscription(pg, product_id=product, due=TODAY, quantity=3)
+    run_night()
+    with pg.connect() as c:
+        total, = c.execute(text("SELECT total_paise FROM orders WHERE subscription_id=:s"), {"s": sid}).one()
+        items = c.execute(text("SELECT product_id, quantity, unit_price_paise FROM order_items")).all()
+        stock = c.execute(text("SELECT stock FROM products WHERE id=:p"), {"p": product}).scalar()
+    assert total == 135_000 and items == [(product, 3, 45_000)] and stock == 7
+
+
+def test_second_run_creates_nothing(pg):
+    """Running the night twice: the second run finds nothing due and writes no order."""
+    for _ in range(30):
+        make_subscription(pg, due=TODAY)
+    first = subs.headline(run_night().groups)
+    orders = scalar(pg, "SELECT count(*) FROM orders")
+    second = subs.headline(run_night().groups)
+    assert first["created"] == 30 and second["created"] == 0
+    assert scalar(pg, "SELECT count(*) FROM orders") == orders == 30
+
+
+def _seed_many(pg, n, products, stock):
+    with pg.begin() as c:
+        c.execute(text("INSERT INTO customers (name, email) SELECT 'C', 'c' || g || '@example.in' "
+                       "FROM generate_series(1, :n) g"), {"n": n})
+        c.execute(text("INSERT INTO products (sku, name, price_paise, stock) SELECT 'P' || g, 'P', 10000, :s "
+                       "FROM generate_series(1, :p) g"), {"p": products, "s": stock})
+        c.execute(text(
+            "INSERT INTO subscriptions (customer_id, product_id, quantity, frequency, next_delivery_date, anchor_day) "
+            "SELECT g, 1 + g % :p, 1 + g % 3, 'monthly', :d - (g % 4), 28 FROM generate_series(1, :n) g"),
+            {"n": n, "p": products, "d": TODAY})
+        total = c.execute(text("SELECT sum(stock) FROM products")).scalar()
+    with pg.begin() as c:  # as autovacuum would after a bulk load
+        c.execute(text("ANALYZE subscriptions, products, subscription_outcomes, orders"))
+    return total
+
+
+def _check_exactly_once(pg, initial_stock):
+    with pg.connect() as c:
+        dupes = c.execute(text("SELECT count(*) FROM (SELECT subscription_id FROM orders "
+                               "GROUP BY subscription_id HAVING count(*) > 1) d")).scalar()
+        ordered_units = c.execute(text("SELECT coalesce(sum(quantity), 0) FROM order_items")).scalar()
+        stock = c.execute(text("SELECT sum(stock) FROM products")).scalar()
+        still_due_with_stock = c.execute(text(
+            "SELECT count(*) FROM subscriptions s JOIN products p ON p.id = s.product_id "
+            "WHERE s.next_delivery_date <= :d AND p.stock >= s.quantity"), {"d": TODAY}).scalar()
+        orders = c.execute(text("SELECT count(*) FROM orders")).scalar()
+    assert dupes == 0
+    assert stock == initial_stock - ordered_units
+    assert still_due_with_stock == 0
+    return orders
+
+
+def test_concurrent_runs_make_each_order_once(pg):
+    """Four runs at once over the same night: one order per subscription, stock exactly reduced."""
+    initial = _seed_many(pg, 3000, products=40, stock=100)  # demand > stock: runs compete for units
+    errors = []
+
+    def worker():
+        try:
+            run_night(batch_size=60)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    orders = _check_exactly_once(pg, initial)
+    assert 0 < orders < 3000
+    assert scalar(pg, "SELECT min(stock) FROM products") >= 0
+
+
+KILLABLE = """
+import datetime as dt, uuid
+from lib.db import session_scope
+from lib.subscriptions import run_lane
+run_lane(session_scope, dt.date.fromisoformat('{day}'), 10, str(uuid.uuid4()))
+"""
+
+
+def test_killed_run_then_rerun_equals_one_clean_run(pg):
+    """SIGKILL a run mid-night, run again: every due subscription has one order and stock adds up."""
+    initial = _seed_many(pg, 2000, products=50, stock=10_000)
+    with pg.begin() as c:
+        # Slow each batch a little (a real trigger) so the kill lands mid-run.
+        c.execute(text("CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                       "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$"))
+        c.execute(text("CREATE TRIGGER slow AFTER INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow()"))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(day=TODAY)], env=dict(os.environ))
+        deadline = time.monotonic() + 60
+        while scalar(pg, "SELECT count(*) FROM orders") < 300 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        partial = scalar(pg, "SELECT count(*) FROM orders")
+        assert 300 <= partial < 2000, "the kill must land in the middle of the run"
+    finally:
+        with pg.begin() as c:
+            c.execute(text("DROP TRIGGER IF EXISTS slow ON orders"))
+            c.execute(text("DROP FUNCTION IF EXISTS slow()"))
+    run_night()
+    assert _check_exactly_once(pg, initial) == 2000
+
+
+def test_one_bad_row_fails_alone(pg):
+    """A row the database refuses is recorded failed with the reason; the rest of the batch gets orders."""
+    good = [make_subscription(pg, due=TODAY) for _ in range(5)]
+    bad = make_subscription(pg, due=TODAY)
+    with pg.begin() as c:
+        c.execute(text(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.subscription_id = {bad} THEN RAISE EXCEPTION 'order for % refused by test trigger', "
+            "NEW.subscription_id; END IF; RETURN NEW; END $$"))
+        c.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION refuse()"))
+    try:
+        lane = run_night()
+    finally:
+        with pg.begin() as c:
+            c.execute(text("DROP TRIGGER refuse ON orders"))
+            c.execute(text("DROP FUNCTION refuse()"))
+    assert lane.isolated_batches == 1
+    with pg.connect() as c:
+        assert set(c.execute(text("SELECT subscription_id FROM orders")).scalars()) == set(good)
+        outcome, reason = c.execute(text("SELECT outcome, reason FROM subscription_outcomes "
+                                         "WHERE subscription_id=:s"), {"s": bad}).one()
+        due = c.execute(text("SELECT next_delivery_date FROM subscriptions WHERE id=:s"), {"s": bad}).scalar()
+    assert outcome == "failed" and "refused by test trigger" in reason and due == TODAY
+
+
+def test_dry_run_predicts_and_writes_nothing(pg):
+    """The dry run's counts match what a real run then does, and it leaves every table as it was."""
+    product = make_product(pg, stock=3)
+    for _ in range(5):
+        make_subscription(pg, product_id=product, due=TODAY)
+    with session_scope() as s:
+        predicted = subs.headline(subs.dry_run(s, TODAY, 2).groups)
+    assert scalar(pg, "SELECT count(*) FROM orders") == 0
+    assert scalar(pg, "SELECT count(*) FROM subscription_outcomes") == 0
+    assert scalar(pg, "SELECT stock FROM products WHERE id=:p", p=product) == 3
+    actual = subs.headline(run_night(batch_size=2).groups)
+    assert predicted == actual == {**actual, "created": 3, "out_of_stock": 2}
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_bad_batch_size_is_rejected(bad):
+    """batch_size <= 0 is refused with a clear message."""
+    from lib.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        subs.validate_knobs(bad)
+
+
+def test_customer_builder_sanity(pg):
+    """Builders make linked rows (guards the other tests' setup)."""
+    cid = make_customer(pg)
+    sid = make_subscription(pg, customer_id=cid)
+    assert scalar(pg, "SELECT customer_id FROM subscriptions WHERE id=:s", s=sid) == cid
