@@ -98,8 +98,8 @@ def process_due_subscriptions(
     """Turn every due active subscription into one order, in concurrent set-based batches."""
     s = get_settings()
     run_date = scheduled_date(run_date)
-    batch_size = batch_size or s.subscription_batch_size
-    max_concurrency = max_concurrency or s.subscription_max_concurrency
+    batch_size = s.subscription_batch_size if batch_size is None else batch_size
+    max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
     if dry_run:
         return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
