@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=5, ge=1)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = "indostar:"
+    # Key of the HMAC that stores tokens hashed; without it a leaked dump cannot even brute-force an OTP.
+    token_secret: SecretStr = SecretStr("dev-token-secret")
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=1025, ge=1, le=65535)
@@ -66,6 +68,8 @@ class Settings(BaseSettings):
 
     ops_email: str = "ops@indostar.example"
     public_ui_url: str = "http://127.0.0.1:4200"
+    # Where the weekly ops report writes its PNG chart and markdown (relative to the worker's directory).
+    reports_dir: str = "reports"
 
     @field_validator("database_url")
     @classmethod

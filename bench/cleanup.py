@@ -1,0 +1,260 @@
+"""Benchmark of the cleanup: batched cart deletes against one big DELETE, and token cleanup speed.
+
+    python -m bench.cleanup --carts 1000000 --tokens 1000000
+
+Carts are seeded once with COPY into a template database; every measured run gets a
+fresh identical copy (CREATE DATABASE ... TEMPLATE), so batched and single-statement
+deletes see the same rows. Tokens go under a Redis prefix of their own. Peak Python
+memory (tracemalloc) is measured at N and N/4 to show it stays flat in N. Everything
+the benchmark creates (databases, Redis keys) is removed at the end. Prints a table and
+a JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import time
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+BENCH_DB = "indostar_bench_cleanup"
+NOW = dt.datetime(2026, 11, 28, 2, 0, tzinfo=dt.UTC)
+DAYS_OLD = 30
+
+
+def _url(base: str, name: str) -> str:
+    return make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
+def _admin(base: str) -> Engine:
+    from lib.db import build_engine
+
+    return build_engine(_url(base, "postgres"), 1)
+
+
+def _sql_autocommit(base: str, sql: str) -> None:
+    engine = _admin(base)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def seed_carts(url: str, n: int, rng_seed: int = 11) -> dict[str, int]:
+    """A migrated database with n carts aged 0-120 days (~70 % with 1-3 items), loaded with COPY."""
+    from lib.db import build_engine, migrate
+    from lib.seed import copy_rows
+
+    migrate(url)
+    rng = random.Random(rng_seed)
+    engine = build_engine(url, 1)
+    items: list[tuple] = []
+    try:
+        with engine.begin() as conn:
+            copy_rows(
+                conn, "products", ("id", "sku", "name", "price_paise", "stock"),
+                ((i, f"B-{i:05d}", f"Bench product {i}", 9900, 100) for i in range(1, 101)),
+            )
+
+            def carts() -> Iterator[tuple]:
+                for cid in range(1, n + 1):
+                    updated = NOW - dt.timedelta(days=rng.randrange(0, 120), minutes=rng.randrange(1440))
+                    if rng.random() < 0.7:
+                        for _ in range(rng.randrange(1, 4)):
+                            items.append((cid, rng.randrange(1, 101), 1, updated))
+                    yield cid, updated, updated
+
+            n_carts = copy_rows(conn, "carts", ("id", "created_at", "updated_at"), carts())
+            n_items = copy_rows(conn, "cart_items", ("cart_id", "product_id", "quantity", "added_at"), items)
+            for table in ("products", "carts", "cart_items"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+    finally:
+        engine.dispose()
+    return {"carts": n_carts, "cart_items": n_items}
+
+
+@contextmanager
+def fresh_copy(base: str, template: str) -> Iterator[Engine]:
+    """A new database cloned from ``template``, dropped afterwards."""
+    from lib.db import build_engine
+
+    _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+    _sql_autocommit(base, f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{template}"')
+    engine = build_engine(_url(base, BENCH_DB), 2)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("CHECKPOINT"))
+        yield engine
+    finally:
+        engine.dispose()
+        _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+
+
+def _scope(engine: Engine) -> Callable[[], Any]:
+    factory = sessionmaker(engine)
+
+    @contextmanager
+    def scope() -> Iterator[Session]:
+        with factory.begin() as session:
+            yield session
+
+    return scope
+
+
+def run_batched(engine: Engine, batch_size: int) -> dict[str, Any]:
+    """The flow's path: empty carts then carts with items, one short transaction per batch."""
+    from lib.cleanup import CART_PHASES, Limits, PassStats, cutoff_for, purge_carts
+
+    cutoff = cutoff_for(NOW, DAYS_OLD)
+    stats = PassStats()
+    tracemalloc.start()
+    started = time.perf_counter()
+    for phase in CART_PHASES:
+        stats = stats.merge(purge_carts(_scope(engine), phase, cutoff, NOW, batch_size, Limits()))
+    seconds = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    carts = stats.removed["empty_carts"] + stats.removed["carts_with_items"]
+    return {
+        "seconds": seconds, "carts": carts, "cart_items": stats.removed["cart_items"], "batches": stats.batches,
+        "longest_statement_ms": stats.longest_batch_ms, "peak_python_mib": peak / 2**20,
+    }
+
+
+def run_single(engine: Engine) -> dict[str, Any]:
+    """The reference: one DELETE over every stale cart (items by cascade), one transaction."""
+    from lib.cleanup import cutoff_for
+
+    with engine.connect() as conn:
+        items_before = conn.execute(text("SELECT count(*) FROM cart_items")).scalar_one()
+    started = time.perf_counter()
+    with engine.begin() as conn:
+        carts = conn.execute(text("DELETE FROM carts WHERE updated_at < :c"), {"c": cutoff_for(NOW, DAYS_OLD)}).rowcount
+    seconds = time.perf_counter() - started
+    with engine.connect() as conn:
+        items = items_before - conn.execute(text("SELECT count(*) FROM cart_items")).scalar_one()
+    return {"seconds": seconds, "carts": carts, "cart_items": items, "batches": 1,
+            "longest_statement_ms": seconds * 1000}
+
+
+def bench_carts(base: str, n: int, repeats: int, batch_size: int) -> dict[str, Any]:
+    template = f"{BENCH_DB}_tpl"
+    _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+    started = time.perf_counter()
+    try:
+        seeded = seed_carts(_url(base, template), n)
+        seed_seconds = time.perf_counter() - started
+        runs: dict[str, list[dict[str, Any]]] = {"batched": [], "single": []}
+        for _ in range(repeats):
+            # Alternate so neither method always runs on a warmer cache.
+            for method in ("batched", "single"):
+                with fresh_copy(base, template) as engine:
+                    runs[method].append(run_batched(engine, batch_size) if method == "batched" else run_single(engine))
+    finally:
+        _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+    out: dict[str, Any] = {"n": n, "seeded": seeded, "seed_seconds": round(seed_seconds, 1), "repeats": repeats}
+    for method, results in runs.items():
+        med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        med["rows_per_s"] = (med["carts"] + med["cart_items"]) / med["seconds"]
+        med["carts_per_s"] = med["carts"] / med["seconds"]
+        out[method] = {k: round(v, 2) if isinstance(v, float) else v for k, v in med.items()}
+    out["batched_over_single"] = round(out["batched"]["seconds"] / out["single"]["seconds"], 2)
+    return out
+
+
+def bench_tokens(n: int) -> dict[str, Any]:
+    from lib import tokens
+    from lib.config import get_settings
+
+    prefix = f"indostar-bench:{uuid.uuid4().hex[:8]}:"
+    os.environ["REDIS_KEY_PREFIX"] = prefix
+    get_settings.cache_clear()
+    try:
+        tokens.ping()
+        started = time.perf_counter()
+        tokens.seed_demo_tokens(n, random.Random(5))
+        seed_seconds = time.perf_counter() - started
+        tracemalloc.start()
+        started = time.perf_counter()
+        stats = tokens.cleanup_expired()
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        tokens.delete_prefix(prefix)
+    removed = sum(v for k, v in stats.removed.items() if not k.endswith(("_kept", "_ttl_restored")))
+    return {
+        "n": n, "seed_seconds": round(seed_seconds, 2), "seed_tokens_per_s": round(n / seed_seconds),
+        "cleanup_seconds": round(seconds, 2), "removed": removed,
+        "removed_per_s": round(removed / seconds), "tokens_per_s": round(n / seconds),
+        "batches": stats.batches, "longest_batch_ms": round(stats.longest_batch_ms, 1),
+        "peak_python_mib": round(peak / 2**20, 2),
+    }
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [f"{'what':<38}{'seconds':>10}{'rows/s':>12}{'longest ms':>12}{'peak MiB':>10}"]
+    for label, part in (("carts", result["carts"]), ("carts N/4", result.get("carts_quarter"))):
+        if not part:
+            continue
+        for method in ("batched", "single"):
+            r = part[method]
+            lines.append(
+                f"{label + ' ' + method + ' (' + format(part['n'], ',') + ')':<38}{r['seconds']:>10.2f}"
+                f"{r['rows_per_s']:>12,.0f}{r['longest_statement_ms']:>12.1f}{r.get('peak_python_mib', 0):>10.2f}"
+            )
+        lines.append(f"{'  batched / single':<38}{part['batched_over_single']:>10.2f}x")
+    for label, part in (("tokens", result.get("tokens")), ("tokens N/4", result.get("tokens_quarter"))):
+        if part:
+            lines.append(
+                f"{label + ' cleanup (' + format(part['n'], ',') + ')':<38}{part['cleanup_seconds']:>10.2f}"
+                f"{part['tokens_per_s']:>12,.0f}{part['longest_batch_ms']:>12.1f}{part['peak_python_mib']:>10.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--carts", type=int, default=100_000)
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method (median reported)")
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--no-quarter", action="store_true", help="skip the N/4 runs (memory flatness check)")
+    args = parser.parse_args(argv)
+
+    from lib.config import get_settings
+
+    base = get_settings().database_url
+    started = time.perf_counter()
+    result: dict[str, Any] = {"batch_size": args.batch_size, "days_old": DAYS_OLD}
+    if args.carts:
+        result["carts"] = bench_carts(base, args.carts, args.repeats, args.batch_size)
+        if not args.no_quarter:
+            result["carts_quarter"] = bench_carts(base, args.carts // 4, args.repeats, args.batch_size)
+    if args.tokens:
+        result["tokens"] = bench_tokens(args.tokens)
+        if not args.no_quarter:
+            result["tokens_quarter"] = bench_tokens(args.tokens // 4)
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    print(_table(result))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Nightly housekeeping flows: stale carts, expired tokens, old audit logs, abandoned sessions.
+
+Thin orchestration over lib.cleanup and lib.tokens. Each task loops over batches (one
+short transaction, or one Redis script call, per batch) rather than one task run per
+row. The cutoff comes from the run's scheduled time, so a late run removes the same
+rows the on-time run would have. After the soft limit a flow stops claiming batches
+and leaves the rest for the next night.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
+
+from flows.common import publish_table, retry_options
+from lib import cleanup, tokens
+from lib.cleanup import Limits, PassStats
+from lib.config import get_settings
+from lib.db import session_scope
+
+# Side effects must run every time: never serve a cached result for a delete.
+TASK_OPTIONS: dict[str, Any] = {**retry_options(), "cache_policy": NO_CACHE}
+FLOW_TIMEOUT = get_settings().flow_timeout_seconds
+
+
+def reference_time() -> dt.datetime:
+    """The run's scheduled start in UTC (now for an ad-hoc run): the instant cutoffs count back from."""
+    start = flow_run.get_scheduled_start_time() if FlowRunContext.get() else None
+    return (start or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+
+
+def _limits(soft_limit_seconds: float | None, max_batches: int | None) -> Limits:
+    seconds = soft_limit_seconds if soft_limit_seconds is not None else get_settings().flow_soft_limit_seconds
+    if max_batches is not None:
+        cleanup.check_positive("max_batches", max_batches)
+    return Limits(stop_at=time.time() + seconds, max_batches=max_batches)
+
+
+def _report(
+    name: str,
+    stats: PassStats,
+    cutoff: dt.datetime | None,
+    dry_run: bool,
+    kinds: tuple[str, ...],
+    frame: pd.DataFrame | None = None,
+) -> dict:
+    """Log, publish the summary artifact and build the flow's return value."""
+    publish_table(
+        f"{name}-summary",
+        frame if frame is not None else cleanup.summary_frame(stats, kinds),
+        f"{name}: {'would remove' if dry_run else 'removed'} by kind"
+        + (f", cutoff {cutoff.isoformat()}" if cutoff else "")
+        + (" (stopped early at the soft limit)" if stats.stopped_early else ""),
+    )
+    if stats.stopped_early:
+        get_run_logger().warning("%s stopped early; the rest is left for the next run", name)
+    return {
+        "removed": dict(stats.removed),
+        "batches": stats.batches,
+        "longest_batch_ms": round(stats.longest_batch_ms, 1),
+        "stopped_early": stats.stopped_early,
+        "dry_run": dry_run,
+        "cutoff": cutoff.isoformat() if cutoff else None,
+    }
+
+
+@task(**TASK_OPTIONS)
+def delete_stale_carts(
+    phase: str, cutoff: dt.datetime, now: dt.datetime, batch_size: int, limits: Limits, dry_run: bool
+) -> PassStats:
+    """Delete one phase of stale carts (empty ones, or ones with items) in short batches."""
+    return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run)
+
+
+@task(**TASK_OPTIONS)
+def delete_aged_rows(table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool) -> PassStats:
+    """Delete rows of one table older than the cutoff in short batches."""
+    return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run)
+
+
+@task(**TASK_OPTIONS)
+def check_token_store() -> None:
+    """Fail at once, naming the address, when Redis does not answer."""
+    tokens.ping()
+
+
+@task(**TASK_OPTIONS)
+def purge_token_index(kind: str, limits: Limits, dry_run: bool) -> PassStats:
+    """Drop expired entries of one kind's expiry index; remove only tokens whose own expiry passed."""
+    return tokens.purge_expired_index(kind, dry_run=dry_run, limits=limits)
+
+
+@task(**TASK_OPTIONS)
+def purge_user_index(limits: Limits, dry_run: bool) -> PassStats:
+    """Drop per-user index entries whose token is gone."""
+    return tokens.purge_dangling_user_entries(dry_run=dry_run, limits=limits)
+
+
+@task(**TASK_OPTIONS)
+def purge_ttl_lost_tokens(limits: Limits, dry_run: bool) -> PassStats:
+    """SCAN for token keys that lost their TTL; delete those past their own expiry."""
+    return tokens.purge_ttl_lost_keys(dry_run=dry_run, limits=limits)
+
+
+@flow(name="cleanup-expired-carts", timeout_seconds=FLOW_TIMEOUT)
+def cleanup_expired_carts(
+    days_old: int | None = None,
+    batch_size: int | None = None,
+    dry_run: bool = False,
+    max_batches: int | None = None,
+    soft_limit_seconds: float | None = None,
+) -> dict:
+    """Delete carts not updated for days_old days, empty carts first, in short batches."""
+    s = get_settings()
+    days = cleanup.check_positive("days_old", days_old if days_old is not None else s.cart_retention_days)
+    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
+    limits = _limits(soft_limit_seconds, max_batches)
+    now = reference_time()
+    cutoff = cleanup.cutoff_for(now, days, "days_old")
+    stats = delete_stale_carts("empty_carts", cutoff, now, size, limits, dry_run)
+    if not stats.stopped_early:
+        rest = delete_stale_carts("carts_with_items", cutoff, now, size, limits.after(stats.batches), dry_run)
+        stats = stats.merge(rest)
+    publish_table(
+        "cleanup-expired-carts-age-histogram",
+        cleanup.age_histogram(stats.ages),
+        f"age in days (at {now.isoformat()}) of the carts {'that would be ' if dry_run else ''}removed",
+    )
+    out = _report("cleanup-expired-carts", stats, cutoff, dry_run, (*cleanup.CART_PHASES, "cart_items"))
+    return out | {"age_histogram": {int(k): v for k, v in sorted(stats.ages.items())}}
+
+
+@flow(name="cleanup-expired-tokens", timeout_seconds=FLOW_TIMEOUT)
+def cleanup_expired_tokens(dry_run: bool = False, soft_limit_seconds: float | None = None) -> dict:
+    """Remove expired token index entries, dangling per-user entries and TTL-less expired tokens from Redis."""
+    limits = _limits(soft_limit_seconds, None)
+    check_token_store()
+    stats = PassStats()
+    for kind in tokens.KINDS:
+        stats = stats.merge(purge_token_index(kind, limits, dry_run))
+    stats = stats.merge(purge_user_index(limits, dry_run))
+    stats = stats.merge(purge_ttl_lost_tokens(limits, dry_run))
+    frame = cleanup.token_summary(stats, tokens.KINDS)
+    out = _report("cleanup-expired-tokens", stats, None, dry_run, tokens.KINDS, frame)
+    return out | {"by_kind": frame.set_index("kind")[list(cleanup.TOKEN_COLUMNS.values())].to_dict(orient="index")}
+
+
+@flow(name="cleanup-old-audit-logs", timeout_seconds=FLOW_TIMEOUT)
+def cleanup_old_audit_logs(
+    days: int | None = None,
+    batch_size: int | None = None,
+    dry_run: bool = False,
+    max_batches: int | None = None,
+    soft_limit_seconds: float | None = None,
+) -> dict:
+    """Delete audit logs older than days (default 90) in short batches."""
+    s = get_settings()
+    days = cleanup.check_positive("days", days if days is not None else s.audit_log_retention_days)
+    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
+    limits = _limits(soft_limit_seconds, max_batches)
+    cutoff = cleanup.cutoff_for(reference_time(), days, "days")
+    stats = delete_aged_rows("audit_logs", cutoff, size, limits, dry_run)
+    return _report("cleanup-old-audit-logs", stats, cutoff, dry_run, ("audit_logs",))
+
+
+@flow(name="cleanup-abandoned-sessions", timeout_seconds=FLOW_TIMEOUT)
+def cleanup_abandoned_sessions(
+    inactive_days: int | None = None,
+    batch_size: int | None = None,
+    dry_run: bool = False,
+    max_batches: int | None = None,
+    soft_limit_seconds: float | None = None,
+) -> dict:
+    """Delete user sessions inactive for inactive_days in short batches."""
+    s = get_settings()
+    days = cleanup.check_positive(
+        "inactive_days", inactive_days if inactive_days is not None else s.session_inactive_days
+    )
+    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
+    limits = _limits(soft_limit_seconds, max_batches)
+    cutoff = cleanup.cutoff_for(reference_time(), days, "inactive_days")
+    stats = delete_aged_rows("user_sessions", cutoff, size, limits, dry_run)
+    return _report("cleanup-abandoned-sessions", stats, cutoff, dry_run, ("user_sessions",))

@@ -1,0 +1,306 @@
+"""Batched deletes of what the shop no longer needs: stale carts, old audit logs, idle sessions.
+
+Every batch is one statement of the form
+``DELETE ... WHERE id = ANY(ARRAY(SELECT id ... ORDER BY id LIMIT :batch FOR UPDATE SKIP LOCKED))``
+run in its own short transaction, so no statement holds locks for long and two runs at
+once share the work instead of waiting on each other. Batches walk the primary key
+(keyset: ``id > :after``), so each one costs the same however many went before.
+
+Functions that touch the database take a session first and never commit; ``run_batches``
+takes a *scope* (a context manager factory such as ``lib.db.session_scope``) and opens
+one transaction per batch through it, so the caller still decides what a transaction is.
+The summaries at the bottom are pure pandas, for the run's table artifacts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import pandas as pd
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from lib.errors import InvalidInputError
+
+CART_PHASES = ("empty_carts", "carts_with_items")
+
+# Age buckets (in days, lower bound inclusive) for the histogram of removed carts.
+AGE_BINS = (0, 30, 45, 60, 90, 180, 365)
+
+# Tables with a plain "older than" rule: table -> timestamp column. A fixed list, so
+# table and column names in the SQL never come from input.
+AGED_TABLES = {"audit_logs": "created_at", "user_sessions": "last_active_at"}
+
+Scope = Callable[[], AbstractContextManager[Session]]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one batch claimed: how many rows, the last id (keyset cursor), removals by kind."""
+
+    claimed: int
+    last_id: int
+    removed: dict[str, int]
+    ages: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassStats:
+    """Totals of one or more batched passes; also used by the token cleanup."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    longest_batch_ms: float = 0.0
+    stopped_early: bool = False
+    ages: dict[int, int] = field(default_factory=dict)
+
+    def add(self, removed: Mapping[str, int], elapsed_ms: float, ages: Mapping[int, int] | None = None) -> None:
+        """Count one batch in."""
+        for k, v in removed.items():
+            self.removed[k] = self.removed.get(k, 0) + int(v)
+        self.batches += 1
+        self.longest_batch_ms = max(self.longest_batch_ms, elapsed_ms)
+        for age, n in (ages or {}).items():
+            self.ages[age] = self.ages.get(age, 0) + n
+
+    def merge(self, other: PassStats) -> PassStats:
+        """A new PassStats with both passes counted."""
+        out = PassStats(
+            removed=dict(self.removed),
+            batches=self.batches + other.batches,
+            longest_batch_ms=max(self.longest_batch_ms, other.longest_batch_ms),
+            stopped_early=self.stopped_early or other.stopped_early,
+            ages=dict(self.ages),
+        )
+        for k, v in other.removed.items():
+            out.removed[k] = out.removed.get(k, 0) + v
+        for k, v in other.ages.items():
+            out.ages[k] = out.ages.get(k, 0) + v
+        return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When a pass stops claiming new batches: a wall-clock deadline (epoch s) and/or a batch budget."""
+
+    stop_at: float | None = None
+    max_batches: int | None = None
+
+    def reached(self, batches_done: int) -> bool:
+        if self.max_batches is not None and batches_done >= self.max_batches:
+            return True
+        return self.stop_at is not None and time.time() >= self.stop_at
+
+    def after(self, used: int) -> Limits:
+        """The limits left for a following pass once ``used`` batches are spent."""
+        left = None if self.max_batches is None else max(self.max_batches - used, 0)
+        return Limits(self.stop_at, left)
+
+
+def check_positive(name: str, value: int) -> int:
+    """Reject a day count or batch size <= 0 before anything is deleted."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError(f"{name} must be a whole number > 0, got {value!r}; nothing was deleted")
+    return value
+
+
+def cutoff_for(reference: dt.datetime, days: int, name: str = "days") -> dt.datetime:
+    """The instant before which rows are stale: ``reference - days``; reference must be timezone-aware."""
+    check_positive(name, days)
+    if reference.tzinfo is None:
+        raise InvalidInputError("the reference time must be timezone-aware (UTC)")
+    return reference - dt.timedelta(days=days)
+
+
+def run_batches(scope: Scope, step: Callable[[Session, int], Batch], batch_size: int, limits: Limits) -> PassStats:
+    """Run ``step(session, after_id)`` one transaction each until a short batch or a limit; never loads all rows."""
+    check_positive("batch_size", batch_size)
+    stats = PassStats()
+    after = 0
+    while True:
+        if limits.reached(stats.batches):
+            stats.stopped_early = True
+            return stats
+        started = time.perf_counter()
+        with scope() as session:
+            batch = step(session, after)
+        stats.add(batch.removed, (time.perf_counter() - started) * 1000, batch.ages)
+        # Under SKIP LOCKED a short batch still means the key range is exhausted: LIMIT
+        # counts only the rows we could lock, the locked ones are left for the next run.
+        if batch.claimed < batch_size:
+            return stats
+        after = batch.last_id
+
+
+# The claim collects ids into an array first so the DELETE is a plain primary-key lookup
+# (= ANY(array)); joining the DELETE to a CTE made PostgreSQL hash the whole table.
+_CART_SQL = """
+WITH ids AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT c.id FROM carts c
+        WHERE c.updated_at < :cutoff AND c.id > :after {item_filter}
+        ORDER BY c.id
+        LIMIT :batch
+        {lock}
+    ) AS a
+), items AS (
+    SELECT count(*) AS n FROM cart_items WHERE cart_id = ANY((SELECT a FROM ids)::bigint[])
+), {gone}
+SELECT extract(day FROM (CAST(:now AS timestamptz) - g.updated_at))::int AS age_days,
+       count(*) AS n, max(g.id) AS last_id, (SELECT n FROM items) AS items
+FROM gone g
+GROUP BY 1
+"""
+_CART_DELETE = (
+    "gone AS (DELETE FROM carts c WHERE c.id = ANY((SELECT a FROM ids)::bigint[]) RETURNING c.id, c.updated_at)"
+)
+_CART_COUNT = "gone AS (SELECT c.id, c.updated_at FROM carts c WHERE c.id = ANY((SELECT a FROM ids)::bigint[]))"
+# The extra "i.cart_id > :after" lets the anti-join start at the cursor instead of the
+# first item, so later batches do not re-read every earlier cart's items.
+_ONLY_EMPTY = "AND NOT EXISTS (SELECT 1 FROM cart_items i WHERE i.cart_id = c.id AND i.cart_id > :after)"
+_WITH_ITEMS = "AND EXISTS (SELECT 1 FROM cart_items i WHERE i.cart_id = c.id AND i.cart_id > :after)"
+
+
+def cart_batch(
+    session: Session,
+    phase: str,
+    cutoff: dt.datetime,
+    now: dt.datetime,
+    after_id: int,
+    batch_size: int,
+    dry_run: bool = False,
+) -> Batch:
+    """Delete (or on a dry run, count) one batch of carts not updated since ``cutoff``; items go by cascade."""
+    if phase not in CART_PHASES:
+        raise InvalidInputError(f"unknown cart phase {phase!r}; expected one of {CART_PHASES}")
+    sql = _CART_SQL.format(
+        # A dry run deletes no empty carts in phase one, so phase two must skip them itself.
+        item_filter=_ONLY_EMPTY if phase == "empty_carts" else (_WITH_ITEMS if dry_run else ""),
+        # A dry run takes no row locks: it must not slow shoppers down for a count.
+        lock="" if dry_run else "FOR UPDATE SKIP LOCKED",
+        gone=_CART_COUNT if dry_run else _CART_DELETE,
+    )
+    rows = session.execute(
+        text(sql), {"cutoff": cutoff, "now": now, "after": after_id, "batch": batch_size}
+    ).all()
+    claimed = sum(r.n for r in rows)
+    removed = {phase: claimed}
+    if phase == "carts_with_items":
+        removed["cart_items"] = int(rows[0].items) if rows else 0
+    return Batch(
+        claimed=claimed,
+        last_id=max((r.last_id for r in rows), default=after_id),
+        removed=removed,
+        ages={int(r.age_days): int(r.n) for r in rows},
+    )
+
+
+_AGED_SQL = """
+WITH ids AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT id FROM {table}
+        WHERE {column} < :cutoff AND id > :after
+        ORDER BY id
+        LIMIT :batch
+        {lock}
+    ) AS a
+), {gone}
+SELECT count(*) AS n, max(id) AS last_id FROM gone
+"""
+
+
+def aged_batch(
+    session: Session, table: str, cutoff: dt.datetime, after_id: int, batch_size: int, dry_run: bool = False
+) -> Batch:
+    """Delete (or count) one batch of ``table`` rows whose timestamp is before ``cutoff``."""
+    if table not in AGED_TABLES:
+        raise InvalidInputError(f"no age rule for table {table!r}; expected one of {sorted(AGED_TABLES)}")
+    sql = _AGED_SQL.format(
+        table=table,
+        column=AGED_TABLES[table],
+        lock="" if dry_run else "FOR UPDATE SKIP LOCKED",
+        gone="gone AS (SELECT unnest(a) AS id FROM ids)"
+        if dry_run
+        else f"gone AS (DELETE FROM {table} WHERE id = ANY((SELECT a FROM ids)::bigint[]) RETURNING id)",
+    )
+    row = session.execute(text(sql), {"cutoff": cutoff, "after": after_id, "batch": batch_size}).one()
+    return Batch(claimed=int(row.n), last_id=int(row.last_id or after_id), removed={table: int(row.n)})
+
+
+def purge_carts(
+    scope: Scope,
+    phase: str,
+    cutoff: dt.datetime,
+    now: dt.datetime,
+    batch_size: int,
+    limits: Limits,
+    dry_run: bool = False,
+) -> PassStats:
+    """One phase of the stale-cart cleanup, batch after batch, each in its own transaction."""
+    return run_batches(
+        scope, lambda s, after: cart_batch(s, phase, cutoff, now, after, batch_size, dry_run), batch_size, limits
+    )
+
+
+def purge_aged(
+    scope: Scope, table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool = False
+) -> PassStats:
+    """Delete every row of ``table`` older than ``cutoff``, batch after batch."""
+    return run_batches(
+        scope, lambda s, after: aged_batch(s, table, cutoff, after, batch_size, dry_run), batch_size, limits
+    )
+
+
+# ---- summaries (pure pandas) -------------------------------------------------------
+
+
+def summary_frame(stats: PassStats, kinds: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per kind removed (kinds listed first even when zero), with the run's batch figures."""
+    removed = {k: 0 for k in kinds} | dict(stats.removed)
+    frame = pd.DataFrame({"kind": list(removed), "removed": [int(v) for v in removed.values()]})
+    frame["batches"] = stats.batches
+    frame["longest_batch_ms"] = round(stats.longest_batch_ms, 1)
+    frame["stopped_early"] = stats.stopped_early
+    return frame
+
+
+def age_histogram(ages: Mapping[int, int], bins: Iterable[int] = AGE_BINS) -> pd.DataFrame:
+    """Counts of removed rows per age bucket in days (``30-44``, ..., ``365+``), every bucket listed."""
+    edges = sorted(set(bins))
+    labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(edges)] + [f"{edges[-1]}+"]
+    series = pd.Series(dict(ages), dtype="int64")
+    if series.empty:
+        counts = pd.Series(0, index=labels, dtype="int64")
+    else:
+        buckets = pd.cut(
+            series.index.to_numpy(), bins=[*edges, float("inf")], right=False, labels=labels
+        )
+        counts = series.groupby(buckets, observed=False).sum().reindex(labels, fill_value=0)
+    return pd.DataFrame({"age_days": labels, "removed": counts.to_numpy().astype(int)})
+
+
+TOKEN_COLUMNS = {
+    "": "keys_removed",
+    "_index": "index_entries_removed",
+    "_user_index": "user_entries_removed",
+    "_kept": "live_kept",
+    "_ttl_restored": "ttl_restored",
+}
+
+
+def token_summary(stats: PassStats, kinds: Iterable[str]) -> pd.DataFrame:
+    """One row per token kind: keys removed, index and per-user entries dropped, live keys kept, TTLs restored."""
+    rows = [
+        {"kind": kind} | {col: int(stats.removed.get(f"{kind}{suffix}", 0)) for suffix, col in TOKEN_COLUMNS.items()}
+        for kind in kinds
+    ]
+    frame = pd.DataFrame(rows, columns=["kind", *TOKEN_COLUMNS.values()])
+    frame["batches"] = stats.batches
+    frame["longest_batch_ms"] = round(stats.longest_batch_ms, 1)
+    frame["stopped_early"] = stats.stopped_early
+    return frame

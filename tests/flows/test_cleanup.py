@@ -1,0 +1,156 @@
+"""The four cleanup flows end to end under the Prefect harness, on the real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+
+from flows.cleanup import (
+    cleanup_abandoned_sessions,
+    cleanup_expired_carts,
+    cleanup_expired_tokens,
+    cleanup_old_audit_logs,
+)
+from lib import tokens
+from lib.config import get_settings
+from lib.errors import InvalidInputError
+from tests.builders import count_rows, make_audit_log, make_cart, make_user_session
+
+
+def _latest_artifact(key: str) -> list[dict]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
+    assert found, f"no artifact {key}"
+    return found[0].data if isinstance(found[0].data, list) else json.loads(found[0].data)
+
+
+def test_cart_flow_removes_stale_carts_once_and_publishes_its_summary(pg):
+    """29-day-old carts stay, 31-day-old carts go with their items; a second run removes nothing."""
+    make_cart(pg, age_days=29, items=1)
+    make_cart(pg, age_days=31)
+    make_cart(pg, age_days=31, items=2)
+    first = cleanup_expired_carts(batch_size=1)
+    assert first["removed"] == {"empty_carts": 1, "carts_with_items": 1, "cart_items": 2}
+    assert first["batches"] >= 2 and first["age_histogram"] == {31: 2}
+    assert count_rows(pg, "carts") == 1 and count_rows(pg, "cart_items") == 1
+    second = cleanup_expired_carts(batch_size=1)
+    assert sum(second["removed"].values()) == 0
+    rows = _latest_artifact("cleanup-expired-carts-summary")
+    assert {r["kind"]: r["removed"] for r in rows} == {"empty_carts": 0, "carts_with_items": 0, "cart_items": 0}
+    hist = _latest_artifact("cleanup-expired-carts-age-histogram")
+    assert [r["age_days"] for r in hist][:2] == ["0-29", "30-44"]
+
+
+def test_cart_flow_stopping_early_has_removed_the_empty_carts_first(pg):
+    """With max_batches=1 the run stops early, says so, and the stale empty carts are the ones gone."""
+    make_cart(pg, age_days=60, items=1)
+    for _ in range(3):
+        make_cart(pg, age_days=60)
+    out = cleanup_expired_carts(batch_size=5, max_batches=1)
+    assert out["stopped_early"] and out["removed"]["empty_carts"] == 3
+    assert count_rows(pg, "carts") == 1 and count_rows(pg, "cart_items") == 1
+
+
+def test_cart_flow_soft_limit_stops_claiming_batches(pg):
+    """A soft limit already spent stops the run before its first batch and reports stopped_early."""
+    make_cart(pg, age_days=60)
+    out = cleanup_expired_carts(soft_limit_seconds=1e-9)
+    assert out["stopped_early"] and out["batches"] == 0
+    assert count_rows(pg, "carts") == 1
+
+
+def test_cart_flow_dry_run_deletes_nothing(pg):
+    """dry_run=True reports the stale carts and leaves them in place."""
+    make_cart(pg, age_days=45, items=1)
+    out = cleanup_expired_carts(dry_run=True)
+    assert out["removed"]["carts_with_items"] == 1 and out["dry_run"]
+    assert count_rows(pg, "carts") == 1 and count_rows(pg, "cart_items") == 1
+
+
+@pytest.mark.parametrize(
+    ("flow_fn", "params", "word"),
+    [
+        (cleanup_expired_carts, {"days_old": 0}, "days_old"),
+        (cleanup_expired_carts, {"batch_size": -1}, "batch_size"),
+        (cleanup_old_audit_logs, {"days": -3}, "days"),
+        (cleanup_old_audit_logs, {"batch_size": 0}, "batch_size"),
+        (cleanup_abandoned_sessions, {"inactive_days": 0}, "inactive_days"),
+    ],
+)
+def test_flows_reject_non_positive_days_and_batch_sizes_before_deleting(pg, flow_fn, params, word):
+    """A day count or batch size <= 0 fails the run with a message naming it, and every row is still there."""
+    make_cart(pg, age_days=400)
+    make_audit_log(pg, age_days=400)
+    make_user_session(pg, inactive_days=400)
+    with pytest.raises(InvalidInputError, match=word):
+        flow_fn(**params)
+    assert (count_rows(pg, "carts"), count_rows(pg, "audit_logs"), count_rows(pg, "user_sessions")) == (1, 1, 1)
+
+
+def test_audit_log_and_session_flows_remove_old_rows_once(pg):
+    """Old audit logs and idle sessions go in batches; recent ones stay; a second run removes nothing."""
+    make_audit_log(pg, age_days=89)
+    for _ in range(3):
+        make_audit_log(pg, age_days=91)
+    make_user_session(pg, inactive_days=29)
+    make_user_session(pg, inactive_days=31)
+    assert cleanup_old_audit_logs(batch_size=2)["removed"] == {"audit_logs": 3}
+    assert cleanup_abandoned_sessions(inactive_days=30)["removed"] == {"user_sessions": 1}
+    assert cleanup_old_audit_logs()["removed"] == {"audit_logs": 0}
+    assert cleanup_abandoned_sessions(inactive_days=30)["removed"] == {"user_sessions": 0}
+    assert count_rows(pg, "audit_logs") == 1 and count_rows(pg, "user_sessions") == 1
+    rows = _latest_artifact("cleanup-old-audit-logs-summary")
+    assert rows[0]["kind"] == "audit_logs" and "longest_batch_ms" in rows[0]
+
+
+def test_token_flow_cleans_up_per_kind_and_a_second_run_removes_nothing(redis_client):
+    """Expired and TTL-lost tokens are counted per kind and removed; live ones verify; the rerun is a no-op."""
+    live = tokens.issue("password_reset", 1, 60)
+    dead = tokens.issue("otp", 2, 60)
+    key = f"{get_settings().redis_key_prefix}tok:otp:2"
+    redis_client.persist(key)
+    redis_client.hset(key, "e", 1)
+    first = cleanup_expired_tokens()
+    assert first["by_kind"]["otp"]["keys_removed"] == 1
+    assert first["by_kind"]["password_reset"]["keys_removed"] == 0
+    assert tokens.verify("password_reset", live) == "1"
+    assert tokens.verify_otp(2, dead) == tokens.OtpResult.MISSING
+    second = cleanup_expired_tokens()
+    assert all(v == 0 for k, v in second["removed"].items() if not k.endswith("_kept"))
+    rows = _latest_artifact("cleanup-expired-tokens-summary")
+    assert [r["kind"] for r in rows] == list(tokens.KINDS)
+
+
+@pytest.fixture
+def dead_redis(monkeypatch):
+    """REDIS_URL pointing at a closed loopback port, with the settings and client caches cleared around it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    get_settings.cache_clear()
+    tokens.get_redis.cache_clear()
+    yield port
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    tokens.get_redis.cache_clear()
+
+
+def test_token_flow_fails_naming_the_address_when_redis_is_down_and_leaves_postgres_alone(pg, dead_redis):
+    """With Redis unreachable the run fails with a message naming 127.0.0.1:<port>; no PostgreSQL row changes."""
+    make_cart(pg, age_days=400, items=1)
+    make_audit_log(pg, age_days=400)
+    make_user_session(pg, inactive_days=400)
+    state = cleanup_expired_tokens(return_state=True)
+    assert state.is_failed()
+    with pytest.raises(tokens.RedisUnavailableError, match=rf"127\.0\.0\.1:{dead_redis}.*REDIS_URL"):
+        state.result()
+    assert (count_rows(pg, "carts"), count_rows(pg, "cart_items")) == (1, 1)
+    assert (count_rows(pg, "audit_logs"), count_rows(pg, "user_sessions")) == (1, 1)

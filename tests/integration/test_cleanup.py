@@ -1,0 +1,123 @@
+"""Batched deletes on the real PostgreSQL: what goes, what stays, in which order, under locks."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import text
+
+from lib import cleanup
+from lib.cleanup import Limits
+from lib.db import session_scope
+from lib.errors import InvalidInputError
+from tests.builders import count_rows, make_audit_log, make_cart, make_user_session
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _purge_all_carts(days: int = 30, batch_size: int = 100, limits: Limits | None = None, dry_run: bool = False):
+    now = _now()
+    cutoff = cleanup.cutoff_for(now, days)
+    stats = cleanup.PassStats()
+    for phase in cleanup.CART_PHASES:
+        limits_left = (limits or Limits()).after(stats.batches)
+        if stats.stopped_early:
+            break
+        stats = stats.merge(cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits_left, dry_run))
+    return stats
+
+
+def _cart_ids(pg) -> set[int]:
+    with pg.connect() as conn:
+        return set(conn.execute(text("SELECT id FROM carts")).scalars())
+
+
+def test_cart_29_days_old_stays_and_31_days_old_goes_with_its_items(pg):
+    """A cart updated 29 days ago stays; one updated 31 days ago is deleted and its items with it."""
+    fresh = make_cart(pg, age_days=29, items=2)
+    stale = make_cart(pg, age_days=31, items=3)
+    stats = _purge_all_carts()
+    assert _cart_ids(pg) == {fresh}
+    assert count_rows(pg, "cart_items") == 2
+    assert stats.removed == {"empty_carts": 0, "carts_with_items": 1, "cart_items": 3}
+    assert stale not in _cart_ids(pg)
+
+
+def test_empty_carts_go_before_carts_with_items_when_stopped_early(pg):
+    """With a budget of two batches, every stale empty cart goes first and carts with items wait."""
+    empty = {make_cart(pg, age_days=40) for _ in range(4)}
+    full = {make_cart(pg, age_days=40, items=1) for _ in range(4)}
+    # Interleave ids so ordering by id alone would mix the two kinds.
+    empty |= {make_cart(pg, age_days=50) for _ in range(2)}
+    stats = _purge_all_carts(batch_size=3, limits=Limits(max_batches=2))
+    assert stats.stopped_early
+    assert _cart_ids(pg) == full
+    assert stats.removed["empty_carts"] == len(empty)
+
+
+def test_batches_cover_every_stale_row_and_the_age_histogram_counts_them(pg):
+    """Many small batches remove every stale cart once, and the ages add up to what was removed."""
+    for age in (31, 35, 46, 61, 100, 200, 400):
+        make_cart(pg, age_days=age, items=age % 2)
+    make_cart(pg, age_days=1)
+    stats = _purge_all_carts(batch_size=2)
+    assert count_rows(pg, "carts") == 1
+    assert stats.batches >= 4
+    assert sum(stats.ages.values()) == 7
+    hist = cleanup.age_histogram(stats.ages).set_index("age_days")["removed"].to_dict()
+    assert hist == {"0-29": 0, "30-44": 2, "45-59": 1, "60-89": 1, "90-179": 1, "180-364": 1, "365+": 1}
+
+
+def test_dry_run_counts_and_deletes_nothing(pg):
+    """A dry run reports what a real run would remove and leaves every row in place."""
+    make_cart(pg, age_days=40)
+    make_cart(pg, age_days=40, items=2)
+    dry = _purge_all_carts(dry_run=True)
+    assert count_rows(pg, "carts") == 2 and count_rows(pg, "cart_items") == 2
+    real = _purge_all_carts()
+    assert dry.removed == real.removed == {"empty_carts": 1, "carts_with_items": 1, "cart_items": 2}
+
+
+@pytest.mark.parametrize(("days", "batch_size"), [(0, 10), (-5, 10), (30, 0), (30, -1)])
+def test_non_positive_days_or_batch_size_is_rejected_and_nothing_deleted(pg, days, batch_size):
+    """days <= 0 or batch_size <= 0 raise InvalidInputError naming the parameter before any delete."""
+    make_cart(pg, age_days=400)
+    make_audit_log(pg, age_days=400)
+    with pytest.raises(InvalidInputError, match=r"days|batch_size"):
+        cutoff = cleanup.cutoff_for(_now(), days)
+        cleanup.purge_carts(session_scope, "empty_carts", cutoff, _now(), batch_size, Limits())
+    with pytest.raises(InvalidInputError, match=r"days|batch_size"):
+        cutoff = cleanup.cutoff_for(_now(), days)
+        cleanup.purge_aged(session_scope, "audit_logs", cutoff, batch_size, Limits())
+    assert count_rows(pg, "carts") == 1 and count_rows(pg, "audit_logs") == 1
+
+
+def test_old_audit_logs_and_inactive_sessions_go_recent_ones_stay(pg):
+    """Audit logs older than the cutoff and sessions idle past it are removed; newer rows stay."""
+    keep_log, _ = make_audit_log(pg, age_days=89), make_audit_log(pg, age_days=91)
+    keep_session, _ = make_user_session(pg, inactive_days=29), make_user_session(pg, inactive_days=31)
+    logs = cleanup.purge_aged(session_scope, "audit_logs", cleanup.cutoff_for(_now(), 90), 1, Limits())
+    sessions = cleanup.purge_aged(session_scope, "user_sessions", cleanup.cutoff_for(_now(), 30), 1, Limits())
+    assert logs.removed == {"audit_logs": 1} and sessions.removed == {"user_sessions": 1}
+    with pg.connect() as conn:
+        assert list(conn.execute(text("SELECT id FROM audit_logs")).scalars()) == [keep_log]
+        assert list(conn.execute(text("SELECT id FROM user_sessions")).scalars()) == [keep_session]
+
+
+def test_a_cart_locked_by_a_shopper_is_skipped_not_waited_on(pg):
+    """A stale cart whose row another transaction holds is skipped at once and left for the next run."""
+    locked = make_cart(pg, age_days=40)
+    other = make_cart(pg, age_days=40)
+    with pg.connect() as shopper:
+        shopper.execute(text("SET lock_timeout = '5s'"))
+        shopper.execute(text("SELECT id FROM carts WHERE id = :i FOR UPDATE"), {"i": locked})
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '1s'"))  # would fail the test if we waited
+            batch = cleanup.cart_batch(s, "empty_carts", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
+        shopper.rollback()
+    assert batch.removed == {"empty_carts": 1}
+    assert _cart_ids(pg) == {locked}
+    assert other not in _cart_ids(pg)
