@@ -1,4 +1,4 @@
-"""The `indostar-jobs` command: migrate, seed, serve, up (what `make up` runs), automations.
+"""The `indostar-jobs` command: migrate, seed, serve, up (what `make up` runs), automations, setup-pool.
 
 Errors we expect (bad settings, a service down) print one clear line and exit 2,
 without a traceback. Prefect is imported only by the commands that need it.
@@ -71,6 +71,9 @@ def _token_sink():
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
+    # Runs send heartbeats, so a killed server process is noticed (see deployments/automations.py).
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+
     serve_all(pause_on_shutdown=args.pause_on_shutdown)
     return 0
 
@@ -135,6 +138,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     api_url = os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     s = get_settings()
     db.migrate(s.database_url)
     check_redis()
@@ -175,6 +179,14 @@ def cmd_automations(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup_pool(args: argparse.Namespace) -> int:
+    from deployments.setup_pool import POOL, setup_pool
+
+    for name, (priority, limit) in setup_pool().items():
+        print(f"work pool {POOL}: queue {name} priority {priority} concurrency limit {limit}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indostar-jobs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("automations", help="create or update the alerting automations")
     a.set_defaults(func=cmd_automations)
+
+    w = sub.add_parser("setup-pool", help="create or update work pool indostar and its queues (before deploy)")
+    w.set_defaults(func=cmd_setup_pool)
     return p
 
 

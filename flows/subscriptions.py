@@ -199,7 +199,10 @@ def handle_razorpay_event(body: str, signature: str, event_id: str | None = None
     if result["event"] == "payment.failed" and result["status"] == "notify":
         from flows.notifications import send_payment_failed
 
-        send_payment_failed(order_id=result["order_id"], subscription_id=result["subscription_id"],
-                            reason=result["reason"])
+        # The event is already recorded; a dead message must not fail the webhook's run.
+        state = send_payment_failed(order_id=result["order_id"], subscription_id=result["subscription_id"],
+                                    reason=result["reason"], idempotency_key=f"razorpay:{event.event_id}",
+                                    return_state=True)
+        result["notification"] = state.type.value.lower()
     get_run_logger().info("razorpay %s %s: %s", event.event, event.event_id, result["status"])
     return result

@@ -1,0 +1,625 @@
+"""Benchmark of the nightly subscription run: set-based SQL reference, the flow, one task per row.
+
+    python -m bench.subscriptions --n 100000
+
+Seeds N due subscriptions over --products products once into a template database
+(mixed frequencies and quantities, due on the run date or 1-3 days overdue, stock
+such that a few percent are out of stock, plus N/2 rows that are not due: future or
+paused/cancelled, and --history: orders, items and outcomes of earlier nights, so the
+order tables are not empty as in production), VACUUM ANALYZEd as autovacuum would.
+Every measured run gets a fresh copy of it (CREATE DATABASE ... TEMPLATE, then
+CHECKPOINT; not timed). A warm-up flow run (small data) precedes the measurements.
+
+- (a) reference: the whole night in one transaction of set-based SQL written here
+  (products locked in id order, stock allocated oldest due first, orders, items,
+  stock, next dates computed in SQL with lib.schedule's anchor rule, outcomes).
+- (b) flow: process-due-subscriptions(run_date, send_confirmations=False) with the
+  configured batch size and concurrency, end to end (flow run included); plus a
+  sweep over a few batch sizes and concurrencies (one run each).
+- (c) old design: one Prefect task run per subscription (process_batch with
+  only_ids=[id] in its own transaction) at --old-n, extrapolated linearly to N;
+  tasks of one product are chained so that the oldest due is still served first.
+
+Each run must leave the same orders (subscription, delivery date), the same stock
+per product and the same next_delivery_date per subscription as the reference on
+the same data, else the bench says which and exits 1. Memory: tracemalloc peak of
+the Python heap during a separate (untimed) run of each variant, and the peak RSS
+growth sampled from /proc/self/statm during every timed run. (b) runs at N/4 too, to
+show that its peak does not grow with N. Lock waits of the lanes are sampled from
+pg_stat_activity. Prints a table on stderr and one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+BENCH_DB = "indostar_bench_subs"
+DEFAULT_RUN_DATE = dt.date(2025, 1, 31)  # a month end: exercises the anchor-day rule
+FREQUENCY_WEIGHTS = {"weekly": 30, "biweekly": 25, "monthly": 35, "quarterly": 10}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+log = logging.getLogger("bench.subscriptions")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    n: int
+    products: int
+    template: str  # database name
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _url(base: str, database: str) -> str:
+    return make_url(base).set(database=database).render_as_string(hide_password=False)
+
+
+def _rows(n: int, products: int, run_date: dt.date, rng_seed: int, extra: float) -> tuple[list, list, list, dict]:
+    """Customers, products and subscriptions; stock chosen from the due demand per product."""
+    rng = random.Random(rng_seed)
+    ncust = max(100, n // 4)
+    freqs, weights = zip(*FREQUENCY_WEIGHTS.items(), strict=True)
+    customers = [(i, f"Customer {i}", f"c{i}@example.in") for i in range(1, ncust + 1)]
+    subs: list[tuple] = []
+    demand = [0] * (products + 1)
+    for i in range(1, n + 1):
+        due = run_date - dt.timedelta(days=rng.choices((0, 1, 2, 3), (70, 10, 10, 10))[0])
+        freq = rng.choices(freqs, weights)[0]
+        anchor = due.day
+        if freq in ("monthly", "quarterly") and (due + dt.timedelta(days=1)).month != due.month:
+            anchor = rng.choice((due.day, 31))  # a month end may stand for a later anchor
+        pid, qty = rng.randint(1, products), rng.choice((1, 1, 1, 2, 3))
+        demand[pid] += qty
+        subs.append((i, rng.randint(1, ncust), pid, qty, freq, "active", due, anchor))
+    for i in range(n + 1, n + 1 + int(n * extra)):
+        if rng.random() < 0.6:
+            status, day = "active", run_date + dt.timedelta(days=rng.randint(1, 60))
+        else:
+            status, day = rng.choice(("paused", "cancelled")), run_date - dt.timedelta(days=rng.randint(0, 3))
+        subs.append((i, rng.randint(1, ncust), rng.randint(1, products), rng.choice((1, 2)),
+                     rng.choices(freqs, weights)[0], status, day, day.day))
+    prods, short = [], 0
+    for pid in range(1, products + 1):
+        roll = rng.random()
+        if roll < 0.02:
+            stock = 0
+        elif roll < 0.08:
+            stock = int(demand[pid] * rng.uniform(0.4, 0.9))
+        else:
+            stock = demand[pid] + rng.randint(0, 50)
+        short += stock < demand[pid]
+        prods.append((pid, f"BENCH-{pid:05d}", f"Product {pid}", rng.randrange(99, 2499) * 100, stock))
+    return customers, prods, subs, {"customers": ncust, "short_products": short}
+
+
+def build_template(
+    base_url: str, name: str, n: int, products: int, run_date: dt.date, extra: float, history: float
+) -> Dataset:
+    """A migrated database holding the data set, vacuumed and analyzed; no connection left open."""
+    from lib import db
+    from lib.seed import copy_rows
+
+    url = _url(base_url, name)
+    db.drop_database(url)
+    db.migrate(url)
+    started = time.perf_counter()
+    customers, prods, subs, info = _rows(n, products, run_date, rng_seed=n, extra=extra)
+    engine = db.build_engine(url, 1)
+    try:
+        with engine.begin() as conn:
+            copy_rows(conn, "customers", ("id", "name", "email"), customers)
+            copy_rows(conn, "products", ("id", "sku", "name", "price_paise", "stock"), prods)
+            copy_rows(conn, "subscriptions", ("id", "customer_id", "product_id", "quantity", "frequency", "status",
+                                              "next_delivery_date", "anchor_day"), subs)
+            if history:  # earlier nights: orders, items and outcomes, so these tables are not empty
+                conn.execute(text(
+                    "INSERT INTO orders (customer_id, subscription_id, delivery_date, status, total_paise) "
+                    "SELECT customer_id, id, CAST(:d AS date) - CAST(28 + id % 60 AS int), 'delivered', "
+                    "10000 * quantity FROM subscriptions WHERE id % 1000 < :per_mille ORDER BY id"),
+                    {"d": run_date, "per_mille": int(history * 1000)})
+                conn.execute(text(
+                    "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
+                    "SELECT o.id, s.product_id, s.quantity, 10000 FROM orders o "
+                    "JOIN subscriptions s ON s.id = o.subscription_id ORDER BY o.id"))
+                conn.execute(text(
+                    "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, order_id, "
+                    "run_id) SELECT subscription_id, delivery_date, delivery_date, 'created', id, "
+                    "'history-' || delivery_date FROM orders ORDER BY id"))
+            for table in ("customers", "products", "subscriptions"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
+            info["history_orders"] = conn.execute(text("SELECT count(*) FROM orders")).scalar_one()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE"))
+    finally:
+        engine.dispose()
+    info.update(due=n, not_due=len(subs) - n, products=products, seed_seconds=round(time.perf_counter() - started, 2))
+    return Dataset(n, products, name, info)
+
+
+def restore(base_url: str, ds: Dataset) -> None:
+    """Replace the working database by a fresh copy of the template; flush it to disk."""
+    from lib import db
+
+    db.reset_engine()
+    admin = db.build_engine(_url(base_url, "postgres"), 1)
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{ds.template}"'))
+            conn.execute(text("CHECKPOINT"))
+    finally:
+        admin.dispose()
+
+
+# --- what a run leaves behind ------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    orders: set[tuple[int, dt.date]]
+    stock: dict[int, int]
+    next_dates: dict[int, dt.date]
+    order_items: int
+    outcomes: dict[str, int]
+
+
+def snapshot(engine: Engine) -> State:
+    with engine.connect() as conn:
+        orders = set(map(tuple, conn.execute(text("SELECT subscription_id, delivery_date FROM orders")).all()))
+        stock = dict(map(tuple, conn.execute(text("SELECT id, stock FROM products")).all()))
+        nxt = dict(map(tuple, conn.execute(text("SELECT id, next_delivery_date FROM subscriptions")).all()))
+        items = conn.execute(text("SELECT count(*) FROM order_items")).scalar_one()
+        outcomes = dict(map(tuple, conn.execute(
+            text("SELECT outcome, count(*) FROM subscription_outcomes GROUP BY outcome")).all()))
+    return State(orders, stock, nxt, items, outcomes)
+
+
+def differences(got: State, ref: State) -> list[str]:
+    """Human-readable differences from the reference; empty when the run is correct."""
+    out = []
+    if got.orders != ref.orders:
+        extra, missing = got.orders - ref.orders, ref.orders - got.orders
+        out.append(f"orders differ: {len(extra)} extra, {len(missing)} missing "
+                   f"(e.g. extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})")
+    bad = sorted(p for p in ref.stock if got.stock.get(p) != ref.stock[p])
+    if bad:
+        eg = [(p, got.stock.get(p), ref.stock[p]) for p in bad[:3]]
+        out.append(f"stock differs on {len(bad)} products (e.g. {eg})")
+    bad = sorted(s for s in ref.next_dates if got.next_dates.get(s) != ref.next_dates[s])
+    if bad:
+        eg = [(s, str(got.next_dates.get(s)), str(ref.next_dates[s])) for s in bad[:3]]
+        out.append(f"next_delivery_date differs on {len(bad)} subscriptions (e.g. {eg})")
+    if got.order_items != len(got.orders):
+        out.append(f"{got.order_items} order items for {len(got.orders)} orders")
+    if got.outcomes != ref.outcomes:
+        out.append(f"outcomes {got.outcomes} != reference {ref.outcomes}")
+    if min(got.stock.values(), default=0) < 0:
+        out.append("negative stock")
+    return out
+
+
+# --- probes: wall time, memory, lock waits -----------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class Probe:
+    """Times a block; samples RSS (always), the Python heap (trace=True) and lock waits (lock_url)."""
+
+    def __init__(self, trace: bool = False, lock_url: str | None = None, every: float = 0.02):
+        self.trace, self.lock_url, self.every = trace, lock_url, every
+        self.seconds = 0.0
+        self.rss_peak_delta = 0
+        self.heap_peak: int | None = None
+        self.lock_samples = [0, 0]  # backends waiting on a lock, backends active
+        self._stop = threading.Event()
+
+    def _sample_rss(self) -> None:
+        while not self._stop.wait(self.every):
+            self.rss_peak_delta = max(self.rss_peak_delta, _rss() - self._base)
+
+    def _sample_locks(self) -> None:
+        from lib import db
+
+        engine = db.build_engine(self.lock_url, 1)
+        query = text(
+            "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'), count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND state = 'active' AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'"
+        )
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                while not self._stop.wait(0.05):
+                    waiting, active = conn.execute(query).one()
+                    self.lock_samples[0] += waiting
+                    self.lock_samples[1] += active
+        finally:
+            engine.dispose()
+
+    def __enter__(self) -> Probe:
+        gc.collect()
+        self._base = _rss()
+        self._threads = [threading.Thread(target=self._sample_rss, daemon=True)]
+        if self.lock_url:
+            self._threads.append(threading.Thread(target=self._sample_locks, daemon=True))
+        for t in self._threads:
+            t.start()
+        if self.trace:
+            tracemalloc.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        if self.trace:
+            self.heap_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        self.rss_peak_delta = max(self.rss_peak_delta, _rss() - self._base)
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    @property
+    def lock_wait_share(self) -> float | None:
+        waiting, active = self.lock_samples
+        return round(waiting / active, 3) if active else None
+
+
+# --- (a) the reference: the whole night in one transaction of set-based SQL -------------------
+
+ADD_MONTHS = """
+CREATE FUNCTION pg_temp.bench_add_months(d date, k int, anchor int) RETURNS date
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT m + least(anchor, extract(day FROM m + interval '1 month - 1 day')::int) - 1
+  FROM (SELECT make_date(i / 12, i % 12 + 1, 1) AS m
+        FROM (SELECT extract(year FROM d)::int * 12 + extract(month FROM d)::int - 1 + k AS i) a) b
+$$
+"""
+
+# lib.schedule.next_after in SQL: day steps straight past the run date; month steps from the
+# anchor, one more cycle when the first candidate is not after the run date (never two).
+NEXT_DATE = """
+CASE WHEN d.frequency IN ('weekly', 'biweekly') THEN
+  d.next_delivery_date + st.days * ((CAST(:run_date AS date) - d.next_delivery_date) / st.days + 1)
+ELSE (SELECT CASE WHEN c1 > CAST(:run_date AS date) THEN c1 ELSE c2 END FROM (
+        SELECT pg_temp.bench_add_months(d.next_delivery_date, st.months * cyc, d.anchor_day) AS c1,
+               pg_temp.bench_add_months(d.next_delivery_date, st.months * (cyc + 1), d.anchor_day) AS c2
+        FROM (SELECT greatest(1, ((extract(year FROM CAST(:run_date AS date))::int
+                                   - extract(year FROM d.next_delivery_date)::int) * 12
+                                  + extract(month FROM CAST(:run_date AS date))::int
+                                  - extract(month FROM d.next_delivery_date)::int) / st.months) AS cyc) k) c)
+END
+"""
+
+REFERENCE = [
+    ADD_MONTHS,
+    # Due rows with their rank per product, oldest due first.
+    "CREATE TEMP TABLE bench_due ON COMMIT DROP AS "
+    "SELECT s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day, "
+    "       CAST(row_number() OVER (PARTITION BY s.product_id ORDER BY s.next_delivery_date, s.id) AS int) AS rn "
+    "FROM subscriptions s WHERE s.status = 'active' AND s.next_delivery_date <= :run_date",
+    "CREATE INDEX ON bench_due (product_id, rn)",
+    "ANALYZE bench_due",
+    "SELECT id FROM products WHERE id IN (SELECT product_id FROM bench_due) ORDER BY id FOR UPDATE",
+    # Oldest due first, a row that does not fit is skipped and a later smaller one may still fit
+    # (lib.subscriptions.allocate). A running sum <= stock would stop at the first row that does
+    # not fit, so it is used only where the whole demand fits; the rest walk rank by rank.
+    "CREATE TEMP TABLE bench_alloc ON COMMIT DROP AS "
+    "WITH demand AS (SELECT d.product_id, sum(d.quantity) AS qty FROM bench_due d GROUP BY 1), "
+    "short AS (SELECT p.id, p.stock FROM products p JOIN demand ON demand.product_id = p.id "
+    "          WHERE demand.qty > p.stock), "
+    "walk AS MATERIALIZED ("
+    "  WITH RECURSIVE w(product_id, rn, left_stock, id, served) AS ("
+    "    SELECT short.id, 0, short.stock, CAST(NULL AS bigint), CAST(NULL AS boolean) FROM short "
+    "    UNION ALL "
+    "    SELECT w.product_id, w.rn + 1, "
+    "           CASE WHEN d.quantity <= w.left_stock THEN w.left_stock - d.quantity ELSE w.left_stock END, "
+    "           d.id, d.quantity <= w.left_stock "
+    "    FROM w JOIN bench_due d ON d.product_id = w.product_id AND d.rn = w.rn + 1) "
+    "  SELECT id, served FROM w WHERE id IS NOT NULL) "
+    "SELECT d.id, true AS served FROM bench_due d WHERE d.product_id NOT IN (SELECT id FROM short) "
+    "UNION ALL SELECT id, served FROM walk",
+    "CREATE TEMP TABLE bench_made (order_id bigint, sub_id bigint) ON COMMIT DROP",
+    "WITH ins AS ("
+    "  INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
+    "  SELECT d.customer_id, d.id, d.next_delivery_date, p.price_paise * d.quantity "
+    "  FROM bench_due d JOIN bench_alloc a ON a.id = d.id AND a.served JOIN products p ON p.id = d.product_id "
+    "  ORDER BY d.next_delivery_date, d.id "
+    "  ON CONFLICT (subscription_id, delivery_date) DO NOTHING RETURNING id, subscription_id) "
+    "INSERT INTO bench_made SELECT id, subscription_id FROM ins",
+    "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
+    "SELECT m.order_id, d.product_id, d.quantity, p.price_paise "
+    "FROM bench_made m JOIN bench_due d ON d.id = m.sub_id JOIN products p ON p.id = d.product_id",
+    "UPDATE products p SET stock = p.stock - t.qty, updated_at = now() "
+    "FROM (SELECT d.product_id, sum(d.quantity) AS qty FROM bench_made m JOIN bench_due d ON d.id = m.sub_id "
+    "      GROUP BY 1) t WHERE p.id = t.product_id",
+    "UPDATE subscriptions s SET next_delivery_date = n.day, updated_at = now() "
+    f"FROM (SELECT d.id, {NEXT_DATE} AS day "
+    "      FROM bench_made m JOIN bench_due d ON d.id = m.sub_id "
+    "      JOIN (VALUES ('weekly', 7, 0), ('biweekly', 14, 0), ('monthly', 0, 1), ('quarterly', 0, 3)) "
+    "           AS st(frequency, days, months) ON st.frequency = d.frequency) n "
+    "WHERE s.id = n.id",
+    "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, reason, order_id, run_id) "
+    "SELECT d.id, d.next_delivery_date, :run_date, "
+    "       CASE WHEN m.order_id IS NULL THEN 'out_of_stock' ELSE 'created' END, "
+    "       CASE WHEN m.order_id IS NULL THEN 'needs ' || d.quantity || ' (reference run)' END, m.order_id, :run_id "
+    "FROM bench_due d LEFT JOIN bench_made m ON m.sub_id = d.id",
+]
+
+
+def run_reference(run_date: dt.date) -> None:
+    from lib import db
+
+    params = {"run_date": run_date, "run_id": "bench-reference"}
+    with db.get_engine().begin() as conn:
+        for sql in REFERENCE:
+            conn.execute(text(sql), {k: v for k, v in params.items() if f":{k}" in sql})
+
+
+def prefix_rule_differences(run_date: dt.date) -> int:
+    """On a fresh copy: how many due rows a plain running sum <= stock would decide otherwise."""
+    from lib import db
+
+    with db.get_engine().begin() as conn:
+        for sql in REFERENCE[:6]:
+            conn.execute(text(sql), {"run_date": run_date} if ":run_date" in sql else {})
+        return conn.execute(text(
+            "SELECT count(*) FROM ("
+            "  SELECT d.id, sum(d.quantity) OVER (PARTITION BY d.product_id ORDER BY d.rn) <= p.stock AS served "
+            "  FROM bench_due d JOIN products p ON p.id = d.product_id) w "
+            "JOIN bench_alloc a ON a.id = w.id WHERE a.served <> w.served"
+        )).scalar_one()
+
+
+# --- (b) the flow, (c) the old design ----------------------------------------------------------
+
+
+def run_flow(run_date: dt.date, batch_size: int | None, concurrency: int | None) -> dict[str, Any]:
+    from flows.subscriptions import process_due_subscriptions
+
+    return process_due_subscriptions(run_date=run_date, batch_size=batch_size, max_concurrency=concurrency,
+                                     send_confirmations=False)
+
+
+def old_design_flow(workers: int) -> Callable[[dt.date], dict[str, int]]:
+    """One task run per subscription, as the Celery design did; defined once the environment is set.
+
+    Tasks of the same product are chained (wait_for), so oldest due is served first
+    as in the other variants; different products run ``workers`` at a time.
+    """
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.runtime import flow_run
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from lib import subscriptions as subs
+    from lib.db import session_scope
+
+    @task(name="bench-process-one-subscription", cache_policy=NO_CACHE, persist_result=False)
+    def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> str:
+        """One subscription, one transaction."""
+        with session_scope() as session:
+            result = subs.process_batch(session, run_date, 1, run_id, only_ids=[subscription_id])
+        return result.outcomes[0].outcome if result.outcomes else "none"
+
+    @flow(name="bench-one-task-per-subscription", task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    def per_subscription(run_date: dt.date) -> dict[str, int]:
+        """Submit one task per due subscription, oldest first."""
+        with session_scope() as session:
+            due = session.execute(text(
+                "SELECT id, product_id FROM subscriptions WHERE status = 'active' AND next_delivery_date <= :d "
+                "ORDER BY next_delivery_date, id"), {"d": run_date}).all()
+        run_id, last, futures = flow_run.get_id(), {}, []
+        for sid, pid in due:
+            prev = last.get(pid)
+            last[pid] = f = process_one.submit(sid, run_date, run_id, wait_for=[prev] if prev else None)
+            futures.append(f)
+        counts: dict[str, int] = {}
+        for f in futures:
+            counts[f.result()] = counts.get(f.result(), 0) + 1
+        return counts
+
+    return per_subscription
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def _pg_settings(engine: Engine) -> dict[str, str]:
+    names = ("server_version", "shared_buffers", "synchronous_commit", "fsync", "work_mem", "max_wal_size")
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(:n)"),
+                            {"n": list(names)}).all()
+    return dict(map(tuple, rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000, help="due subscriptions")
+    parser.add_argument("--products", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of (a) and (b); the median is reported")
+    parser.add_argument("--old-n", type=int, default=2000, help="due subscriptions for the one-task-per-row design")
+    parser.add_argument("--old-workers", type=int, default=4, help="task runner threads of the old design")
+    parser.add_argument("--sweep", default="500x1,1000x1,2000x1,1000x2,1000x4,2000x4",
+                        help="extra (b) runs, BATCHxCONCURRENCY, comma-separated ('' for none)")
+    parser.add_argument("--run-date", type=dt.date.fromisoformat, default=DEFAULT_RUN_DATE)
+    parser.add_argument("--history", type=float, default=0.5,
+                        help="share of subscriptions with an order from an earlier night (0: empty order tables)")
+    parser.add_argument("--keep", action="store_true", help="keep the databases (for EXPLAIN afterwards)")
+    args = parser.parse_args(argv)
+
+    os.environ.update({
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    })
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    from lib import db
+    from lib.config import get_settings
+
+    get_settings.cache_clear()
+    base = get_settings().database_url
+    url = _url(base, BENCH_DB)
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    db.reset_engine()
+    s = get_settings()
+    sizes = {"n": args.n, "quarter": max(1, args.n // 4), "old": min(args.old_n, args.n)}
+    datasets: dict[str, Dataset] = {}
+    started = time.perf_counter()
+    try:
+        for key, n in sizes.items():
+            log.info("seeding %s: %d due subscriptions over %d products", key, n, args.products)
+            datasets[key] = build_template(base, f"{BENCH_DB}_tpl_{key}", n, args.products, args.run_date, 0.5,
+                                           args.history)
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            results = _measure(args, base, url, datasets, s.subscription_batch_size, s.subscription_max_concurrency)
+            time.sleep(3)  # let the harness record the last task runs before it shuts down
+        results["pg"] = _pg_settings(db.get_engine())
+    finally:
+        db.reset_engine()
+        if not args.keep:
+            for name in [BENCH_DB, *(d.template for d in datasets.values())]:
+                db.drop_database(_url(base, name))
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    _print(results)
+    if results["problems"]:
+        print("\nFAILED: " + "\n  ".join(results["problems"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _measure(args, base: str, url: str, datasets: dict[str, Dataset], batch: int, conc: int) -> dict[str, Any]:
+    from lib import db
+
+    n, run_date = args.n, args.run_date
+    problems: list[str] = []
+    refs: dict[str, State] = {}
+
+    def once(label: str, ds_key: str, fn: Callable[[], Any], trace: bool = False, locks: bool = False) -> Probe:
+        ds = datasets[ds_key]
+        restore(base, ds)
+        with Probe(trace=trace, lock_url=url if locks else None) as probe:
+            fn()
+        state = snapshot(db.get_engine())
+        if ds_key not in refs:
+            refs[ds_key] = state  # the first run on each data set is the reference (a)
+        for p in differences(state, refs[ds_key]):
+            problems.append(f"{label} (N={ds.n}): {p}")
+        log.info("%-34s N=%-7d %7.2f s  rss +%5.1f MiB%s%s", label, ds.n, probe.seconds, probe.rss_peak_delta / 2**20,
+                 f"  heap peak {probe.heap_peak / 2**20:.1f} MiB" if probe.heap_peak is not None else "",
+                 f"  lock-wait share {probe.lock_wait_share}" if locks else "")
+        return probe
+
+    def variant(label: str, ds_key: str, fn: Callable[[], Any], repeats: int, locks: bool = False) -> dict[str, Any]:
+        probes = [once(label, ds_key, fn, locks=locks) for _ in range(repeats)]
+        secs = [p.seconds for p in probes]
+        med = statistics.median(secs)
+        out = {"n": datasets[ds_key].n, "seconds": [round(x, 3) for x in secs], "median_seconds": round(med, 3),
+               "subs_per_s": round(datasets[ds_key].n / med),
+               "rss_peak_delta_mib": round(max(p.rss_peak_delta for p in probes) / 2**20, 1)}
+        if locks:
+            out["lock_wait_share"] = [p.lock_wait_share for p in probes]
+        return out
+
+    out: dict[str, Any] = {"n": n, "products": args.products, "run_date": run_date.isoformat(),
+                           "cpus": os.cpu_count(), "data": {k: d.info for k, d in datasets.items()},
+                           "defaults": {"batch_size": batch, "max_concurrency": conc}}
+    restore(base, datasets["old"])
+    run_flow(run_date, None, None)  # warm-up: imports, first flow run against the harness; not measured
+    a = variant("(a) reference SQL", "n", lambda: run_reference(run_date), args.repeats)
+    b = variant(f"(b) flow {batch}x{conc}", "n", lambda: run_flow(run_date, None, None), args.repeats, locks=True)
+    restore(base, datasets["n"])
+    out["prefix_rule_would_differ_on"] = prefix_rule_differences(run_date)
+
+    # Memory, in untimed runs with tracemalloc on (it slows allocation-heavy code down).
+    a["heap_peak_mib"] = round(once("(a) reference SQL, traced", "n", lambda: run_reference(run_date),
+                                    trace=True).heap_peak / 2**20, 2)
+    b["heap_peak_mib"] = round(once(f"(b) flow {batch}x{conc}, traced", "n", lambda: run_flow(run_date, None, None),
+                                    trace=True).heap_peak / 2**20, 2)
+    once("(a) reference SQL", "quarter", lambda: run_reference(run_date))
+    q = once(f"(b) flow {batch}x{conc}, traced", "quarter", lambda: run_flow(run_date, None, None), trace=True)
+    out["memory"] = {
+        "measure": "tracemalloc peak of the Python heap during an untimed run (C buffers of libpq not included); "
+                   "rss_peak_delta_mib: peak RSS growth sampled every 20 ms from /proc/self/statm",
+        "flow_heap_peak_mib": {str(n): b["heap_peak_mib"], str(datasets["quarter"].n): round(q.heap_peak / 2**20, 2)},
+        "flow_rss_peak_delta_mib": {str(n): b["rss_peak_delta_mib"],
+                                    str(datasets["quarter"].n): round(q.rss_peak_delta / 2**20, 1)},
+    }
+
+    sweep = []
+    for spec in filter(None, (x.strip() for x in args.sweep.split(","))):
+        bs, cc = (int(v) for v in spec.split("x"))
+        r = variant(f"(b) flow {bs}x{cc}", "n", lambda bs=bs, cc=cc: run_flow(run_date, bs, cc), 1, locks=True)
+        sweep.append({"batch_size": bs, "max_concurrency": cc, **r})
+    sweep.append({"batch_size": batch, "max_concurrency": conc, **b})
+    out["sweep"] = sorted(sweep, key=lambda r: r["median_seconds"])
+
+    old_flow = old_design_flow(args.old_workers)
+    once("(a) reference SQL", "old", lambda: run_reference(run_date))
+    c = variant(f"(c) task per row, {args.old_workers} threads", "old", lambda: old_flow(run_date), 1)
+    c.update(workers=args.old_workers, extrapolated=c["n"] < n,
+             extrapolated_seconds_for_n=round(c["median_seconds"] * n / c["n"], 1))
+    c["subs_per_s"] = round(c["n"] / c["median_seconds"])
+    out["variants"] = {"a_reference": a, "b_flow": b, "c_task_per_row": c}
+    out["ratios"] = {"b_over_a": round(b["median_seconds"] / a["median_seconds"], 2),
+                     "c_over_b": round(c["extrapolated_seconds_for_n"] / b["median_seconds"], 1)}
+    out["target_met"] = out["ratios"]["b_over_a"] <= 2.0
+    out["problems"] = problems
+    return out
+
+
+def _print(r: dict[str, Any]) -> None:
+    v = r["variants"]
+    rows: list[tuple[str, dict[str, Any], str]] = [
+        ("(a) reference: one transaction of SQL", v["a_reference"], ""),
+        (f"(b) process-due-subscriptions {r['defaults']['batch_size']}x{r['defaults']['max_concurrency']}",
+         v["b_flow"], f"b/a {r['ratios']['b_over_a']}"),
+        (f"(c) one task per row ({v['c_task_per_row']['workers']} threads)", v["c_task_per_row"],
+         f"c/b {r['ratios']['c_over_b']} (measured at N={v['c_task_per_row']['n']}, extrapolated)"),
+    ]
+    err = sys.stderr
+    print(f"\nN = {r['n']:,} due subscriptions over {r['products']} products, run date {r['run_date']}, "
+          f"{r['cpus']} CPUs, PostgreSQL {r['pg'].get('server_version')}", file=err)
+    print(f"{'variant':<46} {'seconds':>9} {'subs/s':>8} {'heap MiB':>9} {'RSS+ MiB':>9}  note", file=err)
+    for label, x, note in rows:
+        secs = x.get("extrapolated_seconds_for_n", x["median_seconds"])
+        heap = x.get("heap_peak_mib")
+        print(f"{label:<46} {secs:>9.2f} {x['subs_per_s']:>8} {heap if heap is not None else '-':>9} "
+              f"{x['rss_peak_delta_mib']:>9}  {note}", file=err)
+    print(f"\nflow heap peak by N: {r['memory']['flow_heap_peak_mib']} MiB (tracemalloc)", file=err)
+    print(f"\n{'batch x concurrency':<22} {'seconds':>9} {'subs/s':>8} {'lock-wait share':>16}", file=err)
+    for x in r["sweep"]:
+        print(f"{str(x['batch_size']) + ' x ' + str(x['max_concurrency']):<22} {x['median_seconds']:>9.2f} "
+              f"{x['subs_per_s']:>8} {x.get('lock_wait_share')!s:>16}", file=err)
+    print(f"\nbench took {r['bench_seconds']} s", file=err)
+    print(json.dumps(r, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

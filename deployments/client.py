@@ -1,0 +1,135 @@
+"""What the backend calls: start a notification deployment through the Prefect API.
+
+Each function starts ``<flow>/default`` with ``run_deployment(timeout=0)`` (returns at
+once; a worker or ``indostar-jobs serve`` runs it) and an idempotency key, and returns
+the flow run id. The same key twice returns the same flow run, so a backend retry
+never starts a second run. Without a key, one is derived from what the message is
+about (``order-confirmation:<order>``); pass your own (e.g. a Razorpay event id) when
+the same thing may legitimately be sent again.
+
+Equivalent operator commands::
+
+    prefect deployment run send-order-confirmation/default -p order_id=42
+    prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from typing import Any
+from uuid import UUID
+
+from lib.errors import InvalidInputError
+
+DEPLOYMENT = "default"
+
+
+def _start(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> UUID:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        name=f"{flow_name}/{DEPLOYMENT}",
+        parameters=parameters,
+        timeout=0,
+        idempotency_key=idempotency_key,
+        as_subflow=False,
+    )
+    return run.id
+
+
+def _digest(*parts: Any) -> str:
+    raw = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(raw.encode()).hexdigest()[:40]
+
+
+def _positive(value: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def send_email(to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None) -> UUID:
+    """Start send-email; the message key is the given key or a hash of the content."""
+    key = idempotency_key or f"email:{_digest(to, subject, body, html)}"
+    params = {"to": to, "subject": subject, "body": body, "html": html, "idempotency_key": key}
+    return _start("send-email", params, key)
+
+
+def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> UUID:
+    """Start send-sms; the message key is the given key or a hash of the content."""
+    key = idempotency_key or f"sms:{_digest(phone, text)}"
+    return _start("send-sms", {"phone": phone, "text": text, "idempotency_key": key}, key)
+
+
+def send_templated_email(template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None) -> UUID:
+    """Start send-templated-email with a template name and its context."""
+    key = idempotency_key or f"{template}:email:{_digest(to, context)}"
+    params = {"template": template, "context": context, "to": to, "idempotency_key": key}
+    return _start("send-templated-email", params, key)
+
+
+def send_templated_sms(template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None) -> UUID:
+    """Start send-templated-sms with a template name and its context."""
+    key = idempotency_key or f"{template}:sms:{_digest(phone, context)}"
+    params = {"template": template, "context": context, "phone": phone, "idempotency_key": key}
+    return _start("send-templated-sms", params, key)
+
+
+def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> UUID:
+    """Start send-order-confirmation (email + SMS); one run per order unless a key says otherwise."""
+    _positive(order_id, "order_id")
+    return _start(
+        "send-order-confirmation", {"order_id": order_id}, idempotency_key or f"order-confirmation:{order_id}"
+    )
+
+
+def send_order_shipped(order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None) -> UUID:
+    """Start send-order-shipped; one run per order and tracking number."""
+    _positive(order_id, "order_id")
+    params = {"order_id": order_id, "tracking_number": tracking_number, "carrier": carrier}
+    return _start("send-order-shipped", params, idempotency_key or f"order-shipped:{order_id}:{tracking_number}")
+
+
+def send_payment_failed(
+    order_id: int | None = None,
+    subscription_id: int | None = None,
+    reason: str = "the payment was declined",
+    idempotency_key: str | None = None,
+) -> UUID:
+    """Start send-payment-failed; pass the payment gateway's event id as the key."""
+    if order_id is None and subscription_id is None:
+        raise InvalidInputError("give order_id or subscription_id")
+    params: dict[str, Any] = {"order_id": order_id, "subscription_id": subscription_id, "reason": reason}
+    if idempotency_key:
+        params["idempotency_key"] = f"payment-failed:{idempotency_key}"
+    key = idempotency_key or f"payment-failed:{order_id}:{subscription_id}:{_digest(reason)}"
+    return _start("send-payment-failed", params, key)
+
+
+def send_subscription_renewal_reminder(
+    subscription_id: int, delivery_date: dt.date | str, idempotency_key: str | None = None
+) -> UUID:
+    """Start send-subscription-renewal-reminder; one run per subscription and delivery date."""
+    _positive(subscription_id, "subscription_id")
+    day = delivery_date.isoformat() if isinstance(delivery_date, dt.date) else str(delivery_date)
+    params = {"subscription_id": subscription_id, "delivery_date": day}
+    return _start(
+        "send-subscription-renewal-reminder", params, idempotency_key or f"renewal-reminder:{subscription_id}:{day}"
+    )
+
+
+def replay_dead_letters(
+    ids: list[int] | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    idempotency_key: str | None = None,
+) -> UUID:
+    """Start replay-dead-letters for ids or a time window (a new run per call unless keyed)."""
+    params = {
+        "ids": ids,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+    }
+    return _start("replay-dead-letters", params, idempotency_key)

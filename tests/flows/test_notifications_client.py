@@ -1,0 +1,35 @@
+"""deployments/client.py against the real (test) Prefect API: one flow run per idempotency key."""
+
+from prefect import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+from deployments import client
+from flows import notifications as nf
+
+
+def _runs(deployment_id) -> list:
+    with get_client(sync_client=True) as api:
+        return api.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def test_same_key_twice_starts_one_flow_run():
+    """The backend retrying a call with one key gets the same flow run back; a new key starts another."""
+    deployment_id = nf.send_order_confirmation.to_deployment(name="default").apply()
+    first = client.send_order_confirmation(4242)
+    again = client.send_order_confirmation(4242)
+    other = client.send_order_confirmation(4242, idempotency_key="backend-retry-2")
+    assert first == again != other
+    runs = _runs(deployment_id)
+    assert sorted(str(r.id) for r in runs) == sorted({str(first), str(other)})
+    [run] = [r for r in runs if r.id == first]
+    assert run.parameters == {"order_id": 4242}
+    assert run.state.is_scheduled()  # timeout=0: returned at once, a worker will pick it up
+
+
+def test_plain_send_passes_its_key_to_the_flow():
+    """A plain email's flow run carries the message key, so the run and the message dedupe alike."""
+    deployment_id = nf.send_email.to_deployment(name="default").apply()
+    run_id = client.send_email("asha@example.in", "Hi", "Body", idempotency_key="welcome-asha")
+    assert client.send_email("asha@example.in", "Hi", "Body", idempotency_key="welcome-asha") == run_id
+    [run] = _runs(deployment_id)
+    assert run.parameters["idempotency_key"] == "welcome-asha"

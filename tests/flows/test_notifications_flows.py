@@ -1,0 +1,303 @@
+"""Notification flows end to end: real SMTP server and SMS gateway on loopback, real delivery log."""
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, text
+
+from flows import notifications as nf
+from lib.db import session_scope
+from lib.errors import InvalidInputError, PermanentError
+from lib.models import Notification
+from tests.builders import make_customer, make_order, make_product, make_subscription
+
+
+def rows(**where) -> list[Notification]:
+    with session_scope() as s:
+        stmt = select(Notification).order_by(Notification.id)
+        for k, v in where.items():
+            stmt = stmt.where(getattr(Notification, k) == v)
+        return list(s.scalars(stmt))
+
+
+def body(message, subtype: str) -> str:
+    return message.get_body(preferencelist=(subtype,)).get_content()
+
+
+@pytest.fixture
+def services(pg, smtp, sms_gateway):
+    """Database, SMTP and SMS gateway, all empty."""
+    return smtp, sms_gateway
+
+
+def test_send_email_delivers_exact_message_once_per_key(services):
+    """Headers, body and recipient arrive as given; the same key twice sends one message."""
+    smtp, _ = services
+    for _ in range(2):
+        result = nf.send_email("asha@example.in", "Hello", "Plain body", "<p>Rich</p>", idempotency_key="k-1")
+    assert result["sent"] == 1
+    assert len(smtp.messages) == 1
+    got = smtp.messages[0]
+    assert got.rcpt_tos == ["asha@example.in"]
+    assert got.message["Subject"] == "Hello" and got.message["Message-ID"]
+    assert body(got.message, "plain").strip() == "Plain body" and "<p>Rich</p>" in body(got.message, "html")
+    [row] = rows()
+    assert (row.idempotency_key, row.status, row.attempts) == ("k-1", "sent", 1)
+    assert row.provider_message_id == got.message["Message-ID"]
+
+
+def test_send_email_without_key_dedupes_on_content(services):
+    """A plain send with no key derives one from its content: a repeat is not resent."""
+    smtp, _ = services
+    nf.send_email("asha@example.in", "Same", "Same body")
+    nf.send_email("asha@example.in", "Same", "Same body")
+    nf.send_email("asha@example.in", "Same", "Other body")
+    assert len(smtp.messages) == 2
+
+
+def test_bad_address_fails_before_anything_is_written(services):
+    """A malformed email or phone raises InvalidInputError and leaves no row and no message."""
+    smtp, gateway = services
+    with pytest.raises(InvalidInputError):
+        nf.send_email("not-an-address", "Hi", "x")
+    with pytest.raises(InvalidInputError):
+        nf.send_sms("12345", "Hi")
+    assert rows() == [] and smtp.messages == [] and gateway.requests == []
+
+
+def test_send_sms_reaches_gateway_in_e164(services):
+    """A 10-digit number goes out as +91 and the gateway's id is stored."""
+    _, gateway = services
+    nf.send_sms("98765 43210", "Your OTP is 1234", idempotency_key="otp-1")
+    [req] = gateway.requests
+    assert req.data()["sms"] == [{"message": "Your OTP is 1234", "to": ["919876543210"]}]
+    [row] = rows()
+    assert row.status == "sent" and row.provider_message_id.startswith("gw-") and row.recipient == "+919876543210"
+
+
+def test_templated_email_and_sms_render_the_template(services):
+    """Templated flows send the rendered subject/HTML/text and the DLT-registered SMS text."""
+    smtp, gateway = services
+    ctx = {
+        "customer_name": "Ravi",
+        "order_id": 7,
+        "total_paise": 12345600,
+        "tracking_number": "AWB9",
+        "carrier": "BlueDart",
+    }
+    nf.send_templated_email("order_shipped", ctx, "ravi@example.in")
+    nf.send_templated_sms("order_shipped", ctx, "9876543210")
+    msg = smtp.messages[0].message
+    assert msg["Subject"] == "Order #7 has shipped"
+    assert "₹1,23,456.00" in body(msg, "plain") and "AWB9" in body(msg, "html")
+    sms = gateway.requests[0].data()
+    assert sms["DLT_TE_ID"] == "1107170000000000002"
+    assert "via BlueDart, tracking no. AWB9." in sms["sms"][0]["message"]
+
+
+def test_unknown_template_is_dead_with_reason(services):
+    """An unknown template is not retried: the flow fails, the log keeps a dead row saying why."""
+    smtp, _ = services
+    with pytest.raises(PermanentError, match="unknown template"):
+        nf.send_templated_email("welcome", {}, "ravi@example.in")
+    [row] = rows()
+    assert row.status == "dead" and "unknown template 'welcome'" in row.last_error
+    assert smtp.messages == []
+
+
+def test_order_confirmation_sends_email_and_sms(services, pg):
+    """One order: an email with the items and total, and an SMS, under order-confirmation:<id>:<channel>."""
+    smtp, gateway = services
+    cid = make_customer(pg, name="Meera", email="meera@example.in", phone="9876500001")
+    oid = make_order(pg, customer_id=cid, quantity=2)
+    result = nf.send_order_confirmation(oid)
+    assert result["sent"] == 2
+    msg = smtp.messages[0].message
+    assert smtp.messages[0].rcpt_tos == ["meera@example.in"]
+    assert msg["Subject"] == f"Order #{oid} confirmed: ₹2,598.00"
+    assert "Tulsi Green Tea 100 g x 2" in body(msg, "plain")
+    assert gateway.requests[0].data()["sms"][0]["to"] == ["919876500001"]
+    assert {r.idempotency_key for r in rows()} == {f"order-confirmation:{oid}:email", f"order-confirmation:{oid}:sms"}
+    nf.send_order_confirmation(oid)
+    assert len(smtp.messages) == 1 and len(gateway.requests) == 1
+
+
+def test_unknown_order_is_rejected(services):
+    """An order id that names no row fails with NotFoundError and writes nothing."""
+    from lib.errors import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        nf.send_order_confirmation(424242)
+    assert rows() == []
+
+
+def test_order_shipped_and_payment_failed(services, pg):
+    """Shipping and payment-failure notices reach both channels with their details."""
+    smtp, gateway = services
+    cid = make_customer(pg, name="Kabir", email="kabir@example.in", phone="9876500002")
+    oid = make_order(pg, customer_id=cid)
+    nf.send_order_shipped(oid, "AWB42", "Delhivery")
+    nf.send_payment_failed(order_id=oid, reason="card declined")
+    subjects = [m.message["Subject"] for m in smtp.messages]
+    assert subjects == [f"Order #{oid} has shipped", f"Payment failed for your order #{oid}"]
+    assert "card declined" in body(smtp.messages[1].message, "plain")
+    assert "AWB42" in gateway.requests[0].data()["sms"][0]["message"]
+    assert len(gateway.requests) == 2
+
+
+def test_payment_failed_for_subscription_is_keyed_by_cycle(services, pg):
+    """A subscription's failure notice names the product; its key carries the delivery date."""
+    smtp, _ = services
+    sid = make_subscription(pg, customer_id=make_customer(pg, phone=None), quantity=3, due=dt.date(2026, 12, 5))
+    nf.send_payment_failed(subscription_id=sid, reason="UPI mandate revoked")
+    assert f"subscription #{sid}" in smtp.messages[0].message["Subject"]
+    assert "₹3,897.00" in body(smtp.messages[0].message, "plain")
+    assert [r.idempotency_key for r in rows()] == [f"payment-failed:subscription:{sid}:2026-12-05:email"]
+
+
+def test_renewal_reminder_respects_opt_out(services, pg):
+    """A reminder goes only to opted-in channels: SMS opt-out means email only."""
+    smtp, gateway = services
+    cid = make_customer(pg, sms_opt_in=False)
+    sid = make_subscription(pg, customer_id=cid, product_id=make_product(pg, name="Neem Soap"), quantity=2)
+    nf.send_subscription_renewal_reminder(sid, dt.date(2026, 12, 1))
+    assert len(smtp.messages) == 1 and gateway.requests == []
+    assert "Neem Soap" in smtp.messages[0].message["Subject"]
+
+
+def test_smtp_down_then_up_delivers_once(services):
+    """A refused connection is retried; the server back before retries run out means one delivery."""
+    smtp, _ = services
+    smtp.stop()
+
+    def restart_after_first_failure():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(r.attempts >= 1 for r in rows()):
+                smtp.start()
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=restart_after_first_failure)
+    t.start()
+    result = nf.send_email("asha@example.in", "Retry me", "body", idempotency_key="down-up")
+    t.join()
+    assert result["sent"] == 1 and len(smtp.messages) == 1
+    [row] = rows()
+    assert row.status == "sent" and row.attempts >= 2
+
+
+def test_smtp_550_is_dead_without_retry(services):
+    """A rejected recipient is not retried: one attempt, dead, the server's reason kept."""
+    smtp, _ = services
+    smtp.handler.rcpt_replies["x@example.in"] = "550 5.1.1 no such user"
+    with pytest.raises(PermanentError, match="no such user"):
+        nf.send_email("x@example.in", "Hi", "body", idempotency_key="k550")
+    [row] = rows()
+    assert (row.status, row.attempts) == ("dead", 1) and "550 5.1.1 no such user" in row.last_error
+    assert smtp.messages == []
+
+
+def test_gateway_503_then_200_delivers_once(services):
+    """A 503 is retried and the retry's 200 is the only delivery."""
+    _, gateway = services
+    gateway.fail_next(503)
+    nf.send_sms("9876543210", "hello", idempotency_key="s503")
+    assert [r.status for r in gateway.requests] == [503, 200]
+    assert len(gateway.delivered) == 1
+    [row] = rows()
+    assert (row.status, row.attempts) == ("sent", 2)
+
+
+def test_gateway_400_is_dead_after_one_try(services):
+    """A 400 is permanent: one request, dead, reason kept."""
+    _, gateway = services
+    gateway.fail_next(400)
+    with pytest.raises(PermanentError, match="HTTP 400"):
+        nf.send_sms("9876543210", "hello", idempotency_key="s400")
+    assert len(gateway.requests) == 1
+    [row] = rows()
+    assert (row.status, row.attempts) == ("dead", 1) and "HTTP 400" in row.last_error
+
+
+def test_gateway_timeout_is_retried(services):
+    """A gateway slower than SMS_TIMEOUT is retried and the message ends sent."""
+    _, gateway = services
+    gateway.delay_next(1.5)
+    nf.send_sms("9876543210", "slow", idempotency_key="slow-1")
+    [row] = rows()
+    assert row.status == "sent" and row.attempts == 2 and "timed out" not in (row.last_error or "")
+
+
+def test_retries_exhausted_end_dead_with_reason(services):
+    """Four 503s (first try + 3 retries) leave the message dead with the last error."""
+    _, gateway = services
+    gateway.fail_next(503, 503, 503, 503)
+    with pytest.raises(PermanentError, match="503"):
+        nf.send_sms("9876543210", "never", idempotency_key="s503x4")
+    [row] = rows()
+    assert (row.status, row.attempts) == ("dead", 4) and "HTTP 503" in row.last_error
+    assert len(gateway.requests) == 4
+
+
+def test_replay_delivers_dead_letter_once_after_fix(services):
+    """After a 550 is fixed, replay-dead-letters sends the stored message once; a second replay sends nothing."""
+    smtp, _ = services
+    smtp.handler.rcpt_replies["x@example.in"] = "550 5.1.1 no such user"
+    with pytest.raises(PermanentError):
+        nf.send_email("x@example.in", "Replay me", "stored body", idempotency_key="replay-1")
+    smtp.handler.rcpt_replies.clear()
+    [dead] = rows()
+    result = nf.replay_dead_letters(ids=[dead.id])
+    assert result["replayed"] == 1 and result["sent"] == 1
+    assert nf.replay_dead_letters(ids=[dead.id])["replayed"] == 0
+    assert nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))["replayed"] == 0
+    [msg] = smtp.messages
+    assert msg.message["Subject"] == "Replay me"
+    assert msg.message["Message-ID"] == dead.payload["message_id"]
+    with pytest.raises(InvalidInputError):
+        nf.replay_dead_letters()
+
+
+def test_bulk_order_confirmations_batch_and_count(services, pg, monkeypatch):
+    """The bulk flow sends email + SMS per order across batches, records a bad address dead, and reruns as a no-op."""
+    from lib.config import get_settings
+
+    smtp, gateway = services
+    monkeypatch.setattr(get_settings(), "notification_batch_size", 2)
+    ids = [make_order(pg, customer_id=make_customer(pg, phone=f"98765000{i:02d}")) for i in range(5)]
+    smtp.handler.rcpt_replies[rows_email(ids[1])] = "550 5.1.1 no such user"
+    result = nf.send_order_confirmations([*ids, 999_999])
+    assert result["sent"] == 9 and result["dead"] == 1 and result["missing"] == 1
+    assert len(smtp.messages) == 4 and len(gateway.requests) == 5
+    again = nf.send_order_confirmations(ids)
+    assert again["sent"] == 9 and len(smtp.messages) == 4 and len(gateway.requests) == 5
+
+
+def rows_email(order_id: int) -> str:
+    with session_scope() as s:
+        return s.execute(
+            text("SELECT c.email FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = :o"),
+            {"o": order_id},
+        ).scalar_one()
+
+
+def test_bulk_renewal_reminders_once_per_subscription_and_date(services, pg):
+    """(subscription, date) pairs: opt-outs honoured, product/quantity/amount/date in the text, one per date."""
+    smtp, gateway = services
+    product = make_product(pg, name="Amla Juice", price_paise=45_000)
+    a = make_subscription(pg, product_id=product, quantity=2)
+    b = make_subscription(pg, product_id=product, customer_id=make_customer(pg, email_opt_in=False, sms_opt_in=False))
+    items = [(a, "2026-12-01"), (b, "2026-12-01"), (a, "2026-12-01")]
+    result = nf.send_renewal_reminders(items)
+    assert result["sent"] == 2 and result["opted_out"] == 2
+    text_body = body(smtp.messages[0].message, "plain")
+    assert "2 x Amla Juice" in text_body and "₹900.00" in text_body and "01 Dec 2026" in text_body
+    nf.send_renewal_reminders([(a, "2026-12-01")])
+    assert len(smtp.messages) == 1 and len(gateway.requests) == 1
+    nf.send_renewal_reminders([(a, "2026-12-15")])
+    assert len(smtp.messages) == 2
+    with pytest.raises(InvalidInputError):
+        nf.send_renewal_reminders([(a, "not-a-date")])

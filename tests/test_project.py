@@ -1,0 +1,78 @@
+"""Project-level guards: every deployment loads, lib/ stays free of Prefect, docs match code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deployments.serve import deployment_specs, load_flow
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = deployment_specs()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[f"{s['entrypoint']}/{s['name']}" for s in SPECS])
+def test_every_entrypoint_loads_as_a_named_flow(spec):
+    """Each prefect.yaml entrypoint imports, is a flow, has a docstring and a kebab-case name."""
+    from prefect import Flow
+
+    flow = load_flow(spec["entrypoint"])
+    assert isinstance(flow, Flow)
+    assert flow.name == flow.fn.__name__.replace("_", "-")
+    assert flow.description, f"{flow.name} needs a docstring: it is the UI description"
+
+
+def test_deployment_names_are_unique_and_schedules_are_utc():
+    """No two deployments share flow/name; every cron runs in UTC with a concurrency limit of 1."""
+    seen = set()
+    for spec in SPECS:
+        key = (spec["entrypoint"], spec["name"])
+        assert key not in seen
+        seen.add(key)
+        for schedule in spec.get("schedules") or []:
+            assert schedule["timezone"] == "UTC"
+            assert spec["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_cron_times_match_the_design():
+    """Subscriptions at 00:00, carts at 02:00, tokens at 03:00; audit logs and sessions unscheduled."""
+    crons = {spec["entrypoint"].split(":")[1]: [s["cron"] for s in spec.get("schedules") or []] for spec in SPECS}
+    assert crons["process_due_subscriptions"] == ["0 0 * * *"]
+    assert crons["cleanup_expired_carts"] == ["0 2 * * *"]
+    assert crons["cleanup_expired_tokens"] == ["0 3 * * *"]
+    assert crons["cleanup_old_audit_logs"] == crons["cleanup_abandoned_sessions"] == []
+    assert len(crons["send_subscription_renewal_reminders"]) == 1
+
+
+def test_lib_never_imports_prefect():
+    """Importing every lib module leaves prefect out of sys.modules (lib is the plain domain layer)."""
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for p in (ROOT / "lib").rglob("*.py")
+        if "migrations" not in p.parts
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_every_module_has_a_docstring():
+    """Each module in lib/, flows/, deployments/ and bench/ says what it is for."""
+    import ast
+
+    missing = []
+    for folder in ("lib", "flows", "deployments", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if "versions" in path.parts or path.name == "__init__.py":
+                continue
+            if not ast.get_docstring(ast.parse(path.read_text())):
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []
