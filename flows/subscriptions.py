@@ -33,9 +33,11 @@ def _run_id() -> str:
 
 
 @task(name="process-lane", cache_policy=NO_CACHE, **retry_options())
-def process_lane(lane: int, run_date: dt.date, batch_size: int, run_id: str, deadline: float) -> subs.LaneResult:
+def process_lane(
+    lane: int, lanes: int, run_date: dt.date, batch_size: int, run_id: str, deadline: float
+) -> subs.LaneResult:
     """Claim and process batches (one transaction each) until nothing is due or the soft limit."""
-    result = subs.run_lane(session_scope, run_date, batch_size, run_id, deadline)
+    result = subs.run_lane(session_scope, run_date, batch_size, run_id, deadline, (lane, lanes))
     get_run_logger().info("lane %d: %d batches, %d isolated", lane, result.batches, result.isolated_batches)
     return result
 
@@ -105,7 +107,9 @@ def process_due_subscriptions(
         return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
     run_id = _run_id()
     deadline = time.time() + s.flow_soft_limit_seconds
-    futures = [process_lane.submit(i, run_date, batch_size, run_id, deadline) for i in range(max_concurrency)]
+    futures = [
+        process_lane.submit(i, max_concurrency, run_date, batch_size, run_id, deadline) for i in range(max_concurrency)
+    ]
     stats = _report("process-due-subscriptions", [f.result() for f in futures], run_date, False)
     if stats["stopped_early"]:
         get_run_logger().warning("soft time limit reached: the rest stays due for the next run")

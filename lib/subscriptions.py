@@ -89,10 +89,22 @@ _COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_d
 
 
 def claim_due(
-    session: Session, run_date: dt.date, limit: int, run_id: str, only_ids: Sequence[int] | None = None
+    session: Session,
+    run_date: dt.date,
+    limit: int,
+    run_id: str,
+    only_ids: Sequence[int] | None = None,
+    lane: tuple[int, int] | None = None,
 ) -> list[DueSub]:
-    """Lock up to ``limit`` due active subscriptions this run has not decided yet, oldest first."""
+    """Lock up to ``limit`` due active subscriptions this run has not decided yet, oldest first.
+
+    ``lane=(i, n)`` keeps to products with ``product_id % n == i``: lanes of one run then
+    lock disjoint products and never queue behind each other, and every subscription of
+    a product still goes through one lane in due order (oldest first).
+    """
     where = "s.id = ANY(:only_ids) AND " if only_ids is not None else ""
+    if lane is not None:
+        where += "s.product_id % :lanes = :lane AND "
     rows = session.execute(
         text(
             f"SELECT {_COLUMNS} FROM subscriptions s "
@@ -101,7 +113,8 @@ def claim_due(
             "                WHERE o.subscription_id = s.id AND o.run_id = :run_id) "
             "ORDER BY s.next_delivery_date, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
         ),
-        {"run_date": run_date, "limit": limit, "run_id": run_id, "only_ids": list(only_ids or [])},
+        {"run_date": run_date, "limit": limit, "run_id": run_id, "only_ids": list(only_ids or []),
+         "lane": lane[0] if lane else 0, "lanes": lane[1] if lane else 1},
     ).all()
     return [DueSub(*r) for r in rows]
 
@@ -250,11 +263,16 @@ def _short_error(exc: BaseException) -> str:
 
 
 def process_batch(
-    session: Session, run_date: dt.date, batch_size: int, run_id: str, only_ids: Sequence[int] | None = None
+    session: Session,
+    run_date: dt.date,
+    batch_size: int,
+    run_id: str,
+    only_ids: Sequence[int] | None = None,
+    lane: tuple[int, int] | None = None,
 ) -> BatchResult:
     """Claim and process one batch in the caller's transaction."""
     try:
-        subs = claim_due(session, run_date, batch_size, run_id, only_ids)
+        subs = claim_due(session, run_date, batch_size, run_id, only_ids, lane)
         if not subs:
             return BatchResult(0)
         try:
@@ -362,11 +380,17 @@ class LaneResult:
 
 
 def run_lane(
-    session_factory, run_date: dt.date, batch_size: int, run_id: str, deadline: float | None = None
+    session_factory,
+    run_date: dt.date,
+    batch_size: int,
+    run_id: str,
+    deadline: float | None = None,
+    lane: tuple[int, int] | None = None,
 ) -> LaneResult:
     """Process batch after batch, each its own transaction, until nothing is due or the deadline.
 
-    ``deadline`` is a ``time.time()`` value: past it, no new batch is claimed.
+    ``deadline`` is a ``time.time()`` value: past it, no new batch is claimed. ``lane``
+    is (index, count) when several lanes of one run share the night.
     """
     groups = pd.DataFrame(columns=SUMMARY_COLUMNS)
     batch_ms: list[float] = []
@@ -376,7 +400,7 @@ def run_lane(
             return LaneResult(groups, batch_ms, len(batch_ms), isolated, True)
         started = time.perf_counter()
         with session_factory() as session:
-            result = process_batch(session, run_date, batch_size, run_id)
+            result = process_batch(session, run_date, batch_size, run_id, lane=lane)
         if result.claimed:
             batch_ms.append((time.perf_counter() - started) * 1000)
             groups = summarize(result.outcomes, groups)

@@ -240,3 +240,24 @@ def test_customer_builder_sanity(pg):
     cid = make_customer(pg)
     sid = make_subscription(pg, customer_id=cid)
     assert scalar(pg, "SELECT customer_id FROM subscriptions WHERE id=:s", s=sid) == cid
+
+
+def test_lanes_of_one_run_serve_the_oldest_due_first_per_product(pg):
+    """Four lanes sharing a night order exactly the subscriptions a strict oldest-first allocation picks."""
+    _seed_many(pg, 2000, products=30, stock=60)  # demand is about twice the stock
+    with pg.connect() as c:
+        due = [subs.DueSub(*r) for r in c.execute(text(
+            "SELECT id, customer_id, product_id, quantity, frequency, next_delivery_date, anchor_day "
+            "FROM subscriptions WHERE next_delivery_date <= :d"), {"d": TODAY})]
+        stock = dict(c.execute(text("SELECT id, stock FROM products")).all())
+    expected, _, _ = subs.allocate(due, stock)
+    run_id = str(uuid.uuid4())
+    threads = [threading.Thread(target=subs.run_lane, args=(session_scope, TODAY, 40, run_id, None, (i, 4)))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with pg.connect() as c:
+        ordered = set(c.execute(text("SELECT subscription_id FROM orders")).scalars())
+    assert ordered == {s.id for s in expected}
