@@ -133,3 +133,23 @@ def replay_dead_letters(
         "until": until.isoformat() if until else None,
     }
     return _start("replay-dead-letters", params, idempotency_key)
+
+
+def handle_razorpay_event(body: str | bytes, signature: str, event_id: str) -> UUID:
+    """Start handle-razorpay-event with the raw webhook body; Razorpay's event id is the run's key.
+
+    Pass the body exactly as received (the signature covers its bytes) and the
+    X-Razorpay-Signature and X-Razorpay-Event-Id header values. A redelivered webhook
+    returns the first run instead of starting another.
+    """
+    if not event_id:
+        raise InvalidInputError("event_id (the X-Razorpay-Event-Id header) is required")
+    text = body.decode() if isinstance(body, bytes) else body
+    params = {"body": text, "signature": signature, "event_id": event_id}
+    return _start("handle-razorpay-event", params, f"razorpay:{event_id}")
+
+
+def process_single_subscription(subscription_id: int, idempotency_key: str | None = None) -> UUID:
+    """Start process-single-subscription now (e.g. after a customer reactivates); unkeyed calls start a new run."""
+    _positive(subscription_id, "subscription_id")
+    return _start("process-single-subscription", {"subscription_id": subscription_id}, idempotency_key)

@@ -129,7 +129,7 @@ def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.La
     return subs.LaneResult(subs.summarize(result.outcomes), [], 1, int(result.isolated), False)
 
 
-@flow(name="process-single-subscription")
+@flow(name="process-single-subscription", timeout_seconds=get_settings().flow_timeout_seconds)
 def process_single_subscription(
     subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True
 ) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[in
         return [(sid, day.isoformat()) for sid in rows]
 
 
-@flow(name="send-subscription-renewal-reminders")
+@flow(name="send-subscription-renewal-reminders", timeout_seconds=get_settings().flow_timeout_seconds)
 def send_subscription_renewal_reminders(run_date: dt.date | None = None) -> dict[str, Any]:
     """Remind every active subscription delivering tomorrow, once per delivery date."""
     from flows.notifications import send_renewal_reminders
@@ -193,7 +193,7 @@ def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> dict[
         return {"event": event.event, "status": "ignored" if new else "replay"}
 
 
-@flow(name="handle-razorpay-event")
+@flow(name="handle-razorpay-event", timeout_seconds=get_settings().flow_timeout_seconds)
 def handle_razorpay_event(body: str, signature: str, event_id: str | None = None) -> dict[str, Any]:
     """Verify a Razorpay webhook and apply it idempotently (the event id is the key)."""
     raw = body.encode()

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     audit_log_retention_days: int = Field(default=90, ge=1)
     session_inactive_days: int = Field(default=30, ge=1)
 
-    subscription_batch_size: int = Field(default=500, ge=1)
+    subscription_batch_size: int = Field(default=1000, ge=1)
     subscription_max_concurrency: int = Field(default=4, ge=1)
     cleanup_batch_size: int = Field(default=10_000, ge=1)
     notification_batch_size: int = Field(default=200, ge=1)

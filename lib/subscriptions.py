@@ -109,8 +109,10 @@ def claim_due(
         text(
             f"SELECT {_COLUMNS} FROM subscriptions s "
             f"WHERE {where}s.status = 'active' AND s.next_delivery_date <= :run_date "
+            # OFFSET 0 keeps the probe a per-row index lookup: the planner otherwise expects
+            # no rows for a new run id and rescans every outcome this run wrote, per claim.
             "AND NOT EXISTS (SELECT 1 FROM subscription_outcomes o "
-            "                WHERE o.subscription_id = s.id AND o.run_id = :run_id) "
+            "                WHERE o.subscription_id = s.id AND o.run_id = :run_id OFFSET 0) "
             "ORDER BY s.next_delivery_date, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
         ),
         {"run_date": run_date, "limit": limit, "run_id": run_id, "only_ids": list(only_ids or []),

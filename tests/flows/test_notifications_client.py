@@ -33,3 +33,15 @@ def test_plain_send_passes_its_key_to_the_flow():
     assert client.send_email("asha@example.in", "Hi", "Body", idempotency_key="welcome-asha") == run_id
     [run] = _runs(deployment_id)
     assert run.parameters["idempotency_key"] == "welcome-asha"
+
+
+def test_redelivered_razorpay_webhook_starts_one_flow_run():
+    """The backend forwarding the same Razorpay event twice gets one flow run, keyed by the event id."""
+    from flows import subscriptions as sf
+
+    deployment_id = sf.handle_razorpay_event.to_deployment(name="default").apply()
+    body = b'{"event": "subscription.charged", "payload": {}}'
+    first = client.handle_razorpay_event(body, "sig", "evt_123")
+    assert client.handle_razorpay_event(body, "sig", "evt_123") == first
+    [run] = _runs(deployment_id)
+    assert run.parameters == {"body": body.decode(), "signature": "sig", "event_id": "evt_123"}
