@@ -228,7 +228,9 @@ def _non_negative(value: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # Per-request and per-SMTP-command chatter would bury the lines an operator needs.
+    for noisy in ("alembic.runtime.plugins", "httpx", "mail.log"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:
         return args.func(args)
