@@ -18,7 +18,7 @@ process so the server does not share the client's GIL; it counts what it accepts
 Runs against a temporary Prefect API (prefect_test_harness) and a database of its own
 (indostar_bench_notify, made by the migrations and dropped at the end). Prints a table
 and a JSON document. The client-to-SMTP latency of deployments/client.py with served
-deployments is not measured here.
+deployments is not measured here: bench/notify_latency.py measures it.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def _worker(url: str, run_date: dt.date, batch_size: int, run_id: str, lanes: in
     go.wait()
     started = time.perf_counter()
     with ThreadPoolExecutor(lanes) as pool:
-        done = list(pool.map(lambda _: run_lane(scope, run_date, batch_size, run_id), range(lanes)))
+        done = list(pool.map(lambda i: run_lane(scope, run_date, batch_size, run_id, None, (i, lanes)), range(lanes)))
     results.put({"pid": os.getpid(), "seconds": time.perf_counter() - started,
                  "batches": sum(r.batches for r in done), "isolated": sum(r.isolated_batches for r in done)})
     engine.dispose()

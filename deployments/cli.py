@@ -124,11 +124,12 @@ def check_redis() -> None:
 
 
 TRY_COMMANDS = """
-Try:
-  prefect deployment run process-due-subscriptions/daily
-  prefect deployment run cleanup-expired-carts/daily
-  prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
-  prefect deployment ls
+Try, from another terminal in this directory:
+  export PREFECT_API_URL={api}
+  .venv/bin/prefect deployment run process-due-subscriptions/daily
+  .venv/bin/prefect deployment run cleanup-expired-carts/daily
+  .venv/bin/prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
+  .venv/bin/prefect deployment ls
 """
 
 
@@ -151,7 +152,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
         print(f"dev SMTP sink listening on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
     server = start_prefect_server(api_url)
-    print(f"\nPrefect UI: {api_url.removesuffix('/api')}\n{TRY_COMMANDS}")
+    print(f"\nPrefect UI: {api_url.removesuffix('/api')}\n{TRY_COMMANDS.format(api=api_url)}")
     try:
         from deployments.serve import serve_all
 

@@ -24,7 +24,7 @@ NIGHTLY = "process-due-subscriptions/daily"
 
 
 def _seed_night(pg, due: int, not_due: int = 2) -> list[int]:
-    product = make_product(pg, stock=1000)
+    product = make_product(pg, stock=max(1000, due))  # enough for every due subscription
     ids = [make_subscription(pg, product_id=product, due=RUN_DATE - dt.timedelta(days=i % 2)) for i in range(due)]
     for _ in range(not_due):
         make_subscription(pg, product_id=product, due=RUN_DATE + dt.timedelta(days=3))
@@ -91,10 +91,6 @@ def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_ba
     assert _orders_per_subscription(pg) == dict.fromkeys(subs, 1)
 
 
-@pytest.mark.skip(reason=(
-    "too slow for the suite: stopping a process worker's group leaves the run Running (the flow process dies "
-    "without reporting Crashed), so only the zombie automation (no heartbeat for 90 s) marks it Crashed and "
-    "the reschedule follows; about 4 minutes with the other tests. Remove this mark to run it."))
 def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is_duplicated(
         pg, smtp, api, prefect_server, spawn):
     """SIGTERM to a worker mid-run: the run crashes, the automation reschedules it once, a new worker finishes it."""
@@ -105,7 +101,8 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
 
     create_automations()
     subs = _seed_night(pg, due=1500)
-    prefect_cli(prefect_server, "deploy", "--all", timeout=240)  # idempotent; makes the test independent
+    spawn("setup", "-m", "deployments.cli", "setup-pool").popen.wait(timeout=60)  # idempotent, like deploy
+    prefect_cli(prefect_server, "deploy", "--all", timeout=240)
     run_id = run_id_from(prefect_cli(prefect_server, "deployment", "run", NIGHTLY, "-p",
                                      f"run_date={RUN_DATE.isoformat()}", "-p", "send_confirmations=false",
                                      "-p", "batch_size=2", "-p", "max_concurrency=1"))
