@@ -74,10 +74,7 @@ def reset_engine() -> None:
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One short transaction: commit on success, roll back on any error."""
-    try:
-        session = _sessionmaker()()
-    except OperationalError as exc:  # pragma: no cover - raised lazily below instead
-        raise unavailable(get_settings().database_url, exc) from exc
+    session = _sessionmaker()()  # connects lazily, on the first statement
     try:
         with session.begin():
             yield session
