@@ -32,7 +32,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,43 +40,12 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from tests.processes import Proc
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DB = "indostar_bench_latency"
 REDIS_PREFIX = "indostar-bench-latency:"
 DEPLOYMENT = "send-order-confirmation/default"
-
-
-class Proc:
-    """A subprocess in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path):
-        self.name = name
-        self.log = logdir / f"{name}.log"
-        self._out = self.log.open("ab")
-        self.popen = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def tail(self, n: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-
-    def stop(self, wait: float = 15.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=wait)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=5)
-        self._out.close()
 
 
 def _smtp_server(port: int):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import datetime as dt
 from uuid import UUID
 
-from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture, SendNotification
+from prefect.automations import ChangeFlowRunState, EventTrigger, Posture, SendNotification
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.events.schemas.automations import AutomationCore
@@ -136,9 +136,3 @@ def create_automations() -> list[str]:
                 client.create_automation(wanted)
             names.append(wanted.name)
     return names
-
-
-def read_ours() -> list[Automation]:
-    """Our automations as the server has them (name starts with ``indostar-``)."""
-    with get_client(sync_client=True) as client:
-        return [Automation(**a.model_dump()) for a in client.read_automations() if a.name.startswith(PREFIX)]

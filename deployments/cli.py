@@ -61,11 +61,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def _token_sink():
-    try:
-        from lib import tokens
-    except ImportError:  # pragma: no cover - token store not built yet
-        return None
-    return getattr(tokens, "seed_demo_tokens", None)
+    from lib import tokens
+
+    return tokens.seed_demo_tokens
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -16,10 +16,8 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
-from prefect.runtime import flow_run
 
-from flows.common import publish_table, retry_options
+from flows.common import publish_table, retry_options, scheduled_start
 from lib import cleanup, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
@@ -28,12 +26,6 @@ from lib.db import session_scope
 # Side effects must run every time: never serve a cached result for a delete.
 TASK_OPTIONS: dict[str, Any] = {**retry_options(), "cache_policy": NO_CACHE}
 FLOW_TIMEOUT = get_settings().flow_timeout_seconds
-
-
-def reference_time() -> dt.datetime:
-    """The run's scheduled start in UTC (now for an ad-hoc run): the instant cutoffs count back from."""
-    start = flow_run.get_scheduled_start_time() if FlowRunContext.get() else None
-    return (start or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
 
 
 def _limits(soft_limit_seconds: float | None, max_batches: int | None) -> Limits:
@@ -122,7 +114,7 @@ def cleanup_expired_carts(
     days = cleanup.check_positive("days_old", days_old if days_old is not None else s.cart_retention_days)
     size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
     limits = _limits(soft_limit_seconds, max_batches)
-    now = reference_time()
+    now = scheduled_start()
     cutoff = cleanup.cutoff_for(now, days, "days_old")
     stats = delete_stale_carts("empty_carts", cutoff, now, size, limits, dry_run)
     if not stats.stopped_early:
@@ -165,7 +157,7 @@ def cleanup_old_audit_logs(
     days = cleanup.check_positive("days", days if days is not None else s.audit_log_retention_days)
     size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
     limits = _limits(soft_limit_seconds, max_batches)
-    cutoff = cleanup.cutoff_for(reference_time(), days, "days")
+    cutoff = cleanup.cutoff_for(scheduled_start(), days, "days")
     stats = delete_aged_rows("audit_logs", cutoff, size, limits, dry_run)
     return _report("cleanup-old-audit-logs", stats, cutoff, dry_run, ("audit_logs",))
 
@@ -185,6 +177,6 @@ def cleanup_abandoned_sessions(
     )
     size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
     limits = _limits(soft_limit_seconds, max_batches)
-    cutoff = cleanup.cutoff_for(reference_time(), days, "inactive_days")
+    cutoff = cleanup.cutoff_for(scheduled_start(), days, "inactive_days")
     stats = delete_aged_rows("user_sessions", cutoff, size, limits, dry_run)
     return _report("cleanup-abandoned-sessions", stats, cutoff, dry_run, ("user_sessions",))

@@ -37,14 +37,15 @@ def retry_options() -> dict[str, Any]:
     }
 
 
-def scheduled_date(default: dt.date | None = None) -> dt.date:
-    """The run's scheduled start date in UTC (today for an ad-hoc run)."""
-    if default is not None:
-        return default
+def scheduled_start() -> dt.datetime:
+    """The run's scheduled start in UTC (now for an ad-hoc run or outside a flow)."""
     start = flow_run.get_scheduled_start_time() if FlowRunContext.get() else None
-    if start is None:
-        return dt.datetime.now(dt.UTC).date()
-    return start.astimezone(dt.UTC).date()
+    return (start or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+
+
+def scheduled_date(default: dt.date | None = None) -> dt.date:
+    """``default`` if given, else the date of the run's scheduled start in UTC."""
+    return default if default is not None else scheduled_start().date()
 
 
 def publish_table(key: str, frame: pd.DataFrame, description: str) -> None:

@@ -68,9 +68,7 @@ def _confirm(run_id: str) -> int:
 
 
 def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> dict[str, Any]:
-    groups = subs.summarize([])
-    for lane in lanes:
-        groups = subs.summarize([], pd.concat([groups, lane.groups], ignore_index=True))
+    groups = subs.summarize([], pd.concat([lane.groups for lane in lanes], ignore_index=True))
     batch_ms = [ms for lane in lanes for ms in lane.batch_ms]
     stats: dict[str, Any] = {
         "run_date": run_date.isoformat(),

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from lib.errors import InvalidInputError
+from lib.models import NOTIFICATION_STATUSES
 
 # Prefect state types that end a run, and which of them count as a success.
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -77,7 +78,7 @@ def run_summary(rows: Iterable[RunRow]) -> pd.DataFrame:
 def messages_summary(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Messages per channel (rows) and status (columns), with a total column; rows are {channel, status, n}."""
     frame = pd.DataFrame(list(rows), columns=["channel", "status", "n"])
-    statuses = ["pending", "sent", "failed", "dead"]
+    statuses = list(NOTIFICATION_STATUSES)
     if frame.empty:
         return pd.DataFrame(columns=["channel", *statuses, "total"])
     table = frame.pivot_table(index="channel", columns="status", values="n", aggfunc="sum", fill_value=0)

@@ -139,7 +139,6 @@ def copy_rows(conn: Connection, table: str, columns: Iterable[str], rows: Iterab
     """COPY rows into table in chunks; returns the number of rows written."""
     cols = ", ".join(columns)
     raw = conn.connection.driver_connection  # psycopg2 connection inside the SQLAlchemy transaction
-    total = 0
     buf = io.StringIO()
     n = 0
 
@@ -158,8 +157,7 @@ def copy_rows(conn: Connection, table: str, columns: Iterable[str], rows: Iterab
             flush()
     if buf.tell():
         flush()
-    total += n
-    return total
+    return n
 
 
 def _next_id(conn: Connection, table: str) -> int:

@@ -149,8 +149,7 @@ def _apply(session: Session, subs: Sequence[DueSub], run_date: dt.date, run_id: 
     """The set-based core for already-claimed rows; every write in a handful of statements."""
     products = _lock_products(session, (s.product_id for s in subs))
     existing = _existing_orders(session, subs)
-    todo = [s for s in subs if s.id not in existing and s.product_id in products]
-    missing = [s for s in subs if s.product_id not in products]
+    todo = [s for s in subs if s.id not in existing]
     served, short, _ = allocate(todo, {pid: p.stock for pid, p in products.items()})
 
     order_ids: dict[int, int] = {}
@@ -214,9 +213,6 @@ def _apply(session: Session, subs: Sequence[DueSub], run_date: dt.date, run_id: 
         have = products[s.product_id].stock
         outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock",
                                 f"needs {s.quantity}, {have} in stock before this batch"))
-    for s in missing:
-        outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "failed",
-                                f"product {s.product_id} does not exist"))
     if moved:
         session.execute(
             text(

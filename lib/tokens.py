@@ -354,6 +354,17 @@ end
 return {#ids, gone, expired, kept, restored}
 """
 
+# Shared ending of the scripts that tally by name: the `counts` table as a flat
+# {name, n, name, n, ...} reply (Redis cannot return a Lua table with string keys).
+_RETURN_COUNTS = """
+local out = {}
+for k, n in pairs(counts) do
+  table.insert(out, k)
+  table.insert(out, n)
+end
+return out
+"""
+
 # Per-user index entries whose token key is gone (expired natively or deleted).
 _PURGE_USERS = """
 local p, dry = ARGV[1], ARGV[2] == '1'
@@ -367,13 +378,7 @@ for _, ukey in ipairs(KEYS) do
     end
   end
 end
-local out = {}
-for k, n in pairs(counts) do
-  table.insert(out, k)
-  table.insert(out, n)
-end
-return out
-"""
+""" + _RETURN_COUNTS
 
 # Token keys found by SCAN that have no TTL: deleted once their own `e` passed, else
 # their TTL is put back (and their index entry). Keys with a running TTL are skipped.
@@ -414,13 +419,7 @@ for _, key in ipairs(KEYS) do
     end
   end
 end
-local out = {}
-for k, n in pairs(counts) do
-  table.insert(out, k)
-  table.insert(out, n)
-end
-return out
-"""
+""" + _RETURN_COUNTS
 
 
 def _pairs(flat: list) -> dict[str, int]:

@@ -22,6 +22,7 @@ class GatewayRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    status: int = 200  # what the gateway answered
 
     def data(self) -> dict:
         ctype = self.headers.get("content-type", "")
@@ -54,7 +55,7 @@ class SMSGateway:
     @property
     def delivered(self) -> list[GatewayRequest]:
         """Requests the gateway accepted (answered 2xx)."""
-        return [r for r in self.requests if getattr(r, "status", 200) < 300]
+        return [r for r in self.requests if r.status < 300]
 
 
 def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGateway]:
@@ -70,7 +71,7 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
                 msg_id = f"gw-{state.counter}"
             if delay:
                 time.sleep(delay)
-            req.status = status  # type: ignore[attr-defined]
+            req.status = status
             with state.lock:
                 state.requests.append(req)
             payload = (

@@ -140,16 +140,6 @@ def mark_failed(session: Session, ids: list[int], error: str, dead: bool, tried:
     )
 
 
-def statuses(session: Session, keys: list[str]) -> dict[str, str]:
-    """Key -> status for the keys that exist."""
-    if not keys:
-        return {}
-    rows = session.execute(
-        select(Notification.idempotency_key, Notification.status).where(Notification.idempotency_key.in_(keys))
-    )
-    return dict(rows.tuples().all())
-
-
 def summary_rows(session: Session, keys: list[str]) -> list[dict[str, Any]]:
     """Template, channel, status and last error of each of the keys' rows."""
     if not keys:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,37 +22,10 @@ import pytest
 
 from deployments.cli import api_healthy
 from lib.devsmtp import free_port
+from tests.processes import Proc
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-class Proc:
-    """A subprocess in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path):
-        self.name = name
-        self.log = logdir / f"{name}.log"
-        self._out = self.log.open("ab")
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-
-    def tail(self, n: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-    def stop(self, sig: int = signal.SIGTERM, wait: float = 15.0) -> None:
-        """Signal the whole process group, then SIGKILL whatever is left."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=wait)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=5)
-        self._out.close()
 
 
 @pytest.fixture(scope="module")
