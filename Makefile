@@ -25,6 +25,7 @@ test: $(VENV)/.synced
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(VENV)/.synced
 	$(VENV)/bin/python -m bench.subscriptions --n 100000

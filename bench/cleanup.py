@@ -55,8 +55,8 @@ def _sql_autocommit(base: str, sql: str) -> None:
 
 def seed_carts(url: str, n: int, rng_seed: int = 11) -> dict[str, int]:
     """A migrated database with n carts aged 0-120 days (~70 % with 1-3 items), loaded with COPY."""
+    from deployments.dev.seed import copy_rows
     from lib.db import build_engine, migrate
-    from lib.seed import copy_rows
 
     migrate(url)
     rng = random.Random(rng_seed)
@@ -65,7 +65,9 @@ def seed_carts(url: str, n: int, rng_seed: int = 11) -> dict[str, int]:
     try:
         with engine.begin() as conn:
             copy_rows(
-                conn, "products", ("id", "sku", "name", "price_paise", "stock"),
+                conn,
+                "products",
+                ("id", "sku", "name", "price_paise", "stock"),
                 ((i, f"B-{i:05d}", f"Bench product {i}", 9900, 100) for i in range(1, 101)),
             )
 
@@ -131,8 +133,12 @@ def run_batched(engine: Engine, batch_size: int) -> dict[str, Any]:
     tracemalloc.stop()
     carts = stats.removed["empty_carts"] + stats.removed["carts_with_items"]
     return {
-        "seconds": seconds, "carts": carts, "cart_items": stats.removed["cart_items"], "batches": stats.batches,
-        "longest_statement_ms": stats.longest_batch_ms, "peak_python_mib": peak / 2**20,
+        "seconds": seconds,
+        "carts": carts,
+        "cart_items": stats.removed["cart_items"],
+        "batches": stats.batches,
+        "longest_statement_ms": stats.longest_batch_ms,
+        "peak_python_mib": peak / 2**20,
     }
 
 
@@ -148,8 +154,13 @@ def run_single(engine: Engine) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     with engine.connect() as conn:
         items = items_before - conn.execute(text("SELECT count(*) FROM cart_items")).scalar_one()
-    return {"seconds": seconds, "carts": carts, "cart_items": items, "batches": 1,
-            "longest_statement_ms": seconds * 1000}
+    return {
+        "seconds": seconds,
+        "carts": carts,
+        "cart_items": items,
+        "batches": 1,
+        "longest_statement_ms": seconds * 1000,
+    }
 
 
 def bench_carts(base: str, n: int, repeats: int, batch_size: int) -> dict[str, Any]:
@@ -178,6 +189,7 @@ def bench_carts(base: str, n: int, repeats: int, batch_size: int) -> dict[str, A
 
 
 def bench_tokens(n: int) -> dict[str, Any]:
+    from deployments.dev import tokens as dev_tokens
     from lib import tokens
     from lib.config import get_settings
 
@@ -187,22 +199,27 @@ def bench_tokens(n: int) -> dict[str, Any]:
     try:
         tokens.ping()
         started = time.perf_counter()
-        tokens.seed_demo_tokens(n, random.Random(5))
+        dev_tokens.seed_demo_tokens(n, random.Random(5))
         seed_seconds = time.perf_counter() - started
         tracemalloc.start()
         started = time.perf_counter()
-        stats = tokens.cleanup_expired()
+        stats = dev_tokens.cleanup_expired()
         seconds = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     finally:
-        tokens.delete_prefix(prefix)
+        dev_tokens.delete_prefix(prefix)
     removed = sum(v for k, v in stats.removed.items() if not k.endswith(("_kept", "_ttl_restored")))
     return {
-        "n": n, "seed_seconds": round(seed_seconds, 2), "seed_tokens_per_s": round(n / seed_seconds),
-        "cleanup_seconds": round(seconds, 2), "removed": removed,
-        "removed_per_s": round(removed / seconds), "tokens_per_s": round(n / seconds),
-        "batches": stats.batches, "longest_batch_ms": round(stats.longest_batch_ms, 1),
+        "n": n,
+        "seed_seconds": round(seed_seconds, 2),
+        "seed_tokens_per_s": round(n / seed_seconds),
+        "cleanup_seconds": round(seconds, 2),
+        "removed": removed,
+        "removed_per_s": round(removed / seconds),
+        "tokens_per_s": round(n / seconds),
+        "batches": stats.batches,
+        "longest_batch_ms": round(stats.longest_batch_ms, 1),
         "peak_python_mib": round(peak / 2**20, 2),
     }
 

@@ -2,7 +2,7 @@
 
     python -m bench.notifications --n 10000
 
-All three send to the same loopback aiosmtpd server (lib.devsmtp), run in a separate
+All three send to the same loopback aiosmtpd server (deployments.dev.smtp_sink), run in a separate
 process so the server does not share the client's GIL; it counts what it accepts.
 
 - reference: raw smtplib, one connection, N messages built (with the same MIME builder
@@ -44,9 +44,9 @@ SENDER = "IndoStar Naturals <orders@indostar.example>"
 
 
 def _serve(port: int, count, ready, stop) -> None:  # runs in the child process
-    from lib.devsmtp import DevSMTPServer, RecordingHandler
+    from deployments.dev.smtp_sink import DevSMTPServer, RecordingHandler
 
-    logging.getLogger("lib.devsmtp").setLevel(logging.WARNING)
+    logging.getLogger("deployments.dev.smtp_sink").setLevel(logging.WARNING)
 
     class Counting(RecordingHandler):
         async def handle_DATA(self, server, session, envelope):  # noqa: N802
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         os.environ["NOTIFICATION_BATCH_SIZE"] = str(args.batch_size)
 
-    from lib.devsmtp import free_port
+    from deployments.dev.smtp_sink import free_port
 
     port = free_port()
     os.environ.update(

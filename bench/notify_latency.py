@@ -40,7 +40,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from tests.processes import Proc
+from deployments.dev.processes import Proc
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DB = "indostar_bench_latency"
@@ -50,7 +50,7 @@ DEPLOYMENT = "send-order-confirmation/default"
 
 def _smtp_server(port: int):
     """A DevSMTPServer whose handler also notes when (perf_counter) each recipient's message arrived."""
-    from lib.devsmtp import DevSMTPServer, RecordingHandler
+    from deployments.dev.smtp_sink import DevSMTPServer, RecordingHandler
 
     class Timed(RecordingHandler):
         def __init__(self) -> None:
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING)
 
+    from deployments.dev.smtp_sink import free_port
     from lib import db
     from lib.config import get_settings
-    from lib.devsmtp import free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="indostar-bench-latency-"))
     smtp_port, api_port = free_port(), free_port()

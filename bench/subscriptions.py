@@ -95,8 +95,18 @@ def _rows(n: int, products: int, run_date: dt.date, rng_seed: int, extra: float)
             status, day = "active", run_date + dt.timedelta(days=rng.randint(1, 60))
         else:
             status, day = rng.choice(("paused", "cancelled")), run_date - dt.timedelta(days=rng.randint(0, 3))
-        subs.append((i, rng.randint(1, ncust), rng.randint(1, products), rng.choice((1, 2)),
-                     rng.choices(freqs, weights)[0], status, day, day.day))
+        subs.append(
+            (
+                i,
+                rng.randint(1, ncust),
+                rng.randint(1, products),
+                rng.choice((1, 2)),
+                rng.choices(freqs, weights)[0],
+                status,
+                day,
+                day.day,
+            )
+        )
     prods, short = [], 0
     for pid in range(1, products + 1):
         roll = rng.random()
@@ -115,8 +125,8 @@ def build_template(
     base_url: str, name: str, n: int, products: int, run_date: dt.date, extra: float, history: float
 ) -> Dataset:
     """A migrated database holding the data set, vacuumed and analyzed; no connection left open."""
+    from deployments.dev.seed import copy_rows
     from lib import db
-    from lib.seed import copy_rows
 
     url = _url(base_url, name)
     db.drop_database(url)
@@ -128,22 +138,44 @@ def build_template(
         with engine.begin() as conn:
             copy_rows(conn, "customers", ("id", "name", "email"), customers)
             copy_rows(conn, "products", ("id", "sku", "name", "price_paise", "stock"), prods)
-            copy_rows(conn, "subscriptions", ("id", "customer_id", "product_id", "quantity", "frequency", "status",
-                                              "next_delivery_date", "anchor_day"), subs)
+            copy_rows(
+                conn,
+                "subscriptions",
+                (
+                    "id",
+                    "customer_id",
+                    "product_id",
+                    "quantity",
+                    "frequency",
+                    "status",
+                    "next_delivery_date",
+                    "anchor_day",
+                ),
+                subs,
+            )
             if history:  # earlier nights: orders, items and outcomes, so these tables are not empty
-                conn.execute(text(
-                    "INSERT INTO orders (customer_id, subscription_id, delivery_date, status, total_paise) "
-                    "SELECT customer_id, id, CAST(:d AS date) - CAST(28 + id % 60 AS int), 'delivered', "
-                    "10000 * quantity FROM subscriptions WHERE id % 1000 < :per_mille ORDER BY id"),
-                    {"d": run_date, "per_mille": int(history * 1000)})
-                conn.execute(text(
-                    "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
-                    "SELECT o.id, s.product_id, s.quantity, 10000 FROM orders o "
-                    "JOIN subscriptions s ON s.id = o.subscription_id ORDER BY o.id"))
-                conn.execute(text(
-                    "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, order_id, "
-                    "run_id) SELECT subscription_id, delivery_date, delivery_date, 'created', id, "
-                    "'history-' || delivery_date FROM orders ORDER BY id"))
+                conn.execute(
+                    text(
+                        "INSERT INTO orders (customer_id, subscription_id, delivery_date, status, total_paise) "
+                        "SELECT customer_id, id, CAST(:d AS date) - CAST(28 + id % 60 AS int), 'delivered', "
+                        "10000 * quantity FROM subscriptions WHERE id % 1000 < :per_mille ORDER BY id"
+                    ),
+                    {"d": run_date, "per_mille": int(history * 1000)},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
+                        "SELECT o.id, s.product_id, s.quantity, 10000 FROM orders o "
+                        "JOIN subscriptions s ON s.id = o.subscription_id ORDER BY o.id"
+                    )
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, "
+                        "order_id, run_id) SELECT subscription_id, delivery_date, delivery_date, 'created', id, "
+                        "'history-' || delivery_date FROM orders ORDER BY id"
+                    )
+                )
             for table in ("customers", "products", "subscriptions"):
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
             info["history_orders"] = conn.execute(text("SELECT count(*) FROM orders")).scalar_one()
@@ -188,8 +220,9 @@ def snapshot(engine: Engine) -> State:
         stock = dict(map(tuple, conn.execute(text("SELECT id, stock FROM products")).all()))
         nxt = dict(map(tuple, conn.execute(text("SELECT id, next_delivery_date FROM subscriptions")).all()))
         items = conn.execute(text("SELECT count(*) FROM order_items")).scalar_one()
-        outcomes = dict(map(tuple, conn.execute(
-            text("SELECT outcome, count(*) FROM subscription_outcomes GROUP BY outcome")).all()))
+        outcomes = dict(
+            map(tuple, conn.execute(text("SELECT outcome, count(*) FROM subscription_outcomes GROUP BY outcome")).all())
+        )
     return State(orders, stock, nxt, items, outcomes)
 
 
@@ -198,8 +231,10 @@ def differences(got: State, ref: State) -> list[str]:
     out = []
     if got.orders != ref.orders:
         extra, missing = got.orders - ref.orders, ref.orders - got.orders
-        out.append(f"orders differ: {len(extra)} extra, {len(missing)} missing "
-                   f"(e.g. extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})")
+        out.append(
+            f"orders differ: {len(extra)} extra, {len(missing)} missing "
+            f"(e.g. extra {sorted(extra)[:3]}, missing {sorted(missing)[:3]})"
+        )
     bad = sorted(p for p in ref.stock if got.stock.get(p) != ref.stock[p])
     if bad:
         eg = [(p, got.stock.get(p), ref.stock[p]) for p in bad[:3]]
@@ -385,12 +420,14 @@ def prefix_rule_differences(run_date: dt.date) -> int:
     with db.get_engine().begin() as conn:
         for sql in REFERENCE[:6]:
             conn.execute(text(sql), {"run_date": run_date} if ":run_date" in sql else {})
-        return conn.execute(text(
-            "SELECT count(*) FROM ("
-            "  SELECT d.id, sum(d.quantity) OVER (PARTITION BY d.product_id ORDER BY d.rn) <= p.stock AS served "
-            "  FROM bench_due d JOIN products p ON p.id = d.product_id) w "
-            "JOIN bench_alloc a ON a.id = w.id WHERE a.served <> w.served"
-        )).scalar_one()
+        return conn.execute(
+            text(
+                "SELECT count(*) FROM ("
+                "  SELECT d.id, sum(d.quantity) OVER (PARTITION BY d.product_id ORDER BY d.rn) <= p.stock AS served "
+                "  FROM bench_due d JOIN products p ON p.id = d.product_id) w "
+                "JOIN bench_alloc a ON a.id = w.id WHERE a.served <> w.served"
+            )
+        ).scalar_one()
 
 
 # --- (b) the flow, (c) the old design ----------------------------------------------------------
@@ -399,8 +436,9 @@ def prefix_rule_differences(run_date: dt.date) -> int:
 def run_flow(run_date: dt.date, batch_size: int | None, concurrency: int | None) -> dict[str, Any]:
     from flows.subscriptions import process_due_subscriptions
 
-    return process_due_subscriptions(run_date=run_date, batch_size=batch_size, max_concurrency=concurrency,
-                                     send_confirmations=False)
+    return process_due_subscriptions(
+        run_date=run_date, batch_size=batch_size, max_concurrency=concurrency, send_confirmations=False
+    )
 
 
 def old_design_flow(workers: int) -> Callable[[dt.date], dict[str, int]]:
@@ -428,9 +466,13 @@ def old_design_flow(workers: int) -> Callable[[dt.date], dict[str, int]]:
     def per_subscription(run_date: dt.date) -> dict[str, int]:
         """Submit one task per due subscription, oldest first."""
         with session_scope() as session:
-            due = session.execute(text(
-                "SELECT id, product_id FROM subscriptions WHERE status = 'active' AND next_delivery_date <= :d "
-                "ORDER BY next_delivery_date, id"), {"d": run_date}).all()
+            due = session.execute(
+                text(
+                    "SELECT id, product_id FROM subscriptions WHERE status = 'active' AND next_delivery_date <= :d "
+                    "ORDER BY next_delivery_date, id"
+                ),
+                {"d": run_date},
+            ).all()
         run_id, last, futures = flow_run.get_id(), {}, []
         for sid, pid in due:
             prev = last.get(pid)
@@ -450,8 +492,9 @@ def old_design_flow(workers: int) -> Callable[[dt.date], dict[str, int]]:
 def _pg_settings(engine: Engine) -> dict[str, str]:
     names = ("server_version", "shared_buffers", "synchronous_commit", "fsync", "work_mem", "max_wal_size")
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(:n)"),
-                            {"n": list(names)}).all()
+        rows = conn.execute(
+            text("SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(:n)"), {"n": list(names)}
+        ).all()
     return dict(map(tuple, rows))
 
 
@@ -462,19 +505,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of (a) and (b); the median is reported")
     parser.add_argument("--old-n", type=int, default=2000, help="due subscriptions for the one-task-per-row design")
     parser.add_argument("--old-workers", type=int, default=4, help="task runner threads of the old design")
-    parser.add_argument("--sweep", default="500x1,1000x1,2000x1,1000x2,1000x4,2000x4",
-                        help="extra (b) runs, BATCHxCONCURRENCY, comma-separated ('' for none)")
+    parser.add_argument(
+        "--sweep",
+        default="500x1,1000x1,2000x1,1000x2,1000x4,2000x4",
+        help="extra (b) runs, BATCHxCONCURRENCY, comma-separated ('' for none)",
+    )
     parser.add_argument("--run-date", type=dt.date.fromisoformat, default=DEFAULT_RUN_DATE)
-    parser.add_argument("--history", type=float, default=0.5,
-                        help="share of subscriptions with an order from an earlier night (0: empty order tables)")
+    parser.add_argument(
+        "--history",
+        type=float,
+        default=0.5,
+        help="share of subscriptions with an order from an earlier night (0: empty order tables)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the databases (for EXPLAIN afterwards)")
     args = parser.parse_args(argv)
 
-    os.environ.update({
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-    })
+    os.environ.update(
+        {
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+        }
+    )
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     from lib import db
@@ -493,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key, n in sizes.items():
             log.info("seeding %s: %d due subscriptions over %d products", key, n, args.products)
-            datasets[key] = build_template(base, f"{BENCH_DB}_tpl_{key}", n, args.products, args.run_date, 0.5,
-                                           args.history)
+            datasets[key] = build_template(
+                base, f"{BENCH_DB}_tpl_{key}", n, args.products, args.run_date, 0.5, args.history
+            )
         from prefect.testing.utilities import prefect_test_harness
 
         with prefect_test_harness(server_startup_timeout=120):
@@ -531,25 +584,40 @@ def _measure(args, base: str, url: str, datasets: dict[str, Dataset], batch: int
             refs[ds_key] = state  # the first run on each data set is the reference (a)
         for p in differences(state, refs[ds_key]):
             problems.append(f"{label} (N={ds.n}): {p}")
-        log.info("%-34s N=%-7d %7.2f s  rss +%5.1f MiB%s%s", label, ds.n, probe.seconds, probe.rss_peak_delta / 2**20,
-                 f"  heap peak {probe.heap_peak / 2**20:.1f} MiB" if probe.heap_peak is not None else "",
-                 f"  lock-wait share {probe.lock_wait_share}" if locks else "")
+        log.info(
+            "%-34s N=%-7d %7.2f s  rss +%5.1f MiB%s%s",
+            label,
+            ds.n,
+            probe.seconds,
+            probe.rss_peak_delta / 2**20,
+            f"  heap peak {probe.heap_peak / 2**20:.1f} MiB" if probe.heap_peak is not None else "",
+            f"  lock-wait share {probe.lock_wait_share}" if locks else "",
+        )
         return probe
 
     def variant(label: str, ds_key: str, fn: Callable[[], Any], repeats: int, locks: bool = False) -> dict[str, Any]:
         probes = [once(label, ds_key, fn, locks=locks) for _ in range(repeats)]
         secs = [p.seconds for p in probes]
         med = statistics.median(secs)
-        out = {"n": datasets[ds_key].n, "seconds": [round(x, 3) for x in secs], "median_seconds": round(med, 3),
-               "subs_per_s": round(datasets[ds_key].n / med),
-               "rss_peak_delta_mib": round(max(p.rss_peak_delta for p in probes) / 2**20, 1)}
+        out = {
+            "n": datasets[ds_key].n,
+            "seconds": [round(x, 3) for x in secs],
+            "median_seconds": round(med, 3),
+            "subs_per_s": round(datasets[ds_key].n / med),
+            "rss_peak_delta_mib": round(max(p.rss_peak_delta for p in probes) / 2**20, 1),
+        }
         if locks:
             out["lock_wait_share"] = [p.lock_wait_share for p in probes]
         return out
 
-    out: dict[str, Any] = {"n": n, "products": args.products, "run_date": run_date.isoformat(),
-                           "cpus": os.cpu_count(), "data": {k: d.info for k, d in datasets.items()},
-                           "defaults": {"batch_size": batch, "max_concurrency": conc}}
+    out: dict[str, Any] = {
+        "n": n,
+        "products": args.products,
+        "run_date": run_date.isoformat(),
+        "cpus": os.cpu_count(),
+        "data": {k: d.info for k, d in datasets.items()},
+        "defaults": {"batch_size": batch, "max_concurrency": conc},
+    }
     restore(base, datasets["old"])
     run_flow(run_date, None, None)  # warm-up: imports, first flow run against the harness; not measured
     a = variant("(a) reference SQL", "n", lambda: run_reference(run_date), args.repeats)
@@ -558,18 +626,24 @@ def _measure(args, base: str, url: str, datasets: dict[str, Dataset], batch: int
     out["prefix_rule_would_differ_on"] = prefix_rule_differences(run_date)
 
     # Memory, in untimed runs with tracemalloc on (it slows allocation-heavy code down).
-    a["heap_peak_mib"] = round(once("(a) reference SQL, traced", "n", lambda: run_reference(run_date),
-                                    trace=True).heap_peak / 2**20, 2)
-    b["heap_peak_mib"] = round(once(f"(b) flow {batch}x{conc}, traced", "n", lambda: run_flow(run_date, None, None),
-                                    trace=True).heap_peak / 2**20, 2)
+    a["heap_peak_mib"] = round(
+        once("(a) reference SQL, traced", "n", lambda: run_reference(run_date), trace=True).heap_peak / 2**20, 2
+    )
+    b["heap_peak_mib"] = round(
+        once(f"(b) flow {batch}x{conc}, traced", "n", lambda: run_flow(run_date, None, None), trace=True).heap_peak
+        / 2**20,
+        2,
+    )
     once("(a) reference SQL", "quarter", lambda: run_reference(run_date))
     q = once(f"(b) flow {batch}x{conc}, traced", "quarter", lambda: run_flow(run_date, None, None), trace=True)
     out["memory"] = {
         "measure": "tracemalloc peak of the Python heap during an untimed run (C buffers of libpq not included); "
-                   "rss_peak_delta_mib: peak RSS growth sampled every 20 ms from /proc/self/statm",
+        "rss_peak_delta_mib: peak RSS growth sampled every 20 ms from /proc/self/statm",
         "flow_heap_peak_mib": {str(n): b["heap_peak_mib"], str(datasets["quarter"].n): round(q.heap_peak / 2**20, 2)},
-        "flow_rss_peak_delta_mib": {str(n): b["rss_peak_delta_mib"],
-                                    str(datasets["quarter"].n): round(q.rss_peak_delta / 2**20, 1)},
+        "flow_rss_peak_delta_mib": {
+            str(n): b["rss_peak_delta_mib"],
+            str(datasets["quarter"].n): round(q.rss_peak_delta / 2**20, 1),
+        },
     }
 
     sweep = []
@@ -583,12 +657,17 @@ def _measure(args, base: str, url: str, datasets: dict[str, Dataset], batch: int
     old_flow = old_design_flow(args.old_workers)
     once("(a) reference SQL", "old", lambda: run_reference(run_date))
     c = variant(f"(c) task per row, {args.old_workers} threads", "old", lambda: old_flow(run_date), 1)
-    c.update(workers=args.old_workers, extrapolated=c["n"] < n,
-             extrapolated_seconds_for_n=round(c["median_seconds"] * n / c["n"], 1))
+    c.update(
+        workers=args.old_workers,
+        extrapolated=c["n"] < n,
+        extrapolated_seconds_for_n=round(c["median_seconds"] * n / c["n"], 1),
+    )
     c["subs_per_s"] = round(c["n"] / c["median_seconds"])
     out["variants"] = {"a_reference": a, "b_flow": b, "c_task_per_row": c}
-    out["ratios"] = {"b_over_a": round(b["median_seconds"] / a["median_seconds"], 2),
-                     "c_over_b": round(c["extrapolated_seconds_for_n"] / b["median_seconds"], 1)}
+    out["ratios"] = {
+        "b_over_a": round(b["median_seconds"] / a["median_seconds"], 2),
+        "c_over_b": round(c["extrapolated_seconds_for_n"] / b["median_seconds"], 1),
+    }
     out["target_met"] = out["ratios"]["b_over_a"] <= 2.0
     out["problems"] = problems
     return out
@@ -598,25 +677,40 @@ def _print(r: dict[str, Any]) -> None:
     v = r["variants"]
     rows: list[tuple[str, dict[str, Any], str]] = [
         ("(a) reference: one transaction of SQL", v["a_reference"], ""),
-        (f"(b) process-due-subscriptions {r['defaults']['batch_size']}x{r['defaults']['max_concurrency']}",
-         v["b_flow"], f"b/a {r['ratios']['b_over_a']}"),
-        (f"(c) one task per row ({v['c_task_per_row']['workers']} threads)", v["c_task_per_row"],
-         f"c/b {r['ratios']['c_over_b']} (measured at N={v['c_task_per_row']['n']}, extrapolated)"),
+        (
+            f"(b) process-due-subscriptions {r['defaults']['batch_size']}x{r['defaults']['max_concurrency']}",
+            v["b_flow"],
+            f"b/a {r['ratios']['b_over_a']}",
+        ),
+        (
+            f"(c) one task per row ({v['c_task_per_row']['workers']} threads)",
+            v["c_task_per_row"],
+            f"c/b {r['ratios']['c_over_b']} (measured at N={v['c_task_per_row']['n']}, extrapolated)",
+        ),
     ]
     err = sys.stderr
-    print(f"\nN = {r['n']:,} due subscriptions over {r['products']} products, run date {r['run_date']}, "
-          f"{r['cpus']} CPUs, PostgreSQL {r['pg'].get('server_version')}", file=err)
+    print(
+        f"\nN = {r['n']:,} due subscriptions over {r['products']} products, run date {r['run_date']}, "
+        f"{r['cpus']} CPUs, PostgreSQL {r['pg'].get('server_version')}",
+        file=err,
+    )
     print(f"{'variant':<46} {'seconds':>9} {'subs/s':>8} {'heap MiB':>9} {'RSS+ MiB':>9}  note", file=err)
     for label, x, note in rows:
         secs = x.get("extrapolated_seconds_for_n", x["median_seconds"])
         heap = x.get("heap_peak_mib")
-        print(f"{label:<46} {secs:>9.2f} {x['subs_per_s']:>8} {heap if heap is not None else '-':>9} "
-              f"{x['rss_peak_delta_mib']:>9}  {note}", file=err)
+        print(
+            f"{label:<46} {secs:>9.2f} {x['subs_per_s']:>8} {heap if heap is not None else '-':>9} "
+            f"{x['rss_peak_delta_mib']:>9}  {note}",
+            file=err,
+        )
     print(f"\nflow heap peak by N: {r['memory']['flow_heap_peak_mib']} MiB (tracemalloc)", file=err)
     print(f"\n{'batch x concurrency':<22} {'seconds':>9} {'subs/s':>8} {'lock-wait share':>16}", file=err)
     for x in r["sweep"]:
-        print(f"{str(x['batch_size']) + ' x ' + str(x['max_concurrency']):<22} {x['median_seconds']:>9.2f} "
-              f"{x['subs_per_s']:>8} {x.get('lock_wait_share')!s:>16}", file=err)
+        print(
+            f"{str(x['batch_size']) + ' x ' + str(x['max_concurrency']):<22} {x['median_seconds']:>9.2f} "
+            f"{x['subs_per_s']:>8} {x.get('lock_wait_share')!s:>16}",
+            file=err,
+        )
     print(f"\nbench took {r['bench_seconds']} s", file=err)
     print(json.dumps(r, indent=2, default=str))
 

@@ -62,8 +62,12 @@ def _autocommit(base: str, *sql: str, database: str = "postgres") -> None:
 
 def fresh_copy(base: str) -> str:
     """Replace the working database by a copy of the template; returns its URL."""
-    _autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)',
-                f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{TEMPLATE_DB}"', "CHECKPOINT")
+    _autocommit(
+        base,
+        f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)',
+        f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{TEMPLATE_DB}"',
+        "CHECKPOINT",
+    )
     return _url(base, BENCH_DB)
 
 
@@ -89,8 +93,14 @@ def _worker(url: str, run_date: dt.date, batch_size: int, run_id: str, lanes: in
     started = time.perf_counter()
     with ThreadPoolExecutor(lanes) as pool:
         done = list(pool.map(lambda i: run_lane(scope, run_date, batch_size, run_id, None, (i, lanes)), range(lanes)))
-    results.put({"pid": os.getpid(), "seconds": time.perf_counter() - started,
-                 "batches": sum(r.batches for r in done), "isolated": sum(r.isolated_batches for r in done)})
+    results.put(
+        {
+            "pid": os.getpid(),
+            "seconds": time.perf_counter() - started,
+            "batches": sum(r.batches for r in done),
+            "isolated": sum(r.isolated_batches for r in done),
+        }
+    )
     engine.dispose()
 
 
@@ -99,8 +109,10 @@ def run_night(url: str, workers: int, lanes: int, batch_size: int) -> dict[str, 
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     run_id = f"bench-{workers}w-{time.time_ns()}"
-    procs = [ctx.Process(target=_worker, args=(url, RUN_DATE, batch_size, run_id, lanes, ready, go, results))
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(url, RUN_DATE, batch_size, run_id, lanes, ready, go, results))
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     for _ in procs:
@@ -113,8 +125,7 @@ def run_night(url: str, workers: int, lanes: int, batch_size: int) -> dict[str, 
         p.join(timeout=30)
     if any(p.exitcode != 0 for p in procs):
         raise SystemExit(f"a worker process failed: exit codes {[p.exitcode for p in procs]}")
-    return {"wall_s": round(wall, 3), "processes": per_process,
-            "batches": sum(r["batches"] for r in per_process)}
+    return {"wall_s": round(wall, 3), "processes": per_process, "batches": sum(r["batches"] for r in per_process)}
 
 
 def checks(url: str, due: int) -> list[str]:
@@ -124,11 +135,16 @@ def checks(url: str, due: int) -> list[str]:
     engine = build_engine(url, 1)
     try:
         with engine.connect() as conn:
-            dup = conn.execute(text("SELECT count(*) FROM (SELECT subscription_id, delivery_date FROM orders "
-                                    "GROUP BY 1, 2 HAVING count(*) > 1) d")).scalar_one()
+            dup = conn.execute(
+                text(
+                    "SELECT count(*) FROM (SELECT subscription_id, delivery_date FROM orders "
+                    "GROUP BY 1, 2 HAVING count(*) > 1) d"
+                )
+            ).scalar_one()
             negative = conn.execute(text("SELECT count(*) FROM products WHERE stock < 0")).scalar_one()
-            decided = conn.execute(text("SELECT count(DISTINCT subscription_id) FROM subscription_outcomes "
-                                        "WHERE run_id LIKE 'bench-%'")).scalar_one()
+            decided = conn.execute(
+                text("SELECT count(DISTINCT subscription_id) FROM subscription_outcomes WHERE run_id LIKE 'bench-%'")
+            ).scalar_one()
     finally:
         engine.dispose()
     out = []
@@ -161,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     base = s.database_url
     ds = build_template(base, TEMPLATE_DB, args.n, args.products, RUN_DATE, extra=0.5, history=0.0)
     if not args.short_stock:
-        _autocommit(base, f"UPDATE products SET stock = stock + {3 * args.n}", "VACUUM ANALYZE",
-                    database=TEMPLATE_DB)
+        _autocommit(base, f"UPDATE products SET stock = stock + {3 * args.n}", "VACUUM ANALYZE", database=TEMPLATE_DB)
     runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
     reference = None
     problems: list[str] = []
@@ -181,21 +196,36 @@ def main(argv: list[str] | None = None) -> int:
                 elif not args.short_stock:
                     problems += [f"{workers} worker(s) vs one: {m}" for m in differences(state, reference)]
                 runs[workers].append(r)
-                print(f"  {workers} worker(s): {r['wall_s']:.2f} s, {r['batches']} batches, {r['orders']} orders",
-                      file=sys.stderr)
+                print(
+                    f"  {workers} worker(s): {r['wall_s']:.2f} s, {r['batches']} batches, {r['orders']} orders",
+                    file=sys.stderr,
+                )
     finally:
-        _autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)',
-                    f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        _autocommit(
+            base,
+            f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)',
+            f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)',
+        )
 
     one = statistics.median(r["wall_s"] for r in runs[1])
     two = statistics.median(r["wall_s"] for r in runs[2])
     result = {
         "benchmark": "two_workers",
-        "n_due": args.n, "products": args.products, "batch_size": batch_size, "lanes_per_process": lanes,
-        "repeats": args.repeats, "short_stock": args.short_stock, "dataset": ds.info,
-        "one_worker_s": one, "two_workers_s": two, "speedup": round(one / two, 2),
-        "one_worker_per_s": round(args.n / one), "two_workers_per_s": round(args.n / two),
-        "orders": runs[1][0]["orders"], "same_result": not problems, "problems": problems,
+        "n_due": args.n,
+        "products": args.products,
+        "batch_size": batch_size,
+        "lanes_per_process": lanes,
+        "repeats": args.repeats,
+        "short_stock": args.short_stock,
+        "dataset": ds.info,
+        "one_worker_s": one,
+        "two_workers_s": two,
+        "speedup": round(one / two, 2),
+        "one_worker_per_s": round(args.n / one),
+        "two_workers_per_s": round(args.n / two),
+        "orders": runs[1][0]["orders"],
+        "same_result": not problems,
+        "problems": problems,
         "runs": {str(k): v for k, v in runs.items()},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
@@ -205,14 +235,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(r: dict[str, Any]) -> str:
-    rows = [("workers", "wall s (median)", "subscriptions/s"),
-            ("1", f"{r['one_worker_s']:.2f}", f"{r['one_worker_per_s']:,}"),
-            ("2", f"{r['two_workers_s']:.2f}", f"{r['two_workers_per_s']:,}")]
+    rows = [
+        ("workers", "wall s (median)", "subscriptions/s"),
+        ("1", f"{r['one_worker_s']:.2f}", f"{r['one_worker_per_s']:,}"),
+        ("2", f"{r['two_workers_s']:.2f}", f"{r['two_workers_per_s']:,}"),
+    ]
     width = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, width, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
-    head = (f"\nnightly run, {r['n_due']:,} due over {r['products']:,} products, batch {r['batch_size']}, "
-            f"{r['lanes_per_process']} lanes per process, {r['machine']['cpus']} CPUs")
+    head = (
+        f"\nnightly run, {r['n_due']:,} due over {r['products']:,} products, batch {r['batch_size']}, "
+        f"{r['lanes_per_process']} lanes per process, {r['machine']['cpus']} CPUs"
+    )
     verdict = "same orders, stock and outcomes" if r["same_result"] else "DIFFERENT: " + "; ".join(r["problems"])
     return f"{head}\n" + "\n".join(lines) + f"\nspeedup {r['speedup']}x; {verdict}\n"
 

@@ -76,18 +76,32 @@ def definitions(block_id: UUID) -> list[AutomationCore]:
             name=RESCHEDULE,
             description="A crashed deployment run is set back to Scheduled, once per run within 24 h.",
             trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"}, match=ANY_FLOW_RUN, match_related=OF_A_DEPLOYMENT,
-                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1, within=RESCHEDULE_WINDOW,
+                expect={"prefect.flow-run.Crashed"},
+                match=ANY_FLOW_RUN,
+                match_related=OF_A_DEPLOYMENT,
+                for_each={"prefect.resource.id"},
+                posture=Posture.Reactive,
+                threshold=1,
+                within=RESCHEDULE_WINDOW,
             ),
-            actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="Rescheduled",
-                                        message="Crashed: rescheduled once by automation " + RESCHEDULE)],
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.SCHEDULED,
+                    name="Rescheduled",
+                    message="Crashed: rescheduled once by automation " + RESCHEDULE,
+                )
+            ],
         ),
         AutomationCore(
             name=EMAIL_FAILED,
             description="A failed deployment run emails the operations address with its link.",
             trigger=EventTrigger(
-                expect={"prefect.flow-run.Failed"}, match=ANY_FLOW_RUN, match_related=OF_A_DEPLOYMENT,
-                posture=Posture.Reactive, threshold=1, within=dt.timedelta(0),
+                expect={"prefect.flow-run.Failed"},
+                match=ANY_FLOW_RUN,
+                match_related=OF_A_DEPLOYMENT,
+                posture=Posture.Reactive,
+                threshold=1,
+                within=dt.timedelta(0),
             ),
             actions=[send],
         ),
@@ -95,8 +109,13 @@ def definitions(block_id: UUID) -> list[AutomationCore]:
             name=EMAIL_CRASHED_TWICE,
             description="A deployment run that crashed a second time (after its one reschedule) emails operations.",
             trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"}, match=ANY_FLOW_RUN, match_related=OF_A_DEPLOYMENT,
-                for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=2, within=RESCHEDULE_WINDOW,
+                expect={"prefect.flow-run.Crashed"},
+                match=ANY_FLOW_RUN,
+                match_related=OF_A_DEPLOYMENT,
+                for_each={"prefect.resource.id"},
+                posture=Posture.Reactive,
+                threshold=2,
+                within=RESCHEDULE_WINDOW,
             ),
             actions=[send],
         ),
@@ -104,12 +123,21 @@ def definitions(block_id: UUID) -> list[AutomationCore]:
             name=MARK_ZOMBIES,
             description="A run whose runner stopped heartbeating (killed worker) is marked Crashed.",
             trigger=EventTrigger(
-                after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *TERMINAL_EVENTS},
-                match=ANY_FLOW_RUN, for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", *TERMINAL_EVENTS},
+                match=ANY_FLOW_RUN,
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
                 within=ZOMBIE_AFTER,
             ),
-            actions=[ChangeFlowRunState(state=StateType.CRASHED, name="Crashed",
-                                        message="No heartbeat: the worker running this flow is gone.")],
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.CRASHED,
+                    name="Crashed",
+                    message="No heartbeat: the worker running this flow is gone.",
+                )
+            ],
         ),
     ]
 

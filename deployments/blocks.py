@@ -41,15 +41,29 @@ class IndostarOpsEmail(NotificationBlock):
         from lib.config import get_settings
 
         s = get_settings()
-        return cls(smtp_host=s.smtp_host, smtp_port=s.smtp_port, security=s.smtp_security, timeout=s.smtp_timeout,
-                   username=s.smtp_username, password=s.smtp_password, sender=s.smtp_from, to=[s.ops_email])
+        return cls(
+            smtp_host=s.smtp_host,
+            smtp_port=s.smtp_port,
+            security=s.smtp_security,
+            timeout=s.smtp_timeout,
+            username=s.smtp_username,
+            password=s.smtp_password,
+            sender=s.smtp_from,
+            to=[s.ops_email],
+        )
 
     def _send(self, body: str, subject: str | None) -> None:
         from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
 
-        config = SmtpConfig(host=self.smtp_host, port=self.smtp_port, security=self.security, timeout=self.timeout,
-                            username=self.username,
-                            password=self.password.get_secret_value() if self.password else None, sender=self.sender)
+        config = SmtpConfig(
+            host=self.smtp_host,
+            port=self.smtp_port,
+            security=self.security,
+            timeout=self.timeout,
+            username=self.username,
+            password=self.password.get_secret_value() if self.password else None,
+            sender=self.sender,
+        )
         with SmtpSession(config) as smtp:
             for to in self.to:
                 smtp.send(build_message(config.sender, to, subject or "indostar-jobs alert", body))

@@ -40,11 +40,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from lib import db, seed
+    from deployments.dev import seed
+    from lib import db
 
     counts = seed.SeedCounts(
-        customers=args.customers, products=args.products, subscriptions=args.subscriptions,
-        carts=args.carts, tokens=args.tokens, audit_logs=args.audit_logs, sessions=args.sessions,
+        customers=args.customers,
+        products=args.products,
+        subscriptions=args.subscriptions,
+        carts=args.carts,
+        tokens=args.tokens,
+        audit_logs=args.audit_logs,
+        sessions=args.sessions,
     )
     steps = ["customers", "products", "subscriptions", "carts", "audit_logs", "sessions", "tokens"]
     started = time.perf_counter()
@@ -61,9 +67,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def _token_sink():
-    from lib import tokens
+    from deployments.dev.tokens import seed_demo_tokens
 
-    return tokens.seed_demo_tokens
+    return seed_demo_tokens
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -94,7 +100,10 @@ def start_prefect_server(api_url: str, wait: float = 90.0) -> subprocess.Popen |
     logfile = open(".run/prefect-server.log", "ab")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "4200"],
-        env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -132,8 +141,9 @@ Try, from another terminal in this directory:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from lib import db, seed
-    from lib.devsmtp import DevSMTPServer, port_open
+    from deployments.dev import seed
+    from deployments.dev.smtp_sink import DevSMTPServer, port_open
+    from lib import db
 
     api_url = os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -196,8 +206,15 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("seed", help="insert realistic demo data (COPY)")
-    for name, default in (("customers", 1000), ("products", 200), ("subscriptions", 2000), ("carts", 1000),
-                          ("tokens", 1000), ("audit-logs", 2000), ("sessions", 1000)):
+    for name, default in (
+        ("customers", 1000),
+        ("products", 200),
+        ("subscriptions", 2000),
+        ("carts", 1000),
+        ("tokens", 1000),
+        ("audit-logs", 2000),
+        ("sessions", 1000),
+    ):
         s.add_argument(f"--{name}", type=_non_negative, default=default)
     s.add_argument("--today", type=dt.date.fromisoformat, default=None, help="date the data is relative to")
     s.add_argument("--rng-seed", type=int, default=7)

@@ -18,10 +18,10 @@ from prefect.exceptions import ObjectNotFound
 POOL = "indostar"
 # name: (priority, concurrency limit). Lower priority number = served first.
 QUEUES: dict[str, tuple[int, int]] = {
-    "critical": (1, 10),       # payment failed: never wait behind bulk work
+    "critical": (1, 10),  # payment failed: never wait behind bulk work
     "notifications": (2, 10),  # providers are rate-limited inside the flows
-    "subscriptions": (3, 4),   # the nightly run plus on-demand single subscriptions
-    "default": (4, 4),         # cleanup and reports
+    "subscriptions": (3, 4),  # the nightly run plus on-demand single subscriptions
+    "default": (4, 4),  # cleanup and reports
 }
 JOB_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
 
@@ -42,8 +42,14 @@ def setup_pool() -> dict[str, tuple[int, int]]:
             client.read_work_pool(POOL)
             client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=base_job_template()))
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process", base_job_template=base_job_template(),
-                                                   description="indostar-jobs: process workers, one per queue"))
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=POOL,
+                    type="process",
+                    base_job_template=base_job_template(),
+                    description="indostar-jobs: process workers, one per queue",
+                )
+            )
         for name, (priority, limit) in QUEUES.items():
             try:
                 queue = client.read_work_queue_by_name(name, work_pool_name=POOL)

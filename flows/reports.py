@@ -50,15 +50,25 @@ def fetch_flow_runs(since: dt.datetime, until: dt.datetime) -> list[reports.RunR
     """Every flow run expected to start in the window, with its flow name, end state, duration and retries."""
     with get_client(sync_client=True) as client:
         window = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=since, before_=until))
-        runs = _pages(lambda offset: client.read_flow_runs(
-            flow_run_filter=window, sort=FlowRunSort.ID_DESC, limit=PAGE, offset=offset))
+        runs = _pages(
+            lambda offset: client.read_flow_runs(
+                flow_run_filter=window, sort=FlowRunSort.ID_DESC, limit=PAGE, offset=offset
+            )
+        )
         flow_ids = sorted({r.flow_id for r in runs}, key=str)
-        names = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))} \
-            if flow_ids else {}
+        names = (
+            {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))}
+            if flow_ids
+            else {}
+        )
         task_retries: dict[UUID, int] = {}
         started = TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since))
-        for tr in _pages(lambda offset: client.read_task_runs(
-                task_run_filter=started, sort=TaskRunSort.ID_DESC, limit=PAGE, offset=offset), MAX_TASK_RUNS):
+        for tr in _pages(
+            lambda offset: client.read_task_runs(
+                task_run_filter=started, sort=TaskRunSort.ID_DESC, limit=PAGE, offset=offset
+            ),
+            MAX_TASK_RUNS,
+        ):
             if tr.flow_run_id and tr.run_count > 1:
                 task_retries[tr.flow_run_id] = task_retries.get(tr.flow_run_id, 0) + tr.run_count - 1
     return [
@@ -124,19 +134,26 @@ def ops_report(days: int = 7, email_to: str | None = None) -> dict[str, Any]:
     since = until - dt.timedelta(days=days)
     tables = fetch_table_rows(since)
     report = reports.Report(
-        since, until, reports.run_summary(fetch_flow_runs(since, until)),
-        reports.messages_summary(tables["messages"]), reports.dead_letter_summary(tables["dead_letters"]),
+        since,
+        until,
+        reports.run_summary(fetch_flow_runs(since, until)),
+        reports.messages_summary(tables["messages"]),
+        reports.dead_letter_summary(tables["dead_letters"]),
         reports.outcomes_per_day(tables["outcomes"]),
     )
     stem = f"ops-report-{until:%Y%m%d-%H%M%S}-{(flow_run.get_id() or 'adhoc')[:8]}"
     png_path, png = write_report_files(report, stem)
     inline = "data:image/png;base64," + base64.b64encode(png).decode()
-    create_markdown_artifact(key="ops-report", markdown=reports.render_markdown(report, png_path, inline),
-                             description=f"Operations, {days} days to {until:%Y-%m-%d}")
+    create_markdown_artifact(
+        key="ops-report",
+        markdown=reports.render_markdown(report, png_path, inline),
+        description=f"Operations, {days} days to {until:%Y-%m-%d}",
+    )
     stats = {**report.headline(), "chart": png_path}
     if email_to:
         subject = f"IndoStar ops report {since:%d %b} to {until:%d %b %Y}"
-        stats["emailed"] = email_report(email_to, subject, reports.render_markdown(report, png_path), png,
-                                        Path(png_path).name)
+        stats["emailed"] = email_report(
+            email_to, subject, reports.render_markdown(report, png_path), png, Path(png_path).name
+        )
         get_run_logger().info("report emailed to %s", mask_email(email_to))
     return stats

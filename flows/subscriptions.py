@@ -78,8 +78,11 @@ def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: 
         "isolated_batches": sum(lane.isolated_batches for lane in lanes),
         "stopped_early": any(lane.stopped_early for lane in lanes),
     }
-    publish_table(key, subs.night_tables(groups, batch_ms), f"Subscriptions due on or before {run_date}"
-                  + (" (dry run: nothing written)" if dry_run else ""))
+    publish_table(
+        key,
+        subs.night_tables(groups, batch_ms),
+        f"Subscriptions due on or before {run_date}" + (" (dry run: nothing written)" if dry_run else ""),
+    )
     return stats
 
 
@@ -151,8 +154,10 @@ def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[in
 
     with session_scope() as session:
         rows = session.execute(
-            text("SELECT id FROM subscriptions WHERE status = 'active' AND next_delivery_date = :d "
-                 "AND id > :a ORDER BY id LIMIT :n"),
+            text(
+                "SELECT id FROM subscriptions WHERE status = 'active' AND next_delivery_date = :d "
+                "AND id > :a ORDER BY id LIMIT :n"
+            ),
             {"d": day, "a": after_id, "n": limit},
         ).scalars()
         return [(sid, day.isoformat()) for sid in rows]
@@ -181,12 +186,21 @@ def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> dict[
     with session_scope() as session:
         if event.event == "subscription.charged":
             r = razorpay.handle_charged(session, event, today)
-            return {"event": event.event, "status": r.status, "order_id": r.order_id,
-                    "subscription_id": r.subscription_id}
+            return {
+                "event": event.event,
+                "status": r.status,
+                "order_id": r.order_id,
+                "subscription_id": r.subscription_id,
+            }
         if event.event == "payment.failed":
             f = razorpay.handle_payment_failed(session, event)
-            return {"event": event.event, "status": f.status, "order_id": f.order_id,
-                    "subscription_id": f.subscription_id, "reason": f.reason}
+            return {
+                "event": event.event,
+                "status": f.status,
+                "order_id": f.order_id,
+                "subscription_id": f.subscription_id,
+                "reason": f.reason,
+            }
         new = razorpay.record_ignored(session, event)
         return {"event": event.event, "status": "ignored" if new else "replay"}
 
@@ -202,9 +216,13 @@ def handle_razorpay_event(body: str, signature: str, event_id: str | None = None
         from flows.notifications import send_payment_failed
 
         # The event is already recorded; a dead message must not fail the webhook's run.
-        state = send_payment_failed(order_id=result["order_id"], subscription_id=result["subscription_id"],
-                                    reason=result["reason"], idempotency_key=f"razorpay:{event.event_id}",
-                                    return_state=True)
+        state = send_payment_failed(
+            order_id=result["order_id"],
+            subscription_id=result["subscription_id"],
+            reason=result["reason"],
+            idempotency_key=f"razorpay:{event.event_id}",
+            return_state=True,
+        )
         result["notification"] = state.type.value.lower()
     get_run_logger().info("razorpay %s %s: %s", event.event, event.event_id, result["status"])
     return result

@@ -185,9 +185,7 @@ def cart_batch(
         lock="" if dry_run else "FOR UPDATE SKIP LOCKED",
         gone=_CART_COUNT if dry_run else _CART_DELETE,
     )
-    rows = session.execute(
-        text(sql), {"cutoff": cutoff, "now": now, "after": after_id, "batch": batch_size}
-    ).all()
+    rows = session.execute(text(sql), {"cutoff": cutoff, "now": now, "after": after_id, "batch": batch_size}).all()
     claimed = sum(r.n for r in rows)
     removed = {phase: claimed}
     if phase == "carts_with_items":
@@ -277,9 +275,7 @@ def age_histogram(ages: Mapping[int, int], bins: Iterable[int] = AGE_BINS) -> pd
     if series.empty:
         counts = pd.Series(0, index=labels, dtype="int64")
     else:
-        buckets = pd.cut(
-            series.index.to_numpy(), bins=[*edges, float("inf")], right=False, labels=labels
-        )
+        buckets = pd.cut(series.index.to_numpy(), bins=[*edges, float("inf")], right=False, labels=labels)
         counts = series.groupby(buckets, observed=False).sum().reindex(labels, fill_value=0)
     return pd.DataFrame({"age_days": labels, "removed": counts.to_numpy().astype(int)})
 

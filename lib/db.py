@@ -29,10 +29,7 @@ class ServiceUnavailableError(Exception):
     """A service a command needs does not answer; the message says which and how to start it."""
 
 
-PG_HINT = (
-    "start PostgreSQL (e.g. `pg_ctlcluster --skip-systemctl-redirect <version> main start`) "
-    "or set DATABASE_URL"
-)
+PG_HINT = "start PostgreSQL (e.g. `pg_ctlcluster --skip-systemctl-redirect <version> main start`) or set DATABASE_URL"
 
 
 def unavailable(url: str, exc: BaseException) -> ServiceUnavailableError:
@@ -92,9 +89,7 @@ def ensure_database(url: str) -> bool:
     admin = build_engine(target.set(database="postgres").render_as_string(False), 1)
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}
-            ).scalar()
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}).scalar()
             if exists:
                 return False
             conn.execute(text(f'CREATE DATABASE "{target.database}"'))

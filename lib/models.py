@@ -179,9 +179,7 @@ class Cart(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     created_at: Mapped[dt.datetime] = _now()
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
 
 
 class CartItem(Base):
@@ -204,9 +202,7 @@ class AuditLog(Base):
     entity: Mapped[str] = mapped_column(String(100))
     entity_id: Mapped[str | None] = mapped_column(String(100))
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    created_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
 
 
 class UserSession(Base):
@@ -217,9 +213,7 @@ class UserSession(Base):
     customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"), index=True)
     user_agent: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[dt.datetime] = _now()
-    last_active_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )
+    last_active_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
 
 
 class Notification(Base):

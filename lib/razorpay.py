@@ -86,13 +86,16 @@ class ChargeResult:
 
 def _claim_event(session: Session, ev: RazorpayEvent, result: str) -> bool:
     """Insert the event id; False means we have handled it before."""
-    return session.execute(
-        text(
-            "INSERT INTO webhook_events (event_id, event_type, result) VALUES (:i, :t, :r) "
-            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-        ),
-        {"i": ev.event_id, "t": ev.event, "r": result},
-    ).first() is not None
+    return (
+        session.execute(
+            text(
+                "INSERT INTO webhook_events (event_id, event_type, result) VALUES (:i, :t, :r) "
+                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+            ),
+            {"i": ev.event_id, "t": ev.event, "r": result},
+        ).first()
+        is not None
+    )
 
 
 def _set_result(session: Session, ev: RazorpayEvent, result: str) -> None:
@@ -109,27 +112,30 @@ def handle_charged(session: Session, ev: RazorpayEvent, today: dt.date) -> Charg
     if not _claim_event(session, ev, "processing"):
         return ChargeResult("replay")
     sub = session.execute(
-        text("SELECT id, status, next_delivery_date FROM subscriptions WHERE razorpay_subscription_id = :r "
-             "FOR UPDATE"),
+        text("SELECT id, status, next_delivery_date FROM subscriptions WHERE razorpay_subscription_id = :r FOR UPDATE"),
         {"r": rzp_sub},
     ).first()
     if sub is None:
         raise NotFoundError(f"no subscription has razorpay_subscription_id {rzp_sub}")
-    paid = session.execute(
-        text("SELECT id FROM orders WHERE razorpay_payment_id = :p"), {"p": pay_id}
-    ).scalar()
+    paid = session.execute(text("SELECT id FROM orders WHERE razorpay_payment_id = :p"), {"p": pay_id}).scalar()
     if paid is not None:
         _set_result(session, ev, f"payment already on order {paid}")
         return ChargeResult("replay", paid, sub.id)
     if sub.status != "active":
-        record_outcomes(session, [Outcome(sub.id, 0, "", sub.next_delivery_date, "inactive",
-                                          f"charged while {sub.status}")], today, ev.event_id)
+        record_outcomes(
+            session,
+            [Outcome(sub.id, 0, "", sub.next_delivery_date, "inactive", f"charged while {sub.status}")],
+            today,
+            ev.event_id,
+        )
         _set_result(session, ev, f"subscription {sub.id} is {sub.status}")
         return ChargeResult("inactive", None, sub.id)
     # This cycle's order: an unpaid one the nightly run made, else make it now the same way.
     order_id = session.execute(
-        text("SELECT id FROM orders WHERE subscription_id = :s AND razorpay_payment_id IS NULL "
-             "AND delivery_date <= :nd ORDER BY delivery_date DESC LIMIT 1 FOR UPDATE"),
+        text(
+            "SELECT id FROM orders WHERE subscription_id = :s AND razorpay_payment_id IS NULL "
+            "AND delivery_date <= :nd ORDER BY delivery_date DESC LIMIT 1 FOR UPDATE"
+        ),
         {"s": sub.id, "nd": sub.next_delivery_date},
     ).scalar()
     if order_id is None:

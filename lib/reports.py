@@ -26,8 +26,19 @@ from lib.models import NOTIFICATION_STATUSES
 
 # Prefect state types that end a run, and which of them count as a success.
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-RUN_COLUMNS = ["flow", "runs", "completed", "failed", "crashed", "cancelled", "in_progress",
-               "success_rate", "p50_s", "p95_s", "retries"]
+RUN_COLUMNS = [
+    "flow",
+    "runs",
+    "completed",
+    "failed",
+    "crashed",
+    "cancelled",
+    "in_progress",
+    "success_rate",
+    "p50_s",
+    "p95_s",
+    "retries",
+]
 MAX_ERROR_CHARS = 160
 
 
@@ -59,19 +70,21 @@ def run_summary(rows: Iterable[RunRow]) -> pd.DataFrame:
         finished = int(sum(states.get(s, 0) for s in TERMINAL))
         # Durations of runs that ran to an end; a cancelled or crashed run's time says little.
         ran = g.loc[g["state_type"].isin(("COMPLETED", "FAILED")), "duration_s"].dropna()
-        out.append({
-            "flow": flow,
-            "runs": len(g),
-            "completed": int(states.get("COMPLETED", 0)),
-            "failed": int(states.get("FAILED", 0)),
-            "crashed": int(states.get("CRASHED", 0)),
-            "cancelled": int(states.get("CANCELLED", 0)),
-            "in_progress": len(g) - finished,
-            "success_rate": round(states.get("COMPLETED", 0) / finished, 3) if finished else math.nan,
-            "p50_s": round(float(ran.quantile(0.5)), 2) if len(ran) else math.nan,
-            "p95_s": round(float(ran.quantile(0.95)), 2) if len(ran) else math.nan,
-            "retries": int(g["retries"].sum()),
-        })
+        out.append(
+            {
+                "flow": flow,
+                "runs": len(g),
+                "completed": int(states.get("COMPLETED", 0)),
+                "failed": int(states.get("FAILED", 0)),
+                "crashed": int(states.get("CRASHED", 0)),
+                "cancelled": int(states.get("CANCELLED", 0)),
+                "in_progress": len(g) - finished,
+                "success_rate": round(states.get("COMPLETED", 0) / finished, 3) if finished else math.nan,
+                "p50_s": round(float(ran.quantile(0.5)), 2) if len(ran) else math.nan,
+                "p95_s": round(float(ran.quantile(0.95)), 2) if len(ran) else math.nan,
+                "retries": int(g["retries"].sum()),
+            }
+        )
     return pd.DataFrame(out, columns=RUN_COLUMNS)
 
 
@@ -94,11 +107,14 @@ def dead_letter_summary(rows: Iterable[dict[str, Any]], top: int = 10) -> pd.Dat
     frame = pd.DataFrame(list(rows), columns=["channel", "template", "last_error", "n", "latest"])
     if frame.empty:
         return frame
-    frame["last_error"] = frame["last_error"].fillna("(no error recorded)").map(
-        lambda e: scrub(str(e).splitlines()[0] if str(e) else "")[:MAX_ERROR_CHARS]
+    frame["last_error"] = (
+        frame["last_error"]
+        .fillna("(no error recorded)")
+        .map(lambda e: scrub(str(e).splitlines()[0] if str(e) else "")[:MAX_ERROR_CHARS])
     )
-    frame = (frame.groupby(["channel", "template", "last_error"], dropna=False, as_index=False)
-             .agg(n=("n", "sum"), latest=("latest", "max")))
+    frame = frame.groupby(["channel", "template", "last_error"], dropna=False, as_index=False).agg(
+        n=("n", "sum"), latest=("latest", "max")
+    )
     return frame.sort_values(["n", "latest"], ascending=[False, False]).head(top).reset_index(drop=True)
 
 
@@ -119,8 +135,10 @@ def outcomes_per_day(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def notification_rows(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
     """Messages created since ``since``, counted by channel and status."""
     result = session.execute(
-        text("SELECT channel, status, count(*) AS n FROM notifications WHERE created_at >= :since "
-             "GROUP BY channel, status ORDER BY channel, status"),
+        text(
+            "SELECT channel, status, count(*) AS n FROM notifications WHERE created_at >= :since "
+            "GROUP BY channel, status ORDER BY channel, status"
+        ),
         {"since": since},
     )
     return [dict(r._mapping) for r in result]
@@ -129,9 +147,11 @@ def notification_rows(session: Session, since: dt.datetime) -> list[dict[str, An
 def dead_letter_rows(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
     """Dead letters touched since ``since``, grouped by channel, template and error."""
     result = session.execute(
-        text("SELECT channel, coalesce(template, '-') AS template, last_error, count(*) AS n, "
-             "max(updated_at) AS latest FROM notifications WHERE status = 'dead' AND updated_at >= :since "
-             "GROUP BY channel, template, last_error"),
+        text(
+            "SELECT channel, coalesce(template, '-') AS template, last_error, count(*) AS n, "
+            "max(updated_at) AS latest FROM notifications WHERE status = 'dead' AND updated_at >= :since "
+            "GROUP BY channel, template, last_error"
+        ),
         {"since": since},
     )
     return [dict(r._mapping) for r in result]
@@ -140,8 +160,10 @@ def dead_letter_rows(session: Session, since: dt.datetime) -> list[dict[str, Any
 def outcome_rows(session: Session, since: dt.date) -> list[dict[str, Any]]:
     """Subscriptions decided per run date and outcome since ``since`` (twin runs counted once)."""
     result = session.execute(
-        text("SELECT run_date, outcome, count(DISTINCT subscription_id) AS n FROM subscription_outcomes "
-             "WHERE run_date >= :since GROUP BY run_date, outcome ORDER BY run_date, outcome"),
+        text(
+            "SELECT run_date, outcome, count(DISTINCT subscription_id) AS n FROM subscription_outcomes "
+            "WHERE run_date >= :since GROUP BY run_date, outcome ORDER BY run_date, outcome"
+        ),
         {"since": since},
     )
     return [dict(r._mapping) for r in result]
@@ -188,8 +210,11 @@ class Report:
 
     def headline(self) -> dict[str, Any]:
         """The numbers the flow returns."""
-        finished = int(self.runs[["completed", "failed", "crashed", "cancelled"]].to_numpy().sum()) \
-            if not self.runs.empty else 0
+        finished = (
+            int(self.runs[["completed", "failed", "crashed", "cancelled"]].to_numpy().sum())
+            if not self.runs.empty
+            else 0
+        )
         completed = int(self.runs["completed"].sum()) if not self.runs.empty else 0
         return {
             "since": self.since.isoformat(),
@@ -240,19 +265,32 @@ def render_chart(report: Report, dpi: int = 90) -> bytes:
 
     fig = Figure(figsize=(11, 4.2), dpi=dpi, layout="constrained")
     left, right = fig.subplots(1, 2)
-    _stacked_bars(left, report.runs, "flow", ["completed", "failed", "crashed", "cancelled", "in_progress"],
-                  ["#2e7d32", "#c62828", "#6a1b9a", "#9e9e9e", "#1565c0"], horizontal=True)
+    _stacked_bars(
+        left,
+        report.runs,
+        "flow",
+        ["completed", "failed", "crashed", "cancelled", "in_progress"],
+        ["#2e7d32", "#c62828", "#6a1b9a", "#9e9e9e", "#1565c0"],
+        horizontal=True,
+    )
     left.set_title("Flow runs by end state")
-    _stacked_bars(right, report.outcomes, "run_date", ["created", "out_of_stock", "inactive", "failed"],
-                  ["#2e7d32", "#ef6c00", "#9e9e9e", "#c62828"], horizontal=False)
+    _stacked_bars(
+        right,
+        report.outcomes,
+        "run_date",
+        ["created", "out_of_stock", "inactive", "failed"],
+        ["#2e7d32", "#ef6c00", "#9e9e9e", "#c62828"],
+        horizontal=False,
+    )
     right.set_title("Subscription outcomes per run date")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
-def _stacked_bars(ax, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str],
-                  horizontal: bool) -> None:
+def _stacked_bars(
+    ax, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str], horizontal: bool
+) -> None:
     if frame.empty:
         ax.text(0.5, 0.5, "no data in this period", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()

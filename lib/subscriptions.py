@@ -115,8 +115,14 @@ def claim_due(
             "                WHERE o.subscription_id = s.id AND o.run_id = :run_id OFFSET 0) "
             "ORDER BY s.next_delivery_date, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
         ),
-        {"run_date": run_date, "limit": limit, "run_id": run_id, "only_ids": list(only_ids or []),
-         "lane": lane[0] if lane else 0, "lanes": lane[1] if lane else 1},
+        {
+            "run_date": run_date,
+            "limit": limit,
+            "run_id": run_id,
+            "only_ids": list(only_ids or []),
+            "lane": lane[0] if lane else 0,
+            "lanes": lane[1] if lane else 1,
+        },
     ).all()
     return [DueSub(*r) for r in rows]
 
@@ -201,18 +207,46 @@ def _apply(session: Session, subs: Sequence[DueSub], run_date: dt.date, run_id: 
     for s in served:
         if s.id in order_ids:
             unit = products[s.product_id].price_paise
-            outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created",
-                                    None, order_ids[s.id], s.quantity, unit * s.quantity))
+            outcomes.append(
+                Outcome(
+                    s.id,
+                    s.product_id,
+                    s.frequency,
+                    s.next_delivery_date,
+                    "created",
+                    None,
+                    order_ids[s.id],
+                    s.quantity,
+                    unit * s.quantity,
+                )
+            )
             moved.append(s)
     for s in subs:
         if s.id in existing:
-            outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created",
-                                    "order already existed", existing[s.id]))
+            outcomes.append(
+                Outcome(
+                    s.id,
+                    s.product_id,
+                    s.frequency,
+                    s.next_delivery_date,
+                    "created",
+                    "order already existed",
+                    existing[s.id],
+                )
+            )
             moved.append(s)
     for s in short:
         have = products[s.product_id].stock
-        outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock",
-                                f"needs {s.quantity}, {have} in stock before this batch"))
+        outcomes.append(
+            Outcome(
+                s.id,
+                s.product_id,
+                s.frequency,
+                s.next_delivery_date,
+                "out_of_stock",
+                f"needs {s.quantity}, {have} in stock before this batch",
+            )
+        )
     if moved:
         session.execute(
             text(
@@ -331,22 +365,31 @@ def night_tables(groups: pd.DataFrame, batch_ms: Sequence[float], top_products: 
             t = groups.groupby(dim, as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
             parts.append(t.assign(dimension=dim, key=t[dim].astype(str)))
         created = groups[groups["outcome"] == "created"]
-        t = (created.groupby("product_id", as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
-             .sort_values(["units", "product_id"], ascending=[False, True]).head(top_products))
+        t = (
+            created.groupby("product_id", as_index=False)[["subscriptions", "units", "revenue_paise"]]
+            .sum()
+            .sort_values(["units", "product_id"], ascending=[False, True])
+            .head(top_products)
+        )
         parts.append(t.assign(dimension="product (top by units)", key=t["product_id"].astype(str)))
-    table = (pd.concat(parts, ignore_index=True) if parts
-             else pd.DataFrame(columns=["dimension", "key", "subscriptions", "units", "revenue_paise"]))
+    table = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["dimension", "key", "subscriptions", "units", "revenue_paise"])
+    )
     table["revenue_inr"] = (table["revenue_paise"] / 100).round(2)
     table = table[["dimension", "key", "subscriptions", "units", "revenue_inr"]]
     if len(batch_ms):
         s = pd.Series(batch_ms, dtype=float)
-        timing = pd.DataFrame({
-            "dimension": "batch duration (ms)",
-            "key": ["batches", "p50", "p95", "max"],
-            "subscriptions": [len(s), None, None, None],
-            "units": [None, round(s.median(), 1), round(s.quantile(0.95), 1), round(s.max(), 1)],
-            "revenue_inr": None,
-        })
+        timing = pd.DataFrame(
+            {
+                "dimension": "batch duration (ms)",
+                "key": ["batches", "p50", "p95", "max"],
+                "subscriptions": [len(s), None, None, None],
+                "units": [None, round(s.median(), 1), round(s.quantile(0.95), 1), round(s.max(), 1)],
+                "revenue_inr": None,
+            }
+        )
         table = pd.concat([table, timing], ignore_index=True)
     return table
 
@@ -448,8 +491,17 @@ def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
         served, short, stock_left = allocate([s for s in subs if s.id not in existing], stock)
         stock.update(stock_left)
         outcomes = [
-            Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "created", None, None,
-                    s.quantity, (price[s.product_id] or 0) * s.quantity)
+            Outcome(
+                s.id,
+                s.product_id,
+                s.frequency,
+                s.next_delivery_date,
+                "created",
+                None,
+                None,
+                s.quantity,
+                (price[s.product_id] or 0) * s.quantity,
+            )
             for s in served
         ] + [Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock") for s in short]
         groups = summarize(outcomes, groups)

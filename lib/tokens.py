@@ -31,7 +31,6 @@ import enum
 import hashlib
 import hmac
 import logging
-import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -366,7 +365,8 @@ return out
 """
 
 # Per-user index entries whose token key is gone (expired natively or deleted).
-_PURGE_USERS = """
+_PURGE_USERS = (
+    """
 local p, dry = ARGV[1], ARGV[2] == '1'
 local counts = {}
 for _, ukey in ipairs(KEYS) do
@@ -378,11 +378,14 @@ for _, ukey in ipairs(KEYS) do
     end
   end
 end
-""" + _RETURN_COUNTS
+"""
+    + _RETURN_COUNTS
+)
 
 # Token keys found by SCAN that have no TTL: deleted once their own `e` passed, else
 # their TTL is put back (and their index entry). Keys with a running TTL are skipped.
-_PURGE_TTL_LOST = """
+_PURGE_TTL_LOST = (
+    """
 local p, now, dry = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local base = #p + 5
 local counts = {}
@@ -419,7 +422,9 @@ for _, key in ipairs(KEYS) do
     end
   end
 end
-""" + _RETURN_COUNTS
+"""
+    + _RETURN_COUNTS
+)
 
 
 def _pairs(flat: list) -> dict[str, int]:
@@ -525,83 +530,3 @@ def purge_ttl_lost_keys(
             }
             stats.add(removed, (time.perf_counter() - started) * 1000)
     return stats
-
-
-def cleanup_expired(
-    *, client: Client | None = None, dry_run: bool = False, limits: Limits | None = None
-) -> PassStats:
-    """The whole token cleanup in one call: every kind's index, the per-user index, then TTL-less keys."""
-    total = PassStats()
-    limits = limits or Limits()
-    for kind in KINDS:
-        total = total.merge(purge_expired_index(kind, client=client, dry_run=dry_run, limits=limits))
-    total = total.merge(purge_dangling_user_entries(client=client, dry_run=dry_run, limits=limits))
-    return total.merge(purge_ttl_lost_keys(client=client, dry_run=dry_run, limits=limits))
-
-
-# ---- demo data ------------------------------------------------------------------------------
-
-
-# Bulk loader for demo data: one script call per chunk instead of ~4 commands per token,
-# because packing and parsing commands in redis-py, not Redis, is what costs.
-# ARGV: prefix, now, and one string of "kind id user expiry mode\n" lines (one argument:
-# encoding thousands of arguments is slow too); mode L = live with a TTL, G = gone
-# (expired natively: only index entries remain), P = lost its TTL.
-_SEED = """
-local p, now = ARGV[1], tonumber(ARGV[2])
-local n = 0
-for kind, id, u, e, mode in string.gmatch(ARGV[3], '(%S+) (%S+) (%S+) (%S+) (%S+)\\n') do
-  local key = p .. 'tok:' .. kind .. ':' .. id
-  if mode ~= 'G' then
-    redis.call('HSET', key, 'u', u, 'e', e)
-    if mode == 'L' then redis.call('PEXPIRE', key, tonumber(e) - now) end
-  end
-  redis.call('ZADD', p .. 'tokexp:' .. kind, e, id)
-  redis.call('SADD', p .. 'tokuser:' .. u, kind .. ':' .. id)
-  n = n + 1
-end
-return n
-"""
-
-
-def seed_demo_tokens(n: int, rng: random.Random, *, client: Client | None = None, chunk: int = 2000) -> int:
-    """Write ``n`` demo tokens of mixed kinds, a chunk per script call; about a quarter give cleanup work.
-
-    ~75 % live (TTL 15 min to 24 h); ~15 % already expired natively (index and per-user
-    entries left behind, key gone); ~10 % lost their TTL and are past expiry (key kept,
-    no TTL). Ids are random: nobody needs the raw demo tokens. Returns n.
-    """
-    if n < 0:
-        raise InvalidInputError("n must be >= 0")
-    r = _client(client)
-    now = now_ms()
-    users = max(n // 2, 2)
-    written = 0
-    with _answering(r):
-        script = r.register_script(_SEED)
-        while written < n:
-            size = min(chunk, n - written)
-            lines = []
-            for kind in rng.choices(KINDS, (45, 35, 20), k=size):
-                uid = str(rng.randrange(1, users))
-                roll = rng.random()
-                if roll < 0.75:
-                    expires, mode = now + rng.randrange(15 * 60_000, 24 * 3_600_000), "L"
-                else:
-                    expires, mode = now - rng.randrange(1, 7 * 24 * 3_600_000), ("P" if roll >= 0.90 else "G")
-                tid = uid if kind == "otp" else rng.randbytes(16).hex()
-                lines.append(f"{kind} {tid} {uid} {expires} {mode}\n")
-            written += int(script(keys=[], args=[_prefix(), now, "".join(lines)]))
-    return written
-
-
-def delete_prefix(prefix: str, *, client: Client | None = None, count: int = 5000) -> int:
-    """UNLINK every key under ``prefix`` (benchmarks and tests); refuses an empty prefix."""
-    if not prefix:
-        raise InvalidInputError("refusing to delete every key: empty prefix")
-    r = _client(client)
-    removed = 0
-    with _answering(r):
-        for keys in _scan_batches(r, f"{prefix}*", count, None):
-            removed += int(r.unlink(*keys))
-    return removed

@@ -34,9 +34,9 @@ os.environ.update(
     }
 )
 
+from deployments.dev.smtp_sink import DevSMTPServer, free_port  # noqa: E402
 from lib import db  # noqa: E402
 from lib.config import get_settings  # noqa: E402
-from lib.devsmtp import DevSMTPServer, free_port  # noqa: E402
 from tests.servers import start_gateway  # noqa: E402
 
 APP_TABLES = (

@@ -21,8 +21,8 @@ from uuid import UUID
 import pytest
 
 from deployments.cli import api_healthy
-from lib.devsmtp import free_port
-from tests.processes import Proc
+from deployments.dev.processes import Proc
+from deployments.dev.smtp_sink import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -48,8 +48,12 @@ def prefect_server(e2e_dir, migrated_database, redis_session, smtp_server) -> It
         "REPORTS_DIR": str(e2e_dir / "reports"),
         "PYTHONUNBUFFERED": "1",
     }
-    server = Proc("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env, e2e_dir)
+    server = Proc(
+        "server",
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        e2e_dir,
+    )
     try:
         deadline = time.monotonic() + 90
         while not api_healthy(api_url):
@@ -87,8 +91,14 @@ def spawn(prefect_server, e2e_dir):
 
 def prefect_cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     """Run a `prefect` command against the test server; fail the test with its output if it fails."""
-    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{out[-3000:]}"
     return out

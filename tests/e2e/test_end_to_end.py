@@ -39,8 +39,9 @@ def _orders_per_subscription(pg) -> dict[int, int]:
 
 def _latest_artifact(key: str):
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     assert found, f"no artifact {key}"
     return found[0]
 
@@ -49,13 +50,18 @@ def test_served_deployments_run_the_nightly_batch_and_the_cart_cleanup(pg, smtp,
     """`indostar-jobs serve` + `prefect deployment run`: orders made once, stale carts gone, artifact published."""
     subs = _seed_night(pg, due=6)
     with pg.begin() as conn:
-        conn.execute(text("INSERT INTO carts (created_at, updated_at) SELECT now() - interval '40 days', "
-                          "now() - interval '40 days' FROM generate_series(1, 5)"))
+        conn.execute(
+            text(
+                "INSERT INTO carts (created_at, updated_at) SELECT now() - interval '40 days', "
+                "now() - interval '40 days' FROM generate_series(1, 5)"
+            )
+        )
     fresh_cart = make_cart(pg, age_days=3, items=1)
     serve = spawn("serve", "-m", "deployments.cli", "serve")
     wait_for_deployment("cleanup-expired-carts/daily", proc=serve)
-    nightly = run_id_from(prefect_cli(prefect_server, "deployment", "run", NIGHTLY,
-                                      "-p", f"run_date={RUN_DATE.isoformat()}"))
+    nightly = run_id_from(
+        prefect_cli(prefect_server, "deployment", "run", NIGHTLY, "-p", f"run_date={RUN_DATE.isoformat()}")
+    )
     carts = run_id_from(prefect_cli(prefect_server, "deployment", "run", "cleanup-expired-carts/daily"))
     assert wait_for_run(nightly, proc=serve).state_type.value == "COMPLETED", serve.tail()
     assert wait_for_run(carts, proc=serve).state_type.value == "COMPLETED", serve.tail()
@@ -71,8 +77,9 @@ def test_served_deployments_run_the_nightly_batch_and_the_cart_cleanup(pg, smtp,
     assert len(smtp.messages) == len(subs)  # one order confirmation each, through the served notifications flow
 
 
-def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_batch(pg, smtp, api, prefect_server,
-                                                                                    spawn):
+def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_batch(
+    pg, smtp, api, prefect_server, spawn
+):
     """setup-pool, `prefect deploy --all`, then `prefect worker start --run-once` on `subscriptions` completes it."""
     subs = _seed_night(pg, due=4)
     spawn("setup", "-m", "deployments.cli", "setup-pool").popen.wait(timeout=60)
@@ -82,17 +89,38 @@ def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_ba
     with get_client(sync_client=True) as client:
         queue = client.read_work_queue_by_name("subscriptions", work_pool_name="indostar")
         assert (queue.priority, queue.concurrency_limit) == (3, 4)
-    run_id = run_id_from(prefect_cli(prefect_server, "deployment", "run", NIGHTLY, "-p",
-                                     f"run_date={RUN_DATE.isoformat()}", "-p", "send_confirmations=false"))
-    worker = spawn("worker", "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue",
-                   "subscriptions", "--run-once")
+    run_id = run_id_from(
+        prefect_cli(
+            prefect_server,
+            "deployment",
+            "run",
+            NIGHTLY,
+            "-p",
+            f"run_date={RUN_DATE.isoformat()}",
+            "-p",
+            "send_confirmations=false",
+        )
+    )
+    worker = spawn(
+        "worker",
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        "indostar",
+        "--work-queue",
+        "subscriptions",
+        "--run-once",
+    )
     run = wait_for_run(run_id, timeout=120, proc=worker)
     assert run.state_type.value == "COMPLETED", worker.tail()
     assert _orders_per_subscription(pg) == dict.fromkeys(subs, 1)
 
 
 def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is_duplicated(
-        pg, smtp, api, prefect_server, spawn):
+    pg, smtp, api, prefect_server, spawn
+):
     """SIGTERM to a worker mid-run: the run crashes, the automation reschedules it once, a new worker finishes it."""
     import signal
     import time
@@ -103,11 +131,23 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
     subs = _seed_night(pg, due=1500)
     spawn("setup", "-m", "deployments.cli", "setup-pool").popen.wait(timeout=60)  # idempotent, like deploy
     prefect_cli(prefect_server, "deploy", "--all", timeout=240)
-    run_id = run_id_from(prefect_cli(prefect_server, "deployment", "run", NIGHTLY, "-p",
-                                     f"run_date={RUN_DATE.isoformat()}", "-p", "send_confirmations=false",
-                                     "-p", "batch_size=2", "-p", "max_concurrency=1"))
-    first = spawn("worker-1", "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue",
-                  "subscriptions")
+    run_id = run_id_from(
+        prefect_cli(
+            prefect_server,
+            "deployment",
+            "run",
+            NIGHTLY,
+            "-p",
+            f"run_date={RUN_DATE.isoformat()}",
+            "-p",
+            "send_confirmations=false",
+            "-p",
+            "batch_size=2",
+            "-p",
+            "max_concurrency=1",
+        )
+    )
+    first = spawn("worker-1", "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue", "subscriptions")
     deadline = time.monotonic() + 90
     while count_rows(pg, "orders") < 20:  # mid-run: some batches committed, most still due
         assert time.monotonic() < deadline, first.tail()
@@ -116,12 +156,24 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
     done_before = count_rows(pg, "orders")
     assert done_before < len(subs), "the run finished before the worker was stopped; seed more rows"
     # Nobody reports the crash: the zombie automation marks it Crashed after ZOMBIE_AFTER without heartbeats.
-    rescheduled = wait_for_run(run_id, timeout=ZOMBIE_AFTER.total_seconds() + 60,
-                               states={"SCHEDULED", "COMPLETED", "FAILED"}, proc=first)
-    assert rescheduled.state_type.value == "SCHEDULED" and rescheduled.state_name == "Rescheduled", \
+    rescheduled = wait_for_run(
+        run_id, timeout=ZOMBIE_AFTER.total_seconds() + 60, states={"SCHEDULED", "COMPLETED", "FAILED"}, proc=first
+    )
+    assert rescheduled.state_type.value == "SCHEDULED" and rescheduled.state_name == "Rescheduled", (
         f"{rescheduled.state_name}: {rescheduled.state.message if rescheduled.state else ''}"
-    second = spawn("worker-2", "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue",
-                   "subscriptions", "--run-once")
+    )
+    second = spawn(
+        "worker-2",
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        "indostar",
+        "--work-queue",
+        "subscriptions",
+        "--run-once",
+    )
     finished = wait_for_run(run_id, timeout=120, proc=second)
     assert finished.state_type.value == "COMPLETED", second.tail()
     assert finished.run_count >= 2

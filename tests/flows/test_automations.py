@@ -23,8 +23,12 @@ def _ours() -> dict[str, list]:
 def test_create_automations_creates_each_once_and_a_second_call_updates_in_place(smtp):
     """Running the command twice leaves exactly one automation per name, enabled, same ids."""
     first = automations.create_automations()
-    assert first == [automations.RESCHEDULE, automations.EMAIL_FAILED, automations.EMAIL_CRASHED_TWICE,
-                     automations.MARK_ZOMBIES]
+    assert first == [
+        automations.RESCHEDULE,
+        automations.EMAIL_FAILED,
+        automations.EMAIL_CRASHED_TWICE,
+        automations.MARK_ZOMBIES,
+    ]
     ids = {name: [a.id for a in found] for name, found in _ours().items()}
     assert automations.create_automations() == first
     after = _ours()

@@ -49,13 +49,22 @@ def reports_dir(tmp_path, monkeypatch):
 def _seed_tables(pg) -> None:
     sub = make_subscription(pg, due=dt.date.today())
     with pg.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO notifications (idempotency_key, channel, template, recipient, payload, status, last_error) "
-            "VALUES ('k1', 'email', 'order_confirmation', 'a@example.in', '{}', 'sent', NULL), "
-            "('k2', 'email', 'order_confirmation', 'b@example.in', '{}', 'dead', 'SMTP 550 no such user b@example.in'),"
-            " ('k3', 'sms', 'order_shipped', '+919876543210', '{}', 'pending', NULL)"))
-        conn.execute(text("INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, "
-                          "run_id) VALUES (:s, current_date, current_date, 'out_of_stock', 'r1')"), {"s": sub})
+        conn.execute(
+            text(
+                "INSERT INTO notifications (idempotency_key, channel, template, recipient, payload, status, "
+                "last_error) VALUES ('k1', 'email', 'order_confirmation', 'a@example.in', '{}', 'sent', NULL), "
+                "('k2', 'email', 'order_confirmation', 'b@example.in', '{}', 'dead', "
+                "'SMTP 550 no such user b@example.in'), "
+                "('k3', 'sms', 'order_shipped', '+919876543210', '{}', 'pending', NULL)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, "
+                "run_id) VALUES (:s, current_date, current_date, 'out_of_stock', 'r1')"
+            ),
+            {"s": sub},
+        )
 
 
 def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(pg, smtp, reports_dir):
@@ -69,8 +78,11 @@ def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(
     assert Path(stats["chart"]).read_bytes().startswith(b"\x89PNG")
     assert Path(stats["chart"]).parent == reports_dir.resolve()
     with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ops-report"])),
-                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ops-report"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
     md = artifact.data
     assert artifact.type == "markdown"
     probe_row = next(line for line in md.splitlines() if line.startswith("| report-probe-ok |"))

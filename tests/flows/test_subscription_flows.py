@@ -40,8 +40,10 @@ def latest_artifact(key):
     async def read():
         async with get_client() as client:
             found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC,
-                limit=1)
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=1,
+            )
             return found[0] if found else None
 
     return asyncio.run(read())
@@ -126,15 +128,27 @@ def test_single_subscription_unknown_or_inactive_fails_clearly(pg):
 
 
 def charged(rzp_sub: str, pay_id: str, amount: int = 129_900) -> str:
-    return json.dumps({
-        "entity": "event", "account_id": "acc_test", "event": "subscription.charged",
-        "contains": ["subscription", "payment"], "created_at": 1_795_000_000,
-        "payload": {
-            "subscription": {"entity": {"id": rzp_sub, "entity": "subscription", "status": "active"}},
-            "payment": {"entity": {"id": pay_id, "entity": "payment", "amount": amount, "currency": "INR",
-                                   "status": "captured"}},
-        },
-    })
+    return json.dumps(
+        {
+            "entity": "event",
+            "account_id": "acc_test",
+            "event": "subscription.charged",
+            "contains": ["subscription", "payment"],
+            "created_at": 1_795_000_000,
+            "payload": {
+                "subscription": {"entity": {"id": rzp_sub, "entity": "subscription", "status": "active"}},
+                "payment": {
+                    "entity": {
+                        "id": pay_id,
+                        "entity": "payment",
+                        "amount": amount,
+                        "currency": "INR",
+                        "status": "captured",
+                    }
+                },
+            },
+        }
+    )
 
 
 def test_webhook_charge_creates_one_paid_order_and_replay_is_noop(pg):
@@ -191,9 +205,21 @@ def test_payment_failed_event_notifies_the_customer(pg, smtp, sms_gateway):
     """payment.failed asks for the payment-failed email, once even if the event is replayed."""
     customer = make_customer(pg, email="arjun.iyer@example.in")
     sid = make_subscription(pg, customer_id=customer, due=TODAY)
-    body = json.dumps({"event": "payment.failed", "payload": {"payment": {"entity": {
-        "id": "pay_F1", "status": "failed", "error_description": "Card declined by bank",
-        "notes": {"subscription_id": str(sid)}}}}})
+    body = json.dumps(
+        {
+            "event": "payment.failed",
+            "payload": {
+                "payment": {
+                    "entity": {
+                        "id": "pay_F1",
+                        "status": "failed",
+                        "error_description": "Card declined by bank",
+                        "notes": {"subscription_id": str(sid)},
+                    }
+                }
+            },
+        }
+    )
     for _ in range(2):
         handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_pf1")
     assert [m.rcpt_tos for m in smtp.messages] == [["arjun.iyer@example.in"]]

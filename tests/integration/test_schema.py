@@ -6,13 +6,23 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
+from deployments.dev.seed import SeedCounts, seed
 from lib import db
 from lib.config import get_settings
-from lib.seed import SeedCounts, seed
 
 EXPECTED = {
-    "customers", "products", "subscriptions", "orders", "order_items", "subscription_outcomes",
-    "carts", "cart_items", "audit_logs", "user_sessions", "notifications", "webhook_events",
+    "customers",
+    "products",
+    "subscriptions",
+    "orders",
+    "order_items",
+    "subscription_outcomes",
+    "carts",
+    "cart_items",
+    "audit_logs",
+    "user_sessions",
+    "notifications",
+    "webhook_events",
 }
 
 
@@ -50,20 +60,32 @@ def test_stock_cannot_go_negative(pg):
 def test_one_order_per_subscription_and_date(pg):
     """UNIQUE (subscription_id, delivery_date) refuses a second order for the same cycle."""
     with pg.begin() as c:
-        seed(c, SeedCounts(customers=1, products=1, subscriptions=1, carts=0, tokens=0, audit_logs=0, sessions=0),
-             dt.date(2026, 1, 1))
-        c.execute(text("INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
-                       "VALUES (1, 1, '2026-01-01', 100)"))
+        seed(
+            c,
+            SeedCounts(customers=1, products=1, subscriptions=1, carts=0, tokens=0, audit_logs=0, sessions=0),
+            dt.date(2026, 1, 1),
+        )
+        c.execute(
+            text(
+                "INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
+                "VALUES (1, 1, '2026-01-01', 100)"
+            )
+        )
     with pytest.raises(IntegrityError), pg.begin() as c:
-        c.execute(text("INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
-                       "VALUES (1, 1, '2026-01-01', 100)"))
+        c.execute(
+            text(
+                "INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
+                "VALUES (1, 1, '2026-01-01', 100)"
+            )
+        )
 
 
 def test_seed_shape(pg):
     """The seed writes the counts asked for, with due, overdue, paused and out-of-stock rows."""
     today = dt.date(2026, 11, 28)
-    counts = SeedCounts(customers=300, products=60, subscriptions=3000, carts=500, tokens=0,
-                        audit_logs=400, sessions=200)
+    counts = SeedCounts(
+        customers=300, products=60, subscriptions=3000, carts=500, tokens=0, audit_logs=400, sessions=200
+    )
     with pg.begin() as c:
         out = seed(c, counts, today)
     assert out["subscriptions"] == 3000 and out["carts"] == 500 and out["customers"] == 300

@@ -62,8 +62,13 @@ def test_paused_and_cancelled_are_never_processed(pg):
     run_night()
     with pg.connect() as c:
         assert set(c.execute(text("SELECT subscription_id FROM orders")).scalars()) == {active}
-        assert c.execute(text("SELECT count(*) FROM subscription_outcomes WHERE subscription_id IN (:p, :c)"),
-                         {"p": paused, "c": cancelled}).scalar() == 0
+        assert (
+            c.execute(
+                text("SELECT count(*) FROM subscription_outcomes WHERE subscription_id IN (:p, :c)"),
+                {"p": paused, "c": cancelled},
+            ).scalar()
+            == 0
+        )
 
 
 def test_two_days_overdue_gets_one_order_and_moves_past_today(pg):
@@ -83,7 +88,7 @@ def test_order_rows_carry_price_quantity_and_stock_moves(pg):
     sid = make_subscription(pg, product_id=product, due=TODAY, quantity=3)
     run_night()
     with pg.connect() as c:
-        total, = c.execute(text("SELECT total_paise FROM orders WHERE subscription_id=:s"), {"s": sid}).one()
+        (total,) = c.execute(text("SELECT total_paise FROM orders WHERE subscription_id=:s"), {"s": sid}).one()
         items = c.execute(text("SELECT product_id, quantity, unit_price_paise FROM order_items")).all()
         stock = c.execute(text("SELECT stock FROM products WHERE id=:p"), {"p": product}).scalar()
     assert total == 135_000 and items == [(product, 3, 45_000)] and stock == 7
@@ -102,14 +107,27 @@ def test_second_run_creates_nothing(pg):
 
 def _seed_many(pg, n, products, stock):
     with pg.begin() as c:
-        c.execute(text("INSERT INTO customers (name, email) SELECT 'C', 'c' || g || '@example.in' "
-                       "FROM generate_series(1, :n) g"), {"n": n})
-        c.execute(text("INSERT INTO products (sku, name, price_paise, stock) SELECT 'P' || g, 'P', 10000, :s "
-                       "FROM generate_series(1, :p) g"), {"p": products, "s": stock})
-        c.execute(text(
-            "INSERT INTO subscriptions (customer_id, product_id, quantity, frequency, next_delivery_date, anchor_day) "
-            "SELECT g, 1 + g % :p, 1 + g % 3, 'monthly', :d - (g % 4), 28 FROM generate_series(1, :n) g"),
-            {"n": n, "p": products, "d": TODAY})
+        c.execute(
+            text(
+                "INSERT INTO customers (name, email) SELECT 'C', 'c' || g || '@example.in' "
+                "FROM generate_series(1, :n) g"
+            ),
+            {"n": n},
+        )
+        c.execute(
+            text(
+                "INSERT INTO products (sku, name, price_paise, stock) SELECT 'P' || g, 'P', 10000, :s "
+                "FROM generate_series(1, :p) g"
+            ),
+            {"p": products, "s": stock},
+        )
+        c.execute(
+            text(
+                "INSERT INTO subscriptions (customer_id, product_id, quantity, frequency, next_delivery_date, "
+                "anchor_day) SELECT g, 1 + g % :p, 1 + g % 3, 'monthly', :d - (g % 4), 28 FROM generate_series(1, :n) g"
+            ),
+            {"n": n, "p": products, "d": TODAY},
+        )
         total = c.execute(text("SELECT sum(stock) FROM products")).scalar()
     with pg.begin() as c:  # as autovacuum would after a bulk load
         c.execute(text("ANALYZE subscriptions, products, subscription_outcomes, orders"))
@@ -118,13 +136,21 @@ def _seed_many(pg, n, products, stock):
 
 def _check_exactly_once(pg, initial_stock):
     with pg.connect() as c:
-        dupes = c.execute(text("SELECT count(*) FROM (SELECT subscription_id FROM orders "
-                               "GROUP BY subscription_id HAVING count(*) > 1) d")).scalar()
+        dupes = c.execute(
+            text(
+                "SELECT count(*) FROM (SELECT subscription_id FROM orders "
+                "GROUP BY subscription_id HAVING count(*) > 1) d"
+            )
+        ).scalar()
         ordered_units = c.execute(text("SELECT coalesce(sum(quantity), 0) FROM order_items")).scalar()
         stock = c.execute(text("SELECT sum(stock) FROM products")).scalar()
-        still_due_with_stock = c.execute(text(
-            "SELECT count(*) FROM subscriptions s JOIN products p ON p.id = s.product_id "
-            "WHERE s.next_delivery_date <= :d AND p.stock >= s.quantity"), {"d": TODAY}).scalar()
+        still_due_with_stock = c.execute(
+            text(
+                "SELECT count(*) FROM subscriptions s JOIN products p ON p.id = s.product_id "
+                "WHERE s.next_delivery_date <= :d AND p.stock >= s.quantity"
+            ),
+            {"d": TODAY},
+        ).scalar()
         orders = c.execute(text("SELECT count(*) FROM orders")).scalar()
     assert dupes == 0
     assert stock == initial_stock - ordered_units
@@ -167,8 +193,12 @@ def test_killed_run_then_rerun_equals_one_clean_run(pg):
     initial = _seed_many(pg, 2000, products=50, stock=10_000)
     with pg.begin() as c:
         # Slow each batch a little (a real trigger) so the kill lands mid-run.
-        c.execute(text("CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
-                       "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$"))
+        c.execute(
+            text(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$"
+            )
+        )
         c.execute(text("CREATE TRIGGER slow AFTER INSERT ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow()"))
     try:
         proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(day=TODAY)], env=dict(os.environ))
@@ -192,10 +222,13 @@ def test_one_bad_row_fails_alone(pg):
     good = [make_subscription(pg, due=TODAY) for _ in range(5)]
     bad = make_subscription(pg, due=TODAY)
     with pg.begin() as c:
-        c.execute(text(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF NEW.subscription_id = {bad} THEN RAISE EXCEPTION 'order for % refused by test trigger', "
-            "NEW.subscription_id; END IF; RETURN NEW; END $$"))
+        c.execute(
+            text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.subscription_id = {bad} THEN RAISE EXCEPTION 'order for % refused by test trigger', "
+                "NEW.subscription_id; END IF; RETURN NEW; END $$"
+            )
+        )
         c.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION refuse()"))
     try:
         lane = run_night()
@@ -206,8 +239,9 @@ def test_one_bad_row_fails_alone(pg):
     assert lane.isolated_batches == 1
     with pg.connect() as c:
         assert set(c.execute(text("SELECT subscription_id FROM orders")).scalars()) == set(good)
-        outcome, reason = c.execute(text("SELECT outcome, reason FROM subscription_outcomes "
-                                         "WHERE subscription_id=:s"), {"s": bad}).one()
+        outcome, reason = c.execute(
+            text("SELECT outcome, reason FROM subscription_outcomes WHERE subscription_id=:s"), {"s": bad}
+        ).one()
         due = c.execute(text("SELECT next_delivery_date FROM subscriptions WHERE id=:s"), {"s": bad}).scalar()
     assert outcome == "failed" and "refused by test trigger" in reason and due == TODAY
 
@@ -246,14 +280,22 @@ def test_lanes_of_one_run_serve_the_oldest_due_first_per_product(pg):
     """Four lanes sharing a night order exactly the subscriptions a strict oldest-first allocation picks."""
     _seed_many(pg, 2000, products=30, stock=60)  # demand is about twice the stock
     with pg.connect() as c:
-        due = [subs.DueSub(*r) for r in c.execute(text(
-            "SELECT id, customer_id, product_id, quantity, frequency, next_delivery_date, anchor_day "
-            "FROM subscriptions WHERE next_delivery_date <= :d"), {"d": TODAY})]
+        due = [
+            subs.DueSub(*r)
+            for r in c.execute(
+                text(
+                    "SELECT id, customer_id, product_id, quantity, frequency, next_delivery_date, anchor_day "
+                    "FROM subscriptions WHERE next_delivery_date <= :d"
+                ),
+                {"d": TODAY},
+            )
+        ]
         stock = dict(c.execute(text("SELECT id, stock FROM products")).all())
     expected, _, _ = subs.allocate(due, stock)
     run_id = str(uuid.uuid4())
-    threads = [threading.Thread(target=subs.run_lane, args=(session_scope, TODAY, 40, run_id, None, (i, 4)))
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=subs.run_lane, args=(session_scope, TODAY, 40, run_id, None, (i, 4))) for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

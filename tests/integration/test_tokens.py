@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deployments.dev import tokens as dev_tokens
 from lib import tokens
 from lib.config import get_settings
 from lib.errors import InvalidInputError
@@ -149,7 +150,7 @@ def test_cleanup_removes_dead_entries_and_ttl_less_expired_keys_only(redis_clien
     redis_client.hset(lost_key, "e", tokens.now_ms() - 1000)  # TTL lost and past its own expiry
     redis_client.persist(future_key)  # TTL lost but its own expiry is ahead: keep, put the TTL back
     time.sleep(0.03)
-    stats = tokens.cleanup_expired()
+    stats = dev_tokens.cleanup_expired()
     assert stats.removed["password_reset_index"] == 1
     assert stats.removed["password_reset_user_index"] == 1
     assert stats.removed["email_verification"] == 1
@@ -159,25 +160,25 @@ def test_cleanup_removes_dead_entries_and_ttl_less_expired_keys_only(redis_clien
     assert not redis_client.exists(lost_key) and not redis_client.exists(f"{_prefix()}tokuser:3")
     assert tokens.verify("email_verification", lost_future) == "4"
     assert 0 < redis_client.pttl(future_key) <= 60_000
-    again = tokens.cleanup_expired()
+    again = dev_tokens.cleanup_expired()
     assert sum(again.removed.values()) == 0
 
 
 def test_dry_run_cleanup_counts_what_a_real_run_removes_and_changes_nothing(redis_client):
     """A dry run over seeded demo tokens reports the same counts as the real run that follows, changing no key."""
-    tokens.seed_demo_tokens(1000, random.Random(3))
+    dev_tokens.seed_demo_tokens(1000, random.Random(3))
     before = _all_values(redis_client)
-    dry = tokens.cleanup_expired(dry_run=True)
+    dry = dev_tokens.cleanup_expired(dry_run=True)
     assert _all_values(redis_client) == before
-    real = tokens.cleanup_expired()
+    real = dev_tokens.cleanup_expired()
     assert dry.removed == real.removed
     assert sum(v for k, v in real.removed.items() if not k.endswith("_kept")) > 150
 
 
 def test_seed_demo_tokens_leaves_work_for_cleanup(redis_client):
     """Seeded demo tokens include expired ones of every kind for cleanup (speed is in bench/cleanup)."""
-    assert tokens.seed_demo_tokens(20_000, random.Random(1)) == 20_000
-    stats = tokens.cleanup_expired()
+    assert dev_tokens.seed_demo_tokens(20_000, random.Random(1)) == 20_000
+    stats = dev_tokens.cleanup_expired()
     for kind in tokens.KINDS:
         assert stats.removed[kind] > 0 and stats.removed[f"{kind}_index"] > 0
 
@@ -191,7 +192,7 @@ def test_unreachable_redis_error_names_the_address_and_the_setting(redis_client)
     with pytest.raises(tokens.RedisUnavailableError, match=rf"127\.0\.0\.1:{port}.*REDIS_URL"):
         tokens.issue("password_reset", 1, 60, client=client)
     with pytest.raises(tokens.RedisUnavailableError, match=rf"127\.0\.0\.1:{port}"):
-        tokens.cleanup_expired(client=client)
+        dev_tokens.cleanup_expired(client=client)
 
 
 # ---- the property: cleanup never removes a token whose TTL has not run out ------------
@@ -210,7 +211,7 @@ OPS = st.lists(
 @given(ops=OPS)
 def test_cleanup_never_removes_a_token_whose_ttl_has_not_run_out(redis_client, ops):
     """Whatever issue / consume / expire / index-corruption sequence ran, cleanup keeps every key still alive."""
-    tokens.delete_prefix(_prefix(), client=redis_client)
+    dev_tokens.delete_prefix(_prefix(), client=redis_client)
     r = redis_client
     issued: list[tuple[str, str, str]] = []  # (kind, key, token or code)
     consumed: set[str] = set()
@@ -249,7 +250,7 @@ def test_cleanup_never_removes_a_token_whose_ttl_has_not_run_out(redis_client, o
         # TTL but its own expiry ahead.
         if pttl > 2000 or (pttl == -1 and expires and int(expires) > started + 2000):
             alive[key] = r.hgetall(key)
-    tokens.cleanup_expired(client=r)
+    dev_tokens.cleanup_expired(client=r)
 
     for key, fields in alive.items():
         assert r.hgetall(key) == fields, f"cleanup removed or changed live token {key}"

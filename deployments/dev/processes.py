@@ -12,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Proc:
@@ -22,8 +22,9 @@ class Proc:
         self.name = name
         self.log = logdir / f"{name}.log"
         self._out = self.log.open("ab")
-        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def tail(self, n: int = 40) -> str:
         with contextlib.suppress(OSError):
