@@ -18,15 +18,16 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml
 deps: $(VENV)/.synced
 
 up: $(VENV)/.synced
-	$(VENV)/bin/indostar-jobs up
+	INDOSTAR_ENV=dev $(VENV)/bin/indostar-jobs up
 
 test: $(VENV)/.synced
-	$(VENV)/bin/pytest
+	INDOSTAR_ENV=dev $(VENV)/bin/pytest
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+bench: export INDOSTAR_ENV := dev
 bench: $(VENV)/.synced
 	$(VENV)/bin/python -m bench.subscriptions --n 100000
 	$(VENV)/bin/python -m bench.cleanup --carts 1000000 --tokens 1000000

@@ -26,17 +26,20 @@ from lib.errors import InvalidInputError
 DEPLOYMENT = "default"
 
 
-def _start(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> UUID:
+def _run(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> Any:
     from prefect.deployments import run_deployment
 
-    run = run_deployment(
+    return run_deployment(
         name=f"{flow_name}/{DEPLOYMENT}",
         parameters=parameters,
         timeout=0,
         idempotency_key=idempotency_key,
         as_subflow=False,
     )
-    return run.id
+
+
+def _start(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> UUID:
+    return UUID(str(_run(flow_name, parameters, idempotency_key).id))
 
 
 def _digest(*parts: Any) -> str:
@@ -135,18 +138,59 @@ def replay_dead_letters(
     return _start("replay-dead-letters", params, idempotency_key)
 
 
+MAX_EVENT_RUNS = 20
+
+
 def handle_razorpay_event(body: str | bytes, signature: str, event_id: str) -> UUID:
-    """Start handle-razorpay-event with the raw webhook body; Razorpay's event id is the run's key.
+    """Start handle-razorpay-event with the raw webhook body; Razorpay's event id keys the run.
 
     Pass the body exactly as received (the signature covers its bytes) and the
     X-Razorpay-Signature and X-Razorpay-Event-Id header values. A redelivered webhook
-    returns the first run instead of starting another.
+    returns the run already started for it, unless that run ended Failed or Crashed:
+    then a new run tries again (keys razorpay:<id>, razorpay:<id>:2, ...), and the inbox
+    in the database makes sure an event applied once is never applied twice.
     """
-    if not event_id:
-        raise InvalidInputError("event_id (the X-Razorpay-Event-Id header) is required")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 64:
+        raise InvalidInputError("event_id (the X-Razorpay-Event-Id header) must be 1-64 characters")
     text = body.decode() if isinstance(body, bytes) else body
     params = {"body": text, "signature": signature, "event_id": event_id}
-    return _start("handle-razorpay-event", params, f"razorpay:{event_id}")
+    for attempt in range(1, MAX_EVENT_RUNS + 1):
+        key = f"razorpay:{event_id}" if attempt == 1 else f"razorpay:{event_id}:{attempt}"
+        run = _run("handle-razorpay-event", params, key)
+        state = getattr(run.state, "type", None)
+        if getattr(state, "value", None) not in ("FAILED", "CRASHED"):
+            return UUID(str(run.id))
+    raise InvalidInputError(f"razorpay event {event_id} failed {MAX_EVENT_RUNS} runs; see the inbox row and the runs")
+
+
+def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> UUID:
+    """Start send-otp: the run issues the code and sends it by SMS (the code never passes through here).
+
+    Without a key every call sends a new code; pass your request id to make a retried call safe.
+    """
+    _positive(customer_id, "customer_id")
+    params: dict[str, Any] = {"customer_id": customer_id, "purpose": purpose, "idempotency_key": idempotency_key}
+    return _start("send-otp", params, f"otp:{customer_id}:{purpose}:{idempotency_key}" if idempotency_key else None)
+
+
+def send_password_reset(customer_id: int, idempotency_key: str | None = None) -> UUID:
+    """Start send-password-reset: the run issues the token and emails the link."""
+    _positive(customer_id, "customer_id")
+    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
+    return _start(
+        "send-password-reset", params, f"password-reset:{customer_id}:{idempotency_key}" if idempotency_key else None
+    )
+
+
+def send_email_verification(customer_id: int, idempotency_key: str | None = None) -> UUID:
+    """Start send-email-verification: the run issues the token and emails the link."""
+    _positive(customer_id, "customer_id")
+    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
+    return _start(
+        "send-email-verification",
+        params,
+        f"email-verification:{customer_id}:{idempotency_key}" if idempotency_key else None,
+    )
 
 
 def process_single_subscription(subscription_id: int, idempotency_key: str | None = None) -> UUID:

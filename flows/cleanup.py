@@ -22,6 +22,7 @@ from lib import cleanup, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
 from lib.db import session_scope
+from lib.notify import delivery_log as dlog
 
 # Side effects must run every time: never serve a cached result for a delete.
 TASK_OPTIONS: dict[str, Any] = {**retry_options(), "cache_policy": NO_CACHE}
@@ -180,3 +181,36 @@ def cleanup_abandoned_sessions(
     cutoff = cleanup.cutoff_for(scheduled_start(), days, "inactive_days")
     stats = delete_aged_rows("user_sessions", cutoff, size, limits, dry_run)
     return _report("cleanup-abandoned-sessions", stats, cutoff, dry_run, ("user_sessions",))
+
+
+@task(**TASK_OPTIONS)
+def clear_message_payloads(before: dt.datetime, batch_size: int, limits: Limits) -> PassStats:
+    """Empty the stored text of finished plain and templated messages last touched before the cutoff."""
+    return cleanup.purge_with(
+        session_scope, lambda s: dlog.clear_payloads(s, before, batch_size), "payloads_cleared", batch_size, limits
+    )
+
+
+@task(**TASK_OPTIONS)
+def delete_message_rows(before: dt.datetime, batch_size: int, limits: Limits) -> PassStats:
+    """Delete sent and dead delivery-log rows last touched before the cutoff."""
+    return cleanup.purge_with(
+        session_scope, lambda s: dlog.delete_finished(s, before, batch_size), "rows_deleted", batch_size, limits
+    )
+
+
+@flow(name="cleanup-delivery-log", timeout_seconds=FLOW_TIMEOUT)
+def cleanup_delivery_log(
+    payload_days: int | None = None, row_days: int | None = None, batch_size: int | None = None
+) -> dict:
+    """Clear message texts after NOTIFICATION_PAYLOAD_RETENTION_DAYS (7) and delete log rows after 180 days."""
+    s = get_settings()
+    payload_days = cleanup.check_positive(
+        "payload_days", payload_days if payload_days is not None else s.notification_payload_retention_days
+    )
+    row_days = cleanup.check_positive("row_days", row_days if row_days is not None else s.notification_retention_days)
+    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
+    limits, now = _limits(None, None), scheduled_start()
+    stats = clear_message_payloads(cleanup.cutoff_for(now, payload_days, "payload_days"), size, limits)
+    stats = stats.merge(delete_message_rows(cleanup.cutoff_for(now, row_days, "row_days"), size, limits))
+    return _report("cleanup-delivery-log", stats, None, False, ("payloads_cleared", "rows_deleted"))

@@ -1,33 +1,46 @@
-"""Glue shared by the flows: the retry policy as Prefect task options, artifacts, run date.
+"""Glue shared by the flows: one way to declare task and flow options, artifacts, the run date.
 
-Kept small: anything that is not about Prefect lives in lib/.
+``task_options`` and ``flow_options`` are the only places retries, caching, result
+persistence and timeouts are decided: every task and flow is declared with them. The
+retry policy is read from the settings when a flow module is imported, so set RETRY_* and
+FLOW_TIMEOUT_SECONDS before starting a worker. Kept small: anything that is not about
+Prefect lives in lib/. pandas is imported only when a DataFrame is published, so the
+notification path does not load it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
-from prefect import Task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from lib import retry
-from lib.stats import to_artifact_rows
+from lib.config import get_settings
+from lib.errors import is_transient
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Flow parameter types: the UI form shows and validates them, Prefect rejects bad values before the run.
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=160)]
+PositiveId = Annotated[int, Field(gt=0, lt=2**63)]
 
 
-def _retry_condition(task: Task, task_run: Any, state: Any) -> bool:
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - we only classify the exception
-        return retry.is_transient(exc)
+        return is_transient(exc)
     return False
 
 
 def retry_options() -> dict[str, Any]:
-    """Task options for the shared policy; read at import, so set RETRY_* before starting a worker."""
+    """Prefect task options of the shared retry policy: transient errors only, capped delays, jitter."""
     p = retry.policy()
     return {
         "retries": p.attempts,
@@ -35,6 +48,22 @@ def retry_options() -> dict[str, Any]:
         "retry_jitter_factor": p.jitter_factor if p.delays else None,
         "retry_condition_fn": _retry_condition,
     }
+
+
+def task_options(name: str, *, retries: bool = True, persist_result: bool = False) -> dict[str, Any]:
+    """Options of every task: a name, never a cached result (side effects run every time), the retry policy."""
+    options: dict[str, Any] = {"name": name, "cache_policy": NO_CACHE, "persist_result": persist_result}
+    return options | (retry_options() if retries else {"retries": 0})
+
+
+def flow_options(name: str, *, timeout_seconds: float | None = None, **extra: Any) -> dict[str, Any]:
+    """Options of every flow: a kebab-case name and the hard timeout (FLOW_TIMEOUT_SECONDS unless given)."""
+    return {"name": name, "timeout_seconds": timeout_seconds or get_settings().flow_timeout_seconds, **extra}
+
+
+def final_attempt(run_count: int) -> bool:
+    """Whether a task on its ``run_count``-th run (1 = first) has no retry left."""
+    return run_count > retry.policy().attempts
 
 
 def scheduled_start() -> dt.datetime:
@@ -48,8 +77,25 @@ def scheduled_date(default: dt.date | None = None) -> dt.date:
     return default if default is not None else scheduled_start().date()
 
 
-def publish_table(key: str, frame: pd.DataFrame, description: str) -> None:
-    """Publish a summary DataFrame as a table artifact under a stable kebab-case key."""
+def run_id() -> str:
+    """This flow run's id (a fresh one outside a flow run, e.g. in a unit test)."""
+    import uuid
+
+    return flow_run.get_id() or f"adhoc-{uuid.uuid4()}"
+
+
+def publish_table(key: str, frame: pd.DataFrame | list[dict[str, Any]], description: str) -> None:
+    """Publish rows (a DataFrame or plain dicts) as a table artifact under a stable kebab-case key."""
     if FlowRunContext.get() is None:
         return
-    create_table_artifact(key=key, table=to_artifact_rows(frame), description=description)
+    if not isinstance(frame, list):
+        from lib.stats import to_artifact_rows
+
+        frame = to_artifact_rows(frame)
+    create_table_artifact(key=key, table=frame, description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    """Publish a markdown artifact under a stable kebab-case key (no-op outside a flow run)."""
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(key=key, markdown=markdown, description=description)

@@ -1,475 +1,294 @@
-"""Notification flows: plain and templated email/SMS, the order and subscription messages,
-the bulk senders the subscription flows call, and the dead-letter replay.
+"""Notification flows: one per message kind, each one hop from its deployment to the lib request
+that builds its messages (lib.notify.messages), plus dead-letter replay and the stuck-message sweep.
 
-Every message goes through the delivery log (lib.notify.log): recorded once under its
-idempotency key, sent at most once, and left ``dead`` with the reason when it cannot be
-delivered. Tasks wrap one side effect each (a transaction, one SMTP session, one httpx
-client pass) under the shared retry policy, which retries transient errors only.
-Providers are throttled by Prefect global concurrency limits when an operator has
-created them (``smtp-provider``: concurrent SMTP sessions; ``sms-provider``: SMS per
-second, with slot decay); without them, sends are not throttled.
+Every flow has the same three steps: record the request's messages in the delivery log
+(one transaction), deliver them (one task per channel: one SMTP session, one pooled HTTP
+client, each message committed as it goes), report (an artifact, and the run fails if a
+message is dead or still undelivered). ``send_in_batches`` is the bulk form the nightly
+run and the daily reminders use. Provider settings and rate limits are flows.providers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import task_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import PositiveInt
 
-from flows.common import publish_table, retry_options
+from flows.common import IdempotencyKey, PositiveId, final_attempt, flow_options, publish_markdown, task_options
+from flows.providers import SMS_LIMIT, SMTP_LIMIT, provider_rate, provider_session, sms_config, smtp_config
 from lib import db
+from lib import markdown as md
 from lib.config import get_settings
-from lib.errors import InvalidInputError, NotFoundError, PermanentError, TransientError
-from lib.notify import delivery, messages
-from lib.notify import log as dlog
-from lib.notify.address import mask, normalize_phone, scrub, validate_email
-from lib.notify.email_channel import SmtpConfig
-from lib.notify.log import Outgoing
-from lib.notify.sms_channel import SmsConfig
-from lib.notify.templates import render_email, render_sms
+from lib.errors import InvalidInputError, PermanentError, TransientError
+from lib.notify import delivery
+from lib.notify import delivery_log as dlog
+from lib.notify.address import scrub
+from lib.notify.messages import (
+    EmailRequest,
+    LinkRequest,
+    MessageBatch,
+    MessageRequest,
+    OrderConfirmationRequest,
+    OrderShippedRequest,
+    OtpRequest,
+    PaymentFailedRequest,
+    RenewalReminderRequest,
+    SmsRequest,
+    TemplatedRequest,
+    positive_id,
+)
 
-SMTP_LIMIT = "smtp-provider"
-SMS_LIMIT = "sms-provider"
-RETRY = retry_options()
-TASK = {"cache_policy": NO_CACHE, "persist_result": False}
-BULK_RUNNER_THREADS = 4
-
-
-# --- provider configuration and limits ------------------------------------------------------
-
-
-def smtp_config() -> SmtpConfig:
-    """SMTP settings, or the prefect-email block named by SMTP_CREDENTIALS_BLOCK (loaded now)."""
-    s = get_settings()
-    if not s.smtp_credentials_block:
-        return SmtpConfig.from_settings(s)
-    from prefect_email import EmailServerCredentials
-
-    block = EmailServerCredentials.load(s.smtp_credentials_block)
-    kind = getattr(block.smtp_type, "name", str(block.smtp_type)).upper()
-    default_port = getattr(block.smtp_type, "value", 465)
-    return SmtpConfig(
-        host=getattr(block.smtp_server, "value", block.smtp_server),
-        port=block.smtp_port or default_port,
-        security={"SSL": "ssl", "STARTTLS": "starttls"}.get(kind, "none"),
-        timeout=s.smtp_timeout,
-        username=block.username,
-        password=block.password.get_secret_value() or None,
-        sender=s.smtp_from,
-        verify_tls=block.verify is not False,
-    )
+# --- tasks: one side effect each -------------------------------------------------------------
 
 
-_limits_seen: dict[str, tuple[float, bool]] = {}
-_limits_lock = threading.Lock()
-
-
-def limit_exists(name: str, ttl: float = 60.0) -> bool:
-    """Whether the global concurrency limit exists (checked at most once a minute per process).
-
-    Prefect 3.9 with strict=False lets a missing limit pass, but warns on every call;
-    checking once keeps the log quiet when an operator has not created the limit.
-    """
-    now = time.monotonic()
-    with _limits_lock:
-        seen = _limits_seen.get(name)
-        if seen and now - seen[0] < ttl:
-            return seen[1]
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_global_concurrency_limit_by_name(name)
-        exists = True
-    except ObjectNotFound:
-        exists = False
-    with _limits_lock:
-        _limits_seen[name] = (now, exists)
-    return exists
-
-
-def provider_session(name: str):
-    """Hold one slot of the provider's concurrency limit for a session, if the limit exists."""
-    from prefect.concurrency.sync import concurrency
-
-    return concurrency(name, occupy=1, strict=False) if limit_exists(name) else nullcontext()
-
-
-def provider_rate(name: str) -> None:
-    """Wait for the provider's rate limit (a limit with slot decay), if it exists."""
-    from prefect.concurrency.sync import rate_limit
-
-    if limit_exists(name):
-        rate_limit(name, occupy=1, strict=False)
-
-
-# --- tasks ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prepared:
-    """Keys recorded for one batch, by channel, and what was left out."""
-
-    email_keys: list[str] = field(default_factory=list)
-    sms_keys: list[str] = field(default_factory=list)
-    missing: list[Any] = field(default_factory=list)
-    opted_out: int = 0
-    no_address: int = 0
-
-    @property
-    def keys(self) -> list[str]:
-        return self.email_keys + self.sms_keys
-
-
-def _prepared(built: messages.Built) -> Prepared:
-    live = [m for m in built.messages if not m.error]
-    return Prepared(
-        email_keys=[m.key for m in live if m.channel == "email"],
-        sms_keys=[m.key for m in live if m.channel == "sms"],
-        missing=built.missing,
-        opted_out=built.opted_out,
-        no_address=built.no_address,
-    )
-
-
-def _record(built: messages.Built, session) -> Prepared:
-    dlog.record(session, built.messages)
-    prepared = _prepared(built)
-    # Dead-on-arrival messages (bad address) still count in the run's summary.
-    prepared.email_keys += [m.key for m in built.messages if m.error and m.channel == "email"]
-    prepared.sms_keys += [m.key for m in built.messages if m.error and m.channel == "sms"]
-    return prepared
-
-
-@task(name="record-messages", **TASK, **RETRY)
-def record_messages(outgoing: list[Outgoing]) -> Prepared:
-    """Write rendered messages to the delivery log; keys already there are left as they are."""
+@task(**task_options("record-messages"))
+def record_messages(request: MessageRequest) -> MessageBatch:
+    """Write the request's messages to the delivery log (one transaction); existing keys are left as they are."""
     with db.session_scope() as s:
-        return _record(messages.Built(messages=outgoing), s)
+        batch = request.build(s)
+        dlog.record(s, batch.messages)
+    return batch
 
 
-@task(name="prepare-order-confirmations", **TASK, **RETRY)
-def prepare_order_confirmations(order_ids: list[int]) -> Prepared:
-    """Render and record email + SMS confirmations for a batch of orders (one transaction)."""
-    with db.session_scope() as s:
-        return _record(messages.order_confirmations(s, order_ids, get_settings().smtp_from), s)
+def _finish(report: dlog.DeliveryReport, channel: str, final: bool) -> dlog.DeliveryReport:
+    get_run_logger().info("%s: %s", channel, report.as_dict())
+    if report.transient_error and not final:
+        raise TransientError(report.transient_error)
+    return report
 
 
-@task(name="prepare-renewal-reminders", **TASK, **RETRY)
-def prepare_renewal_reminders(items: list[tuple[int, dt.date]]) -> Prepared:
-    """Render and record renewal reminders for a batch, honouring opt-outs (one transaction)."""
-    with db.session_scope() as s:
-        return _record(messages.renewal_reminders(s, items, get_settings().smtp_from), s)
+@task(**task_options("deliver-emails"))
+def deliver_emails(keys: list[str]) -> dlog.DeliveryReport:
+    """Send the unsent emails among these keys over one SMTP session, committing each outcome as it happens."""
+    final = final_attempt(task_run.get_run_count())
+    # Wait for a provider slot before claiming rows, so waiting never holds messages in `sending`.
+    with provider_session(SMTP_LIMIT), dlog.delivery_session(db.get_engine()) as (conn, token):
+        report = delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final)
+    return _finish(report, "email", final)
 
 
-def _final_attempt() -> bool:
-    return task_run.get_run_count() > RETRY["retries"]
+@task(**task_options("deliver-sms"))
+def deliver_sms(keys: list[str]) -> dlog.DeliveryReport:
+    """Send the unsent SMS among these keys through one pooled HTTP client, committing each outcome."""
+    final, config, rate = final_attempt(task_run.get_run_count()), sms_config(), provider_rate(SMS_LIMIT)
+    with dlog.delivery_session(db.get_engine()) as (conn, token):
+        report = delivery.deliver(conn, token, keys, "sms", lambda: delivery.sms_sender(config), final, rate)
+    return _finish(report, "sms", final)
 
 
-def _finish(outcome: dlog.Outcome, channel: str, final: bool) -> dict[str, int]:
-    logger = get_run_logger()
-    logger.info("%s: %s", channel, outcome.as_dict())
-    if outcome.transient_error and not final:
-        raise TransientError(outcome.transient_error)
-    return outcome.as_dict()
-
-
-@task(name="deliver-emails", **TASK, **RETRY)
-def deliver_emails(keys: list[str]) -> dict[str, int]:
-    """Send the unsent emails among these keys over one SMTP session; record each outcome."""
-    final = _final_attempt()
-    with provider_session(SMTP_LIMIT), db.session_scope() as s:  # wait for a slot before locking rows
-        outcome = delivery.deliver(s, keys, lambda: delivery.email_sender(smtp_config()), final)
-    return _finish(outcome, "email", final)
-
-
-@task(name="deliver-sms", **TASK, **RETRY)
-def deliver_sms(keys: list[str]) -> dict[str, int]:
-    """Send the unsent SMS among these keys through one pooled HTTP client; record each outcome."""
-    final, config = _final_attempt(), SmsConfig.from_settings(get_settings())
-    with db.session_scope() as s:
-        outcome = delivery.deliver(
-            s, keys, lambda: delivery.sms_sender(config), final, before_send=lambda: provider_rate(SMS_LIMIT)
-        )
-    return _finish(outcome, "sms", final)
-
-
-@task(name="summarise-notifications", **TASK, **RETRY)
-def summarise(keys: list[str], flow_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Count this run's messages by status and publish them by template, channel and status."""
+@task(**task_options("report-messages"))
+def report_messages(keys: list[str], flow_name: str, extra: dict[str, int]) -> dict[str, Any]:
+    """Count this run's messages by status and publish them, with dead-letter reasons, as a markdown artifact."""
     with db.session_scope() as s:
         rows = dlog.summary_rows(s, keys)
-    publish_table(
-        f"notifications-{flow_name}", dlog.summary_frame(rows), f"Messages of this `{flow_name}` run by status"
+    counts: dict[str, Any] = dlog.counts_by_status(rows) | extra
+    reasons = sorted({scrub(r["last_error"] or "")[:200] for r in rows if r["status"] == "dead"})
+    headline = ", ".join(f"{counts[k]} {k}" for k in ("sent", "dead", "failed", "pending", "sending") if counts[k])
+    parts = [
+        md.section(
+            "By kind, channel and status", md.table(dlog.summary_table(rows), ["kind", "channel", "status", "messages"])
+        )
+    ]
+    if shown := {k: v for k, v in extra.items() if v}:
+        parts.append(md.section("Other counts", md.table([shown], list(shown))))
+    if reasons:
+        parts.append(md.section("Dead letters", "\n".join(f"- {r}" for r in reasons[:20])))
+    publish_markdown(
+        f"notifications-{flow_name}",
+        md.document(f"{flow_name}: {headline or 'nothing to send'}", *parts),
+        f"Messages of this `{flow_name}` run",
     )
-    counts: dict[str, Any] = dlog.counts_by_status(rows) | (extra or {})
-    counts["dead_reasons"] = sorted({scrub(r["last_error"] or "") for r in rows if r["status"] == "dead"})
-    return counts
+    return counts | {"dead_reasons": reasons}
 
 
-# --- shared flow steps ------------------------------------------------------------------------
+# --- the steps every notification flow takes ---------------------------------------------------
 
 
-def _submit_deliveries(prepared: Prepared) -> list:
-    """Start the email and SMS deliveries of one prepared batch (they run at the same time)."""
+def submit_deliveries(batch: MessageBatch) -> list[PrefectFuture[dlog.DeliveryReport]]:
+    """Start the email and SMS deliveries of a recorded batch; the two channels run at the same time."""
     futures = []
-    if prepared.email_keys:
-        futures.append(deliver_emails.submit(prepared.email_keys))
-    if prepared.sms_keys:
-        futures.append(deliver_sms.submit(prepared.sms_keys))
+    if emails := batch.keys("email"):
+        futures.append(deliver_emails.submit(emails))
+    if texts := batch.keys("sms"):
+        futures.append(deliver_sms.submit(texts))
     return futures
 
 
-def _await(futures: list) -> int:
-    """Wait for delivery tasks; log and count the ones that failed (their rows stay pending/failed)."""
-    wait(futures)
-    failed = [f for f in futures if not f.state.is_completed()]
-    for f in failed:
-        get_run_logger().error("delivery task failed: %s", scrub(str(f.state.message)))
-    return len(failed)
+def await_deliveries(futures: Sequence[PrefectFuture[dlog.DeliveryReport]]) -> dict[str, int]:
+    """Wait for delivery tasks; a task that failed outright is counted (its rows stay claimable)."""
+    wait(list(futures))
+    totals = {"recovered": 0, "failed_tasks": 0}
+    for f in futures:
+        if f.state.is_completed():
+            totals["recovered"] += f.result().recovered
+        else:
+            totals["failed_tasks"] += 1
+            get_run_logger().error("delivery task failed: %s", scrub(str(f.state.message)))
+    return totals
 
 
-def _deliver(prepared: Prepared) -> int:
-    """Send one prepared batch, email and SMS at the same time; returns how many tasks failed."""
-    return _await(_submit_deliveries(prepared))
+def raise_if_undelivered(flow_name: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """Fail the run when a message is dead (permanent) or not delivered yet (rerun to finish)."""
+    reasons = counts.pop("dead_reasons", [])
+    if counts["dead"]:
+        raise PermanentError(f"{flow_name}: {counts['dead']} message(s) dead: {'; '.join(reasons[:5])}")
+    waiting = counts["pending"] + counts["failed"] + counts["sending"]
+    if waiting and not counts.get("deferred"):
+        raise TransientError(f"{flow_name}: {waiting} message(s) not delivered yet; rerun to finish")
+    return counts
 
 
-def _send_and_report(outgoing: list[Outgoing], flow_name: str) -> dict[str, Any]:
-    """Record, deliver and summarise the messages of a single-entity flow; fail if any is dead."""
-    prepared = record_messages(outgoing)
-    failed_tasks = _deliver(prepared)
-    result = summarise(prepared.keys, flow_name)
-    for m in outgoing:
-        get_run_logger().info("%s %s to %s", m.template or "plain", m.channel, mask(m.recipient))
-    reasons = result.pop("dead_reasons")
-    if result["dead"]:
-        raise PermanentError(f"{result['dead']} message(s) dead: {'; '.join(reasons)}")
-    if failed_tasks:
-        raise TransientError(f"{result['pending'] + result['failed']} message(s) not delivered yet; rerun to finish")
-    return result
+def send_messages(request: MessageRequest, flow_name: str) -> dict[str, Any]:
+    """Record, deliver and report the messages of one request; fail if any is dead or undelivered."""
+    batch = record_messages(request)
+    totals = await_deliveries(submit_deliveries(batch))
+    extra = {"missing": len(batch.missing), "opted_out": batch.opted_out, "no_address": batch.no_address}
+    counts = report_messages(batch.keys(), flow_name, extra | totals)
+    return raise_if_undelivered(flow_name, counts)
 
 
-def _positive(value: int, what: str) -> int:
-    if value <= 0:
-        raise InvalidInputError(f"{what} must be a positive id, got {value}")
-    return value
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
 
 
-def _built_or_dead(key: str, channel: str, template: str, recipient: str, context: dict, build) -> Outgoing:
-    """Build a templated message; a template error records it dead (nothing to send) with the reason."""
-    try:
-        return build()
-    except InvalidInputError:
-        raise
-    except PermanentError as exc:
-        stored = json.loads(json.dumps({"template": template, "context": context}, default=str))
-        return Outgoing(key, channel, template, recipient, None, stored, error=str(exc))
+def send_in_batches(requests: Iterable[MessageRequest], flow_name: str) -> dict[str, Any]:
+    """The bulk form: record batches concurrently, deliver each as soon as it is recorded, stop at the soft limit.
+
+    Requests not started by the soft limit are left for the next run (their keys make it
+    safe); the run still fails if a message is dead.
+    """
+    started, soft_limit = time.monotonic(), get_settings().flow_soft_limit_seconds
+    recording, deferred = [], 0
+    for request in requests:
+        if time.monotonic() - started > soft_limit:
+            deferred += 1
+            continue
+        recording.append(record_messages.submit(request))
+    total, deliveries = MessageBatch(), []
+    for future in recording:
+        batch = future.result()
+        deliveries += submit_deliveries(batch)
+        total.extend(batch)
+    totals = await_deliveries(deliveries)
+    if total.missing:
+        get_run_logger().warning("%d id(s) name no row and were skipped: %s", len(total.missing), total.missing[:20])
+    extra = {
+        "missing": len(total.missing),
+        "opted_out": total.opted_out,
+        "no_address": total.no_address,
+        "deferred_batches": deferred,
+    } | totals
+    counts = report_messages(total.keys(), flow_name, extra)
+    return raise_if_undelivered(flow_name, counts | {"deferred": deferred})
 
 
-# --- flows: plain and templated -----------------------------------------------------------------
+# --- flows: plain and templated ----------------------------------------------------------------
 
 
-@flow(name="send-email", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-email"))
 def send_email(
-    to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None
+    to: str, subject: str, body: str, html: str | None = None, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Send one email (plain text, optional HTML alternative), once per idempotency key."""
-    sender, address = get_settings().smtp_from, validate_email(to)
-    key = idempotency_key or messages.content_key("email", address, subject, body, html)
-    return _send_and_report([messages.email_message(key, address, subject, body, html, sender)], "send-email")
+    return send_messages(EmailRequest(to, subject, body, html, idempotency_key), "send-email")
 
 
-@flow(name="send-sms", timeout_seconds=get_settings().flow_timeout_seconds)
-def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> dict[str, Any]:
+@flow(**flow_options("send-sms"))
+def send_sms(phone: str, text: str, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
     """Send one free-text SMS (no DLT template: for the log provider or non-Indian routes)."""
-    number = normalize_phone(phone)
-    key = idempotency_key or messages.content_key("sms", number, text)
-    return _send_and_report([messages.sms_message(key, number, text, None)], "send-sms")
+    return send_messages(SmsRequest(phone, text, idempotency_key), "send-sms")
 
 
-@flow(name="send-templated-email", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-templated-email"))
 def send_templated_email(
-    template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None
+    template: str, context: dict[str, Any], to: str, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Render a template's subject, HTML and text with the context and email it once."""
-    sender, address = get_settings().smtp_from, validate_email(to)
-    key = idempotency_key or messages.content_key(f"{template}:email", address, context)
-
-    def build() -> Outgoing:
-        c = render_email(template, context)
-        return messages.email_message(key, address, c.subject, c.text, c.html, sender, template)
-
-    return _send_and_report([_built_or_dead(key, "email", template, address, context, build)], "send-templated-email")
+    return send_messages(TemplatedRequest("email", template, context, to, idempotency_key), "send-templated-email")
 
 
-@flow(name="send-templated-sms", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-templated-sms"))
 def send_templated_sms(
-    template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None
+    template: str, context: dict[str, Any], phone: str, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Render a template's DLT-registered SMS text with the context and send it once."""
-    number = normalize_phone(phone)
-    key = idempotency_key or messages.content_key(f"{template}:sms", number, context)
-
-    def build() -> Outgoing:
-        sms = render_sms(template, context)
-        return messages.sms_message(key, number, sms.text, sms.dlt_template_id, template)
-
-    return _send_and_report([_built_or_dead(key, "sms", template, number, context, build)], "send-templated-sms")
+    return send_messages(TemplatedRequest("sms", template, context, phone, idempotency_key), "send-templated-sms")
 
 
-# --- flows: orders and subscriptions ------------------------------------------------------------
+# --- flows: orders and subscriptions -------------------------------------------------------------
 
 
-@task(name="build-messages", **TASK, **RETRY)
-def build_messages(kind: str, params: dict[str, Any]) -> list[Outgoing]:
-    """Read one order or subscription and render its messages (a read-only transaction)."""
-    sender = get_settings().smtp_from
-    with db.session_scope() as s:
-        if kind == "order-confirmation":
-            built = messages.order_confirmations(s, [params["order_id"]], sender, params.get("key_base"))
-            if built.missing:
-                raise NotFoundError(f"order {params['order_id']} does not exist")
-        elif kind == "order-shipped":
-            built = messages.order_shipped(s, sender=sender, **params)
-        elif kind == "payment-failed":
-            built = messages.payment_failed(s, sender=sender, **params)
-        else:
-            items = [(params["subscription_id"], params["delivery_date"])]
-            built = messages.renewal_reminders(s, items, sender, params.get("key_base"))
-            if built.missing:
-                raise NotFoundError(f"subscription {params['subscription_id']} does not exist")
-    return built.messages
-
-
-@flow(name="send-order-confirmation", timeout_seconds=get_settings().flow_timeout_seconds)
-def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
+@flow(**flow_options("send-order-confirmation"))
+def send_order_confirmation(order_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
     """Email and SMS the confirmation of one order (keys order-confirmation:<order>:<channel>)."""
-    _positive(order_id, "order_id")
-    outgoing = build_messages("order-confirmation", {"order_id": order_id, "key_base": idempotency_key})
-    return _send_and_report(outgoing, "send-order-confirmation")
+    request = OrderConfirmationRequest((order_id,), idempotency_key, require_all=True)
+    return send_messages(request, "send-order-confirmation")
 
 
-@flow(name="send-order-shipped", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-order-shipped"))
 def send_order_shipped(
-    order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None
+    order_id: PositiveId, tracking_number: str, carrier: str, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Email and SMS that an order has shipped, with carrier and tracking number."""
-    _positive(order_id, "order_id")
-    if not tracking_number.strip() or not carrier.strip():
-        raise InvalidInputError("tracking_number and carrier must not be empty")
-    params = {"order_id": order_id, "tracking_number": tracking_number, "carrier": carrier, "key_base": idempotency_key}
-    return _send_and_report(build_messages("order-shipped", params), "send-order-shipped")
+    request = OrderShippedRequest(order_id, tracking_number, carrier, idempotency_key)
+    return send_messages(request, "send-order-shipped")
 
 
-@flow(name="send-payment-failed", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-payment-failed"))
 def send_payment_failed(
-    order_id: int | None = None,
-    subscription_id: int | None = None,
+    order_id: PositiveId | None = None,
+    subscription_id: PositiveId | None = None,
     reason: str = "the payment was declined",
-    idempotency_key: str | None = None,
+    idempotency_key: IdempotencyKey | None = None,
 ) -> dict[str, Any]:
     """Tell a customer a payment failed, for an order (preferred when both are given) or a subscription."""
-    if order_id is None and subscription_id is None:
-        raise InvalidInputError("give order_id or subscription_id")
-    if order_id is not None:
-        _positive(order_id, "order_id")
-        subscription_id = None  # an order names the exact amount that failed; it wins
-    else:
-        _positive(subscription_id, "subscription_id")
-    if not reason.strip():
-        raise InvalidInputError("reason must not be empty")
-    params = {"order_id": order_id, "subscription_id": subscription_id, "reason": reason, "key_base": idempotency_key}
-    return _send_and_report(build_messages("payment-failed", params), "send-payment-failed")
+    request = PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key)
+    return send_messages(request, "send-payment-failed")
 
 
-@flow(name="send-subscription-renewal-reminder", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("send-subscription-renewal-reminder"))
 def send_subscription_renewal_reminder(
-    subscription_id: int, delivery_date: dt.date, idempotency_key: str | None = None
+    subscription_id: PositiveId, delivery_date: dt.date, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Remind a customer of a coming delivery, on the channels they opted in to."""
-    _positive(subscription_id, "subscription_id")
-    params = {"subscription_id": subscription_id, "delivery_date": delivery_date, "key_base": idempotency_key}
-    return _send_and_report(build_messages("renewal-reminder", params), "send-subscription-renewal-reminder")
+    request = RenewalReminderRequest(((subscription_id, delivery_date),), idempotency_key, require_all=True)
+    return send_messages(request, "send-subscription-renewal-reminder")
 
 
-# --- bulk flows (called as subflows by the subscription flows) ------------------------------------
+# --- flows: token messages (the token is issued inside the run, never passed in or stored) ------------
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+@flow(**flow_options("send-otp"))
+def send_otp(
+    customer_id: PositiveId, purpose: str = "login", idempotency_key: IdempotencyKey | None = None
+) -> dict[str, Any]:
+    """Issue a one-time code for the customer and send it by SMS; the code exists only inside this run."""
+    return send_messages(OtpRequest(customer_id, purpose, idempotency_key), "send-otp")
 
 
-def _bulk(prepare, items: list, flow_name: str) -> dict[str, Any]:
-    """Prepare and deliver ``items`` in batches (concurrently), stopping at the soft time limit."""
-    s = get_settings()
-    started, logger = time.monotonic(), get_run_logger()
-    total = Prepared()
-    deferred = 0
-    futures = []
-    for chunk in _chunks(items, s.notification_batch_size):
-        if time.monotonic() - started > s.flow_soft_limit_seconds:
-            deferred += len(chunk)  # left for the next run: their keys make the rerun safe
-            continue
-        futures.append(prepare.submit(chunk))
-    deliveries = []
-    for f in futures:
-        prepared = f.result()
-        deliveries += _submit_deliveries(prepared)
-        total.email_keys += prepared.email_keys
-        total.sms_keys += prepared.sms_keys
-        total.missing += prepared.missing
-        total.opted_out += prepared.opted_out
-        total.no_address += prepared.no_address
-    _await(deliveries)
-    if total.missing:
-        logger.warning("%d id(s) name no row and were skipped: %s", len(total.missing), total.missing[:20])
-    extra = {"missing": len(total.missing), "opted_out": total.opted_out, "no_address": total.no_address}
-    result = summarise(total.keys, flow_name, extra | {"deferred": deferred})
-    reasons = result.pop("dead_reasons")
-    if result["dead"]:
-        logger.warning("%d message(s) dead, e.g. %s", result["dead"], "; ".join(reasons[:5]))
-    return result
+@flow(**flow_options("send-password-reset"))
+def send_password_reset(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
+    """Issue a password-reset token and email its link; the token exists only inside this run."""
+    return send_messages(LinkRequest("password_reset", customer_id, idempotency_key), "send-password-reset")
 
 
-@flow(
-    name="send-order-confirmations",
-    task_runner=ThreadPoolTaskRunner(max_workers=BULK_RUNNER_THREADS),
-    timeout_seconds=get_settings().flow_timeout_seconds,
-)
-def send_order_confirmations(order_ids: list[int]) -> dict:
-    """Email and SMS the confirmations of many orders, in batches with one SMTP session each."""
-    ids = list(dict.fromkeys(_positive(int(i), "order id") for i in order_ids))
-    return _bulk(prepare_order_confirmations, ids, "send-order-confirmations")
+@flow(**flow_options("send-email-verification"))
+def send_email_verification(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
+    """Issue an email-verification token and email its link; the token exists only inside this run."""
+    return send_messages(LinkRequest("email_verification", customer_id, idempotency_key), "send-email-verification")
 
 
-@flow(
-    name="send-renewal-reminders",
-    task_runner=ThreadPoolTaskRunner(max_workers=BULK_RUNNER_THREADS),
-    timeout_seconds=get_settings().flow_timeout_seconds,
-)
-def send_renewal_reminders(items: list[tuple[int, str]]) -> dict:
-    """Remind many subscribers of their next delivery, once per subscription and date, opt-ins honoured."""
-    parsed = messages.parse_reminder_items(items)
-    return _bulk(prepare_renewal_reminders, parsed, "send-renewal-reminders")
+# --- dead letters and stuck messages -----------------------------------------------------------------
 
 
-# --- dead letters ---------------------------------------------------------------------------------
-
-
-@task(name="requeue-dead-letters", **TASK, **RETRY)
+@task(**task_options("requeue-dead-letters"))
 def requeue_dead_letters(
     ids: list[int] | None, since: dt.datetime | None, until: dt.datetime | None
 ) -> list[tuple[str, str]]:
@@ -480,21 +299,37 @@ def requeue_dead_letters(
     return found
 
 
-@flow(name="replay-dead-letters", timeout_seconds=get_settings().flow_timeout_seconds)
+@task(**task_options("find-stuck-messages"))
+def find_stuck_messages(older_than: dt.datetime) -> list[tuple[str, str]]:
+    """Messages nobody is finishing: `sending` under a stopped worker, or pending/failed since ``older_than``."""
+    with db.session_scope() as s:
+        return dlog.stuck(s, older_than)
+
+
+def _deliver_found(found: list[tuple[str, str]], flow_name: str, extra: dict[str, int]) -> dict[str, Any]:
+    size = get_settings().notification_batch_size
+    futures = []
+    for channel, task_fn in (("email", deliver_emails), ("sms", deliver_sms)):
+        futures += [task_fn.submit(chunk) for chunk in _chunks([k for k, c in found if c == channel], size)]
+    totals = await_deliveries(futures)
+    counts = report_messages([k for k, _ in found], flow_name, extra | totals)
+    return raise_if_undelivered(flow_name, counts)
+
+
+@flow(**flow_options("replay-dead-letters"))
 def replay_dead_letters(
-    ids: list[int] | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ids: list[PositiveId] | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None
 ) -> dict[str, Any]:
-    """Resend dead messages exactly as stored (by ids or a time window), once each."""
+    """Resend dead messages (by ids, or last updated in [since, until)) once each, re-reading current addresses."""
     if ids is None and since is None and until is None:
         raise InvalidInputError("give ids or a time window (since and/or until) to replay")
-    if ids is not None:
-        ids = [_positive(int(i), "notification id") for i in ids]
-    found = requeue_dead_letters(ids, since, until)
-    size = get_settings().notification_batch_size
-    for channel in ("email", "sms"):
-        keys = [k for k, c in found if c == channel]
-        for chunk in _chunks(keys, size):
-            _deliver(Prepared(**{f"{channel}_keys": chunk}))
-    result = summarise([k for k, _ in found], "replay-dead-letters", {"replayed": len(found)})
-    result.pop("dead_reasons")
-    return result
+    found = requeue_dead_letters([positive_id(i, "notification id") for i in ids or []] or None, since, until)
+    return _deliver_found(found, "replay-dead-letters", {"replayed": len(found)})
+
+
+@flow(**flow_options("resend-stuck-messages"))
+def resend_stuck_messages(older_than_minutes: PositiveInt = 15) -> dict[str, Any]:
+    """Finish messages a stopped worker or a failed run left behind (at most one resend each)."""
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=older_than_minutes)
+    found = find_stuck_messages(cutoff)
+    return _deliver_found(found, "resend-stuck-messages", {"found": len(found)})

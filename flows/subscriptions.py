@@ -1,35 +1,38 @@
-"""Subscription flows: the nightly run, one subscription on demand, reminders, Razorpay events.
+"""Subscription flows: the nightly run, one subscription on demand, tomorrow's reminders, Razorpay events.
 
-Thin orchestration over lib.subscriptions and lib.razorpay: each task is one call
-with the shared retry policy; the work itself is set-based SQL in lib/.
+Thin orchestration over lib.subscriptions, lib.payments and lib.razorpay: each task is
+one call with the shared retry policy; the work itself is set-based SQL in lib/.
+Confirmations and reminders go through the notification steps of flows.notifications.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
-import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import publish_table, retry_options, scheduled_date
-from lib import razorpay
+from flows.common import flow_options, publish_table, retry_options, run_id, scheduled_date, task_options
+from flows.notifications import send_in_batches, send_messages
+from lib import payments, razorpay
 from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
-from lib.errors import InvalidInputError
+from lib.errors import InvalidInputError, JobError, PermanentError, RejectedError
+from lib.notify.messages import OrderConfirmationRequest, PaymentFailedRequest, RenewalReminderRequest
+from lib.schedule import check_run_date
 
-CONFIRMATION_CHUNK = 5000
 REMINDER_CHUNK = 1000
 
 
-def _run_id() -> str:
-    return flow_run.get_id() or f"adhoc-{uuid.uuid4()}"
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
 
 
 @task(name="process-lane", cache_policy=NO_CACHE, **retry_options())
@@ -57,14 +60,33 @@ def list_created_orders(run_id: str, after_id: int, limit: int) -> list[int]:
         return subs.created_order_ids(session, run_id, after_id, limit)
 
 
-def _confirm(run_id: str) -> int:
-    from flows.notifications import send_order_confirmations
+@task(**task_options("attach-awaiting-payments"))
+def attach_awaiting_payments(run_date: dt.date, only: list[int] | None = None) -> dict[str, int]:
+    """Mark paid the orders of cycles charged in advance, now that their orders exist (one transaction)."""
+    with session_scope() as session:
+        return payments.attach_awaiting_payments(session, run_date, only)
 
-    after, total = 0, 0
-    while page := list_created_orders(run_id, after, CONFIRMATION_CHUNK):
-        send_order_confirmations(order_ids=page)
-        after, total = page[-1], total + len(page)
-    return total
+
+def _confirmation_requests(run: str, counter: list[int]) -> Iterator[OrderConfirmationRequest]:
+    """The run's created orders, a batch of confirmations at a time (read page by page, never all at once)."""
+    after, size = 0, get_settings().notification_batch_size
+    while page := list_created_orders(run, after, size):
+        counter[0] += len(page)
+        yield OrderConfirmationRequest(tuple(page))
+        after = page[-1]
+
+
+def _confirm(run: str, stats: dict[str, Any]) -> JobError | None:
+    """Send the run's confirmations; a dead or undelivered one is returned (after the rest went), not raised."""
+    counter = [0]
+    try:
+        stats["confirmations"] = send_in_batches(_confirmation_requests(run, counter), "order-confirmations")
+    except JobError as exc:
+        stats["confirmations_failed"] = str(exc)
+        return exc
+    finally:
+        stats["confirmations_requested"] = counter[0]
+    return None
 
 
 def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> dict[str, Any]:
@@ -97,25 +119,33 @@ def process_due_subscriptions(
     max_concurrency: int | None = None,
     dry_run: bool = False,
     send_confirmations: bool = True,
+    allow_any_date: bool = False,
 ) -> dict[str, Any]:
-    """Turn every due active subscription into one order, in concurrent set-based batches."""
+    """Turn every due active subscription into one order, in concurrent set-based batches; then confirm them.
+
+    run_date defaults to the scheduled date; one more than a day ahead of today or more than
+    35 days behind is refused unless allow_any_date (dry_run reports any date).
+    """
     s = get_settings()
-    run_date = scheduled_date(run_date)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date or dry_run)
     batch_size = s.subscription_batch_size if batch_size is None else batch_size
     max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
     if dry_run:
         return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
-    run_id = _run_id()
+    run = run_id()
     deadline = time.time() + s.flow_soft_limit_seconds
     futures = [
-        process_lane.submit(i, max_concurrency, run_date, batch_size, run_id, deadline) for i in range(max_concurrency)
+        process_lane.submit(i, max_concurrency, run_date, batch_size, run, deadline) for i in range(max_concurrency)
     ]
-    stats = _report("process-due-subscriptions", [f.result() for f in futures], run_date, False)
+    lanes = [f.result() for f in futures]
+    paid = attach_awaiting_payments(run_date)
+    stats = _report("process-due-subscriptions", lanes, run_date, False) | {"payments_attached": paid}
     if stats["stopped_early"]:
         get_run_logger().warning("soft time limit reached: the rest stays due for the next run")
-    if send_confirmations and stats["created"]:
-        stats["confirmations_requested"] = _confirm(run_id)
+    failure = _confirm(run, stats) if send_confirmations and stats["created"] else None
+    if failure is not None:
+        raise failure
     return stats
 
 
@@ -132,18 +162,21 @@ def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.La
 
 @flow(name="process-single-subscription", timeout_seconds=get_settings().flow_timeout_seconds)
 def process_single_subscription(
-    subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True
+    subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True, allow_any_date: bool = False
 ) -> dict[str, Any]:
     """Process one subscription now, with the nightly rules; unknown or inactive ids fail."""
     if subscription_id <= 0:
         raise InvalidInputError(f"subscription_id must be a positive id, got {subscription_id}")
-    run_date = scheduled_date(run_date)
-    run_id = _run_id()
-    stats = _report("process-single-subscription", [process_one(subscription_id, run_date, run_id)], run_date, False)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date)
+    run = run_id()
+    lanes = [process_one(subscription_id, run_date, run)]
+    paid = attach_awaiting_payments(run_date, [subscription_id])
+    stats = _report("process-single-subscription", lanes, run_date, False) | {"payments_attached": paid}
     if stats["created"] == 0 and stats["out_of_stock"] == 0 and stats["failed"] == 0:
         get_run_logger().info("subscription %d is not due on %s", subscription_id, run_date)
-    if send_confirmation and stats["created"]:
-        stats["confirmations_requested"] = _confirm(run_id)
+    failure = _confirm(run, stats) if send_confirmation and stats["created"] else None
+    if failure is not None:
+        raise failure
     return stats
 
 
@@ -163,66 +196,100 @@ def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[in
         return [(sid, day.isoformat()) for sid in rows]
 
 
-@flow(name="send-subscription-renewal-reminders", timeout_seconds=get_settings().flow_timeout_seconds)
-def send_subscription_renewal_reminders(run_date: dt.date | None = None) -> dict[str, Any]:
-    """Remind every active subscription delivering tomorrow, once per delivery date."""
-    from flows.notifications import send_renewal_reminders
-
-    tomorrow = scheduled_date(run_date) + dt.timedelta(days=1)
-    after, counts = 0, {"subscriptions": 0}
-    while page := list_reminders_due(tomorrow, after, REMINDER_CHUNK):
-        result = send_renewal_reminders(items=page) or {}
-        for k, v in result.items():
-            if isinstance(v, int):
-                counts[k] = counts.get(k, 0) + v
-        after, counts["subscriptions"] = page[-1][0], counts["subscriptions"] + len(page)
-    counts["delivery_date"] = tomorrow.isoformat()
-    return counts
+def _reminder_requests(day: dt.date, counter: list[int]) -> Iterator[RenewalReminderRequest]:
+    after = 0
+    while page := list_reminders_due(day, after, REMINDER_CHUNK):
+        counter[0] += len(page)
+        yield RenewalReminderRequest(tuple(page))
+        after = page[-1][0]
 
 
-@task(name="apply-razorpay-event", cache_policy=NO_CACHE, **retry_options())
-def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> dict[str, Any]:
-    """Apply one verified event in one transaction; replays change nothing."""
+@flow(**flow_options("remind-upcoming-deliveries"))
+def remind_upcoming_deliveries(run_date: dt.date | None = None, allow_any_date: bool = False) -> dict[str, Any]:
+    """Remind every active subscription delivering the day after the run date, once per delivery date."""
+    day = check_run_date(scheduled_date(run_date), _today(), allow_any_date) + dt.timedelta(days=1)
+    counter = [0]
+    counts = send_in_batches(_reminder_requests(day, counter), "remind-upcoming-deliveries")
+    return counts | {"subscriptions": counter[0], "delivery_date": day.isoformat()}
+
+
+@task(**task_options("record-razorpay-event"))
+def record_razorpay_event(event: razorpay.RazorpayEvent) -> payments.Inbox:
+    """Put the event in the inbox, committed before any work, so a payment is on record whatever follows."""
     with session_scope() as session:
-        if event.event == "subscription.charged":
-            r = razorpay.handle_charged(session, event, today)
-            return {
-                "event": event.event,
-                "status": r.status,
-                "order_id": r.order_id,
-                "subscription_id": r.subscription_id,
-            }
-        if event.event == "payment.failed":
-            f = razorpay.handle_payment_failed(session, event)
-            return {
-                "event": event.event,
-                "status": f.status,
-                "order_id": f.order_id,
-                "subscription_id": f.subscription_id,
-                "reason": f.reason,
-            }
-        new = razorpay.record_ignored(session, event)
-        return {"event": event.event, "status": "ignored" if new else "replay"}
+        return payments.record_event(session, event)
 
 
-@flow(name="handle-razorpay-event", timeout_seconds=get_settings().flow_timeout_seconds)
-def handle_razorpay_event(body: str, signature: str, event_id: str | None = None) -> dict[str, Any]:
-    """Verify a Razorpay webhook and apply it idempotently (the event id is the key)."""
-    raw = body.encode()
-    razorpay.verify_signature(raw, signature, get_settings().razorpay_webhook_secret.get_secret_value())
-    event = razorpay.parse_event(raw, event_id)
-    result = apply_razorpay_event(event, dt.datetime.now(dt.UTC).date())
-    if result["event"] == "payment.failed" and result["status"] == "notify":
-        from flows.notifications import send_payment_failed
+@task(**task_options("apply-razorpay-event"))
+def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> payments.EventResult:
+    """Apply one recorded event in its own transaction; the inbox row ends applied, rejected or failed."""
+    try:
+        with session_scope() as session:
+            return payments.apply_event(session, event, today)
+    except Exception as exc:
+        # The inbox shows why (a redelivery applies it again); the error itself goes on to the retry policy.
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        with contextlib.suppress(Exception), session_scope() as session:
+            payments.mark_failed(session, event.event_id, reason)
+        raise
 
-        # The event is already recorded; a dead message must not fail the webhook's run.
-        state = send_payment_failed(
-            order_id=result["order_id"],
-            subscription_id=result["subscription_id"],
-            reason=result["reason"],
-            idempotency_key=f"razorpay:{event.event_id}",
-            return_state=True,
+
+def _event_artifact(result: payments.EventResult) -> None:
+    row = {
+        k: getattr(result, k)
+        for k in (
+            "event_id",
+            "event",
+            "status",
+            "reason",
+            "payment_id",
+            "amount_paise",
+            "expected_paise",
+            "order_id",
+            "subscription_id",
         )
-        result["notification"] = state.type.value.lower()
-    get_run_logger().info("razorpay %s %s: %s", event.event, event.event_id, result["status"])
-    return result
+    }
+    publish_table("razorpay-event", [row], f"Razorpay {result.event} {result.event_id}: {result.status}")
+
+
+@flow(**flow_options("handle-razorpay-event"))
+def handle_razorpay_event(body: str, signature: str, event_id: str) -> dict[str, Any]:
+    """Verify a Razorpay webhook, record it in the inbox, apply it once; a refused charge fails the run.
+
+    Rules (lib.payments): a charge applies only when captured, in INR, for the cycle's exact
+    total; it pays the oldest unpaid order, or makes the due cycle's order, or waits for a
+    cycle not due yet; a charge that cannot be applied is kept as a held payment.
+    """
+    raw = body.encode()
+    razorpay.verify_signature(raw, signature, get_settings().webhook_secret())
+    event = razorpay.parse_event(raw, event_id)
+    inbox = record_razorpay_event(event)
+    if inbox.done:
+        get_run_logger().info("razorpay %s %s: already %s", event.event, event.event_id, inbox.status)
+        return {"event": event.event, "status": "replay", "reason": inbox.reason, "order_id": inbox.order_id}
+    if inbox.status == "rejected":
+        raise RejectedError(f"razorpay event {event.event_id} was rejected: {inbox.reason}")
+    result = apply_razorpay_event(event, _today())
+    _event_artifact(result)
+    get_run_logger().info("razorpay %s %s: %s (%s)", event.event, event.event_id, result.status, result.reason)
+    if not result.ok:
+        raise (RejectedError if result.status == "rejected" else PermanentError)(
+            f"razorpay {event.event} {event.event_id} {result.status}: {result.reason}"
+        )
+    out = {
+        "event": event.event,
+        "status": result.status,
+        "reason": result.reason,
+        "order_id": result.order_id,
+        "subscription_id": result.subscription_id,
+        "order_created": result.order_created,
+    }
+    if result.confirm_order and result.order_id is not None:
+        # The nightly run's key: the customer gets one confirmation whichever path asks first.
+        out["confirmation"] = send_messages(OrderConfirmationRequest((result.order_id,)), "order-confirmation")
+    if result.status == "notify":
+        request = PaymentFailedRequest(
+            result.order_id, result.subscription_id, result.details["reason"], f"razorpay:{event.event_id}"
+        )
+        out["notification"] = send_messages(request, "payment-failed")
+    return out

@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from lib.errors import InvalidInputError
+
+if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.tokens (send time) imports this module
+    import pandas as pd
 
 CART_PHASES = ("empty_carts", "carts_with_items")
 
@@ -254,11 +257,27 @@ def purge_aged(
     )
 
 
+def purge_with(scope: Scope, step: Callable[[Session], int], kind: str, batch_size: int, limits: Limits) -> PassStats:
+    """Repeat ``step(session)`` (one bounded statement returning rows touched) until it touches fewer than a batch."""
+    stats = PassStats(removed={kind: 0})
+    while not limits.reached(stats.batches):
+        started = time.perf_counter()
+        with scope() as session:
+            n = step(session)
+        stats.add({kind: n}, (time.perf_counter() - started) * 1000)
+        if n < batch_size:
+            return stats
+    stats.stopped_early = True
+    return stats
+
+
 # ---- summaries (pure pandas) -------------------------------------------------------
 
 
 def summary_frame(stats: PassStats, kinds: Iterable[str] = ()) -> pd.DataFrame:
     """One row per kind removed (kinds listed first even when zero), with the run's batch figures."""
+    import pandas as pd
+
     removed = {k: 0 for k in kinds} | dict(stats.removed)
     frame = pd.DataFrame({"kind": list(removed), "removed": [int(v) for v in removed.values()]})
     frame["batches"] = stats.batches
@@ -269,6 +288,8 @@ def summary_frame(stats: PassStats, kinds: Iterable[str] = ()) -> pd.DataFrame:
 
 def age_histogram(ages: Mapping[int, int], bins: Iterable[int] = AGE_BINS) -> pd.DataFrame:
     """Counts of removed rows per age bucket in days (``30-44``, ..., ``365+``), every bucket listed."""
+    import pandas as pd
+
     edges = sorted(set(bins))
     labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(edges)] + [f"{edges[-1]}+"]
     series = pd.Series(dict(ages), dtype="int64")
@@ -291,6 +312,8 @@ TOKEN_COLUMNS = {
 
 def token_summary(stats: PassStats, kinds: Iterable[str]) -> pd.DataFrame:
     """One row per token kind: keys removed, index and per-user entries dropped, live keys kept, TTLs restored."""
+    import pandas as pd
+
     rows = [
         {"kind": kind} | {col: int(stats.removed.get(f"{kind}{suffix}", 0)) for suffix, col in TOKEN_COLUMNS.items()}
         for kind in kinds

@@ -2,6 +2,12 @@
 
 One typed ``Settings`` object; secrets are ``SecretStr`` so they never print. A wrong
 value fails with a message naming the variable, not a validation traceback.
+
+``INDOSTAR_ENV`` is ``dev`` or ``production``; unset means production. The development
+defaults (the public webhook and token secrets, the ``log`` SMS provider) work only in
+dev: in production the code that needs one asks through ``webhook_secret()``,
+``token_key()`` or ``sms_provider_for_sending()``, which refuse them with one line naming
+the variable. Settings that are fine to default anywhere are plain fields.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from lib.errors import ConfigError
 
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message names the variable."""
+DEV_TOKEN_SECRET = "dev-token-secret"  # noqa: S105 - the public dev default, refused in production
+DEV_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 - as above
+MIN_TOKEN_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -24,12 +32,20 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
+    indostar_env: Literal["dev", "production"] = "production"
+
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/indostar"
     database_pool_size: int = Field(default=5, ge=1)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = "indostar:"
     # Key of the HMAC that stores tokens hashed; without it a leaked dump cannot even brute-force an OTP.
-    token_secret: SecretStr = SecretStr("dev-token-secret")
+    token_secret: SecretStr = SecretStr(DEV_TOKEN_SECRET)
+    otp_ttl_seconds: int = Field(default=600, ge=30)
+    password_reset_ttl_seconds: int = Field(default=3600, ge=60)
+    email_verification_ttl_seconds: int = Field(default=86_400, ge=60)
+    # Where the links in token emails point; {token} is replaced by the URL-safe token.
+    password_reset_url: str = "https://indostar.example/account/reset?token={token}"  # noqa: S105 - a URL
+    email_verification_url: str = "https://indostar.example/account/verify?token={token}"
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=1025, ge=1, le=65535)
@@ -47,7 +63,7 @@ class Settings(BaseSettings):
     sms_sender_id: str = "INDSTR"
     sms_timeout: float = Field(default=10.0, gt=0)
 
-    razorpay_webhook_secret: SecretStr = SecretStr("dev-webhook-secret")
+    razorpay_webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
     cart_retention_days: int = Field(default=30, ge=1)
     audit_log_retention_days: int = Field(default=90, ge=1)
@@ -57,6 +73,9 @@ class Settings(BaseSettings):
     subscription_max_concurrency: int = Field(default=4, ge=1)
     cleanup_batch_size: int = Field(default=10_000, ge=1)
     notification_batch_size: int = Field(default=200, ge=1)
+    # Plain and templated messages keep their text (the payload) this long, then only the row remains.
+    notification_payload_retention_days: int = Field(default=7, ge=1)
+    notification_retention_days: int = Field(default=180, ge=1)
 
     retry_attempts: int = Field(default=3, ge=0)
     retry_base_seconds: float = Field(default=10.0, ge=0)
@@ -84,12 +103,52 @@ class Settings(BaseSettings):
             raise ValueError("the URL names no database")
         return v
 
+    @field_validator("password_reset_url", "email_verification_url")
+    @classmethod
+    def _check_link(cls, v: str) -> str:
+        if "{token}" not in v or not v.startswith(("https://", "http://")):
+            raise ValueError("expected an http(s) URL containing {token}")
+        return v
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://host:port/db")
         return v
+
+    @property
+    def production(self) -> bool:
+        return self.indostar_env == "production"
+
+    def webhook_secret(self) -> str:
+        """RAZORPAY_WEBHOOK_SECRET, refused in production while it is the public dev default."""
+        secret = self.razorpay_webhook_secret.get_secret_value()
+        if self.production and secret in ("", DEV_WEBHOOK_SECRET):
+            raise ConfigError(
+                "RAZORPAY_WEBHOOK_SECRET is the public development default; set the secret from Razorpay's "
+                "dashboard (INDOSTAR_ENV is production; set INDOSTAR_ENV=dev only on a development machine)"
+            )
+        return secret
+
+    def token_key(self) -> bytes:
+        """TOKEN_SECRET as HMAC key, refused in production while it is the dev default or shorter than 32 bytes."""
+        key = self.token_secret.get_secret_value().encode()
+        if self.production and (key == DEV_TOKEN_SECRET.encode() or len(key) < MIN_TOKEN_SECRET_BYTES):
+            raise ConfigError(
+                f"TOKEN_SECRET must be a random value of at least {MIN_TOKEN_SECRET_BYTES} bytes in production, "
+                "not the development default (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        return key
+
+    def sms_provider_for_sending(self) -> str:
+        """SMS_PROVIDER, refusing the `log` provider in production (it would mark SMS sent without sending)."""
+        if self.production and self.sms_provider == "log":
+            raise ConfigError(
+                "SMS_PROVIDER=log only writes SMS to the log; set SMS_PROVIDER=msg91 or twilio in production "
+                "(INDOSTAR_ENV is production)"
+            )
+        return self.sms_provider
 
 
 def _explain(exc: ValidationError) -> str:

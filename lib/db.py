@@ -19,14 +19,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lib.config import get_settings, redacted_url
+from lib.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-
-
-class ServiceUnavailableError(Exception):
-    """A service a command needs does not answer; the message says which and how to start it."""
 
 
 PG_HINT = "start PostgreSQL (e.g. `pg_ctlcluster --skip-systemctl-redirect <version> main start`) or set DATABASE_URL"

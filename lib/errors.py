@@ -1,7 +1,18 @@
-"""The two error families every job uses: transient (worth retrying) and permanent.
+"""The one exception tree of indostar-jobs, and the rule that says which errors are worth retrying.
 
-Task retry conditions retry only ``TransientError``; a ``PermanentError`` fails at
-once with its message (and, for notifications, lands in the dead-letter state).
+    JobError
+    ├── TransientError              may succeed later: retried (timeouts, SMTP 4xx, HTTP 429/5xx)
+    │   └── ServiceUnavailableError a service does not answer (PostgreSQL, Redis, the Prefect API)
+    └── PermanentError              fails again however often it is tried: never retried
+        ├── InvalidInputError       a parameter or payload is malformed (rejected before any write)
+        ├── NotFoundError           an id that names no row
+        ├── ConfigError             a setting is missing, malformed or refused (e.g. a dev secret in production)
+        ├── SignatureError          a webhook body does not match its signature
+        └── RejectedError           a well-formed request we refuse on its merits (e.g. a charge of the wrong amount)
+
+``is_transient`` is the single retry rule: our own errors say what they are; errors from
+drivers count as transient only when they mean "the connection went away" (a dropped
+PostgreSQL or Redis connection, a socket timeout); anything else is permanent.
 """
 
 from __future__ import annotations
@@ -15,6 +26,10 @@ class TransientError(JobError):
     """May succeed later: timeouts, refused connections, SMTP 4xx, HTTP 429/5xx."""
 
 
+class ServiceUnavailableError(TransientError):
+    """A service does not answer; the message says which, at which address, and how to start it."""
+
+
 class PermanentError(JobError):
     """Will fail again however often it is tried: bad input, SMTP 5xx, HTTP 4xx, unknown template."""
 
@@ -25,3 +40,43 @@ class InvalidInputError(PermanentError, ValueError):
 
 class NotFoundError(PermanentError, LookupError):
     """An id that names no row."""
+
+
+class ConfigError(PermanentError):
+    """A setting is missing, malformed or refused; the message names the variable."""
+
+
+class SignatureError(PermanentError):
+    """A webhook signature does not match the body: rejected, nothing written."""
+
+
+class RejectedError(PermanentError):
+    """A well-formed request refused on its merits (recorded with the reason before it is raised)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: ours say so; driver errors only when the connection went away."""
+    if isinstance(exc, PermanentError):
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return _driver_connection_lost(exc)
+
+
+def _driver_connection_lost(exc: BaseException) -> bool:
+    # Imported here so that this module stays importable without the drivers.
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    # psycopg2 raises OperationalError for a lost or refused connection, a server shutdown and a
+    # statement timeout; data errors (constraint, type) are IntegrityError / DataError instead.
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return False
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))

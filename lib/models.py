@@ -34,7 +34,23 @@ SUBSCRIPTION_STATUSES = ("active", "paused", "cancelled")
 ORDER_STATUSES = ("created", "paid", "shipped", "delivered", "cancelled")
 OUTCOMES = ("created", "out_of_stock", "inactive", "failed")
 CHANNELS = ("email", "sms")
-NOTIFICATION_STATUSES = ("pending", "sent", "failed", "dead")
+# sending: claimed by a live delivery session (its advisory lock); see lib/notify/delivery_log.py.
+NOTIFICATION_STATUSES = ("pending", "sending", "sent", "failed", "dead")
+# What a message is about; business kinds store a reference (order, customer), never rendered text.
+MESSAGE_KINDS = (
+    "email",
+    "sms",
+    "templated",
+    "order_confirmation",
+    "order_shipped",
+    "payment_failed",
+    "renewal_reminder",
+    "otp",
+    "password_reset",
+    "email_verification",
+)
+WEBHOOK_STATUSES = ("received", "applied", "rejected", "failed", "ignored")
+PAYMENT_STATUSES = ("applied", "awaiting_cycle", "held")
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -223,32 +239,90 @@ class Notification(Base):
     __table_args__ = (
         CheckConstraint(_in("channel", CHANNELS), name="channel_known"),
         CheckConstraint(_in("status", NOTIFICATION_STATUSES), name="status_known"),
+        CheckConstraint(_in("kind", MESSAGE_KINDS), name="kind_known"),
         Index("ix_notifications_status_updated", "status", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     channel: Mapped[str] = mapped_column(String(8))
+    kind: Mapped[str] = mapped_column(String(32))
     template: Mapped[str | None] = mapped_column(String(64))
+    # The address the message went (or will go) to; re-read from the customer at each send.
     recipient: Mapped[str] = mapped_column(String(320))
     subject: Mapped[str | None] = mapped_column(String(300))
-    # The rendered message, so a dead letter can be replayed exactly.
+    # What the message is about (the intent): a reference such as {"order_id": 42} for business
+    # kinds, the text itself for plain and templated kinds. Never a token or an OTP.
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    payload_cleared_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(8), server_default=text("'pending'"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(String(200))
+    # The delivery session holding the row while it is `sending` (its advisory lock key) and since when.
+    claimed_by: Mapped[int | None] = mapped_column(Integer)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[dt.datetime] = _now()
     updated_at: Mapped[dt.datetime] = _now()
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WebhookEvent(Base):
-    """Razorpay events already handled; the event id makes a replay a no-op."""
+    """The inbox of Razorpay events: recorded (committed) before any work, then applied or refused.
+
+    received -> applied | rejected (refused on its merits, e.g. wrong amount) | failed (could
+    not be applied, e.g. out of stock; a redelivery tries again) | ignored (a type we do not act on).
+    """
 
     __tablename__ = "webhook_events"
+    __table_args__ = (CheckConstraint(_in("status", WEBHOOK_STATUSES), name="status_known"),)
 
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     event_type: Mapped[str] = mapped_column(String(64))
-    result: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'received'"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    payment_id: Mapped[str | None] = mapped_column(String(64))
+    razorpay_subscription_id: Mapped[str | None] = mapped_column(String(64))
+    amount_paise: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(3))
+    expected_paise: Mapped[int | None] = mapped_column(BigInteger)
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("orders.id"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     received_at: Mapped[dt.datetime] = _now()
+    updated_at: Mapped[dt.datetime] = _now()
+
+
+class Payment(Base):
+    """Money Razorpay captured for a subscription cycle, kept whatever happens to the order.
+
+    applied: on its order (orders.razorpay_payment_id). awaiting_cycle: charged before the cycle
+    was due; the run that makes that cycle's order marks it paid. held: no order could take it
+    (out of stock, inactive subscription, cycle already paid): someone must ship or refund.
+    """
+
+    __tablename__ = "payments"
+    __table_args__ = (
+        CheckConstraint(_in("status", PAYMENT_STATUSES), name="status_known"),
+        # Never a cycle paid twice: at most one live payment per (subscription, delivery date).
+        Index(
+            "uq_payments_live_cycle",
+            "subscription_id",
+            "delivery_date",
+            unique=True,
+            postgresql_where=text("status IN ('applied', 'awaiting_cycle')"),
+        ),
+        Index("ix_payments_open", "status", "delivery_date", postgresql_where=text("status <> 'applied'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    razorpay_payment_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    subscription_id: Mapped[int | None] = mapped_column(ForeignKey("subscriptions.id"))
+    delivery_date: Mapped[dt.date | None] = mapped_column(Date)
+    order_id: Mapped[int | None] = mapped_column(ForeignKey("orders.id"))
+    amount_paise: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = _now()
+    updated_at: Mapped[dt.datetime] = _now()

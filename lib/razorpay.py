@@ -1,192 +1,164 @@
-"""Razorpay webhooks: signature check, event parsing, and what each event does to our tables.
+"""Razorpay webhooks: the signature check, and parsing a body into a typed event.
 
 The signature is HMAC-SHA256 of the raw body with the webhook secret, compared in
-constant time, before the body is even parsed. The event id (the
-X-Razorpay-Event-Id header, or for a charge the payment id) is the idempotency key:
-``webhook_events`` has it as primary key, so a replay changes nothing.
+constant time, before the body is even parsed. Parsing checks every field we use for
+its JSON type and length and fails with one line naming the field, so nothing is
+written for a malformed body. The money fields of a charge (amount, currency, status)
+are parsed leniently on purpose: a correctly signed charge with a wrong amount is a
+fact to record and refuse (lib.payments), not a malformed request.
+
+What an event does to our tables is lib.payments.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import json
-import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from lib.errors import InvalidInputError, SignatureError
 
-from lib.errors import InvalidInputError, NotFoundError, PermanentError
-from lib.subscriptions import Outcome, process_batch, record_outcomes
+MAX_ID = 64
+MAX_REASON = 300
+# Razorpay ids are short ASCII tokens (evt_…, pay_…, sub_…); anything else is not one of theirs.
+_ID = re.compile(r"^[A-Za-z0-9_.:-]+$")
+HANDLED = ("subscription.charged", "payment.failed")
 
-log = logging.getLogger(__name__)
+
+def sign(body: bytes, secret: str) -> str:
+    """The X-Razorpay-Signature Razorpay sends for ``body``: hex HMAC-SHA256 under the webhook secret."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class SignatureError(PermanentError):
-    """The webhook signature does not match the body: rejected, nothing written."""
+def verify_signature(body: bytes, signature: str | None, secret: str) -> None:
+    """Raise SignatureError unless ``signature`` is the HMAC of exactly these bytes."""
+    if not signature or not isinstance(signature, str):
+        raise SignatureError("missing X-Razorpay-Signature")
+    if not hmac.compare_digest(sign(body, secret).encode(), signature.strip().encode()):
+        raise SignatureError("X-Razorpay-Signature does not match the body (wrong secret or altered body)")
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a subscription.charged event says was charged; money fields as sent (checked later)."""
+
+    razorpay_subscription_id: str
+    payment_id: str
+    amount: Any
+    currency: Any
+    status: Any
+
+    @property
+    def amount_paise(self) -> int | None:
+        """The amount when it is a whole number of paise, else None."""
+        ok = isinstance(self.amount, int) and not isinstance(self.amount, bool) and self.amount >= 0
+        return self.amount if ok else None
+
+
+@dataclass(frozen=True)
+class PaymentFailure:
+    """What a payment.failed event names: our order or subscription, and why the payment failed."""
+
+    payment_id: str
+    order_id: int | None
+    subscription_id: int | None
+    razorpay_subscription_id: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
 class RazorpayEvent:
     event_id: str
     event: str
-    payload: dict[str, Any]
-    created_at: int | None
+    charge: Charge | None = None
+    failure: PaymentFailure | None = None
 
 
-def sign(body: bytes, secret: str) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def verify_signature(body: bytes, signature: str | None, secret: str) -> None:
-    if not signature:
-        raise SignatureError("missing X-Razorpay-Signature")
-    if not hmac.compare_digest(sign(body, secret), signature.strip()):
-        raise SignatureError("X-Razorpay-Signature does not match the body (wrong secret or altered body)")
+def check_id(value: Any, where: str, required: bool = True) -> str | None:
+    """A Razorpay id: text of 1-64 safe characters; InvalidInputError (one line) otherwise."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{where} must be a non-empty string, got {_describe(value)}")
+    if len(value) > MAX_ID or not _ID.match(value):
+        raise InvalidInputError(f"{where} must be at most {MAX_ID} letters, digits or _.:-, got {_describe(value)}")
+    return value
 
 
-def _entity(payload: dict[str, Any], name: str) -> dict[str, Any]:
-    ent = payload.get(name, {})
-    ent = ent.get("entity", ent) if isinstance(ent, dict) else None
-    if not isinstance(ent, dict):
-        raise InvalidInputError(f"payload.{name}.entity is missing or not an object")
-    return ent
+def _object(doc: Any, path: str) -> dict[str, Any]:
+    node = doc
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise InvalidInputError(f"webhook body: {path} is missing or not an object")
+    return node
 
 
-def parse_event(body: bytes, event_id: str | None = None) -> RazorpayEvent:
-    """Parse a webhook body; raises InvalidInputError for anything malformed."""
+def _notes_id(notes: dict[str, Any], name: str) -> int | None:
+    value = notes.get(name)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidInputError(f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}"
+        ) from None
+    if number <= 0 or number >= 2**63:
+        raise InvalidInputError(f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}")
+    return number
+
+
+def parse_event(body: bytes, event_id: Any) -> RazorpayEvent:
+    """Parse a verified webhook body; InvalidInputError with one line for anything malformed."""
+    eid = check_id(event_id, "event_id (the X-Razorpay-Event-Id header)")
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInputError(f"webhook body is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("event"), str):
-        raise InvalidInputError("webhook body has no 'event' field")
-    payload = doc.get("payload")
-    if not isinstance(payload, dict):
+    if not isinstance(doc, dict):
+        raise InvalidInputError("webhook body is not a JSON object")
+    event = doc.get("event")
+    if not isinstance(event, str) or not event or len(event) > MAX_ID:
+        raise InvalidInputError(f"webhook body: 'event' must be a short string, got {_describe(event)}")
+    if not isinstance(doc.get("payload"), dict):
         raise InvalidInputError("webhook body has no 'payload' object")
-    event = doc["event"]
-    if not event_id:
-        # Razorpay sends the id in a header; a charge also carries its own unique payment id.
-        payment = payload.get("payment", {}).get("entity", {}) if isinstance(payload.get("payment"), dict) else {}
-        if not payment.get("id"):
-            raise InvalidInputError("no event id: pass the X-Razorpay-Event-Id header value")
-        event_id = f"{event}:{payment['id']}"
-    return RazorpayEvent(event_id, event, payload, doc.get("created_at"))
-
-
-@dataclass(frozen=True)
-class ChargeResult:
-    status: str  # recorded | replay | inactive
-    order_id: int | None = None
-    subscription_id: int | None = None
-
-
-def _claim_event(session: Session, ev: RazorpayEvent, result: str) -> bool:
-    """Insert the event id; False means we have handled it before."""
-    return (
-        session.execute(
-            text(
-                "INSERT INTO webhook_events (event_id, event_type, result) VALUES (:i, :t, :r) "
-                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-            ),
-            {"i": ev.event_id, "t": ev.event, "r": result},
-        ).first()
-        is not None
-    )
-
-
-def _set_result(session: Session, ev: RazorpayEvent, result: str) -> None:
-    session.execute(text("UPDATE webhook_events SET result = :r WHERE event_id = :i"), {"r": result, "i": ev.event_id})
-
-
-def handle_charged(session: Session, ev: RazorpayEvent, today: dt.date) -> ChargeResult:
-    """subscription.charged: record the payment on this cycle's order, creating it if needed."""
-    sub_ent = _entity(ev.payload, "subscription")
-    pay = _entity(ev.payload, "payment")
-    rzp_sub, pay_id = sub_ent.get("id"), pay.get("id")
-    if not rzp_sub or not pay_id:
-        raise InvalidInputError("subscription.charged needs payload.subscription.entity.id and payment.entity.id")
-    if not _claim_event(session, ev, "processing"):
-        return ChargeResult("replay")
-    sub = session.execute(
-        text("SELECT id, status, next_delivery_date FROM subscriptions WHERE razorpay_subscription_id = :r FOR UPDATE"),
-        {"r": rzp_sub},
-    ).first()
-    if sub is None:
-        raise NotFoundError(f"no subscription has razorpay_subscription_id {rzp_sub}")
-    paid = session.execute(text("SELECT id FROM orders WHERE razorpay_payment_id = :p"), {"p": pay_id}).scalar()
-    if paid is not None:
-        _set_result(session, ev, f"payment already on order {paid}")
-        return ChargeResult("replay", paid, sub.id)
-    if sub.status != "active":
-        record_outcomes(
-            session,
-            [Outcome(sub.id, 0, "", sub.next_delivery_date, "inactive", f"charged while {sub.status}")],
-            today,
-            ev.event_id,
+    assert eid is not None
+    if event == "subscription.charged":
+        sub = _object(doc, "payload.subscription.entity")
+        pay = _object(doc, "payload.payment.entity")
+        charge = Charge(
+            razorpay_subscription_id=check_id(sub.get("id"), "payload.subscription.entity.id") or "",
+            payment_id=check_id(pay.get("id"), "payload.payment.entity.id") or "",
+            amount=pay.get("amount"),
+            currency=pay.get("currency"),
+            status=pay.get("status"),
         )
-        _set_result(session, ev, f"subscription {sub.id} is {sub.status}")
-        return ChargeResult("inactive", None, sub.id)
-    # This cycle's order: an unpaid one the nightly run made, else make it now the same way.
-    order_id = session.execute(
-        text(
-            "SELECT id FROM orders WHERE subscription_id = :s AND razorpay_payment_id IS NULL "
-            "AND delivery_date <= :nd ORDER BY delivery_date DESC LIMIT 1 FOR UPDATE"
-        ),
-        {"s": sub.id, "nd": sub.next_delivery_date},
-    ).scalar()
-    if order_id is None:
-        cycle = sub.next_delivery_date
-        batch = process_batch(session, max(today, cycle), 1, ev.event_id, only_ids=[sub.id])
-        made = [o for o in batch.outcomes if o.order_id is not None]
-        if not made:
-            reason = batch.outcomes[0].reason if batch.outcomes else "not processed"
-            raise PermanentError(f"could not create the order for subscription {sub.id}: {reason}")
-        order_id = made[0].order_id
-    session.execute(
-        text("UPDATE orders SET razorpay_payment_id = :p, status = 'paid', paid_at = now() WHERE id = :o"),
-        {"p": pay_id, "o": order_id},
-    )
-    _set_result(session, ev, f"payment {pay_id} on order {order_id}")
-    return ChargeResult("recorded", order_id, sub.id)
-
-
-@dataclass(frozen=True)
-class FailedPayment:
-    status: str  # notify | replay
-    order_id: int | None
-    subscription_id: int | None
-    reason: str
-
-
-def handle_payment_failed(session: Session, ev: RazorpayEvent) -> FailedPayment:
-    """payment.failed: find our order or subscription; the caller asks for the notification."""
-    pay = _entity(ev.payload, "payment")
-    notes = pay.get("notes") if isinstance(pay.get("notes"), dict) else {}
-    reason = str(pay.get("error_description") or pay.get("error_reason") or "payment failed")[:300]
-    if not _claim_event(session, ev, "payment failed"):
-        return FailedPayment("replay", None, None, reason)
-    order_id = _int_or_none(notes.get("order_id"))
-    sub_id = _int_or_none(notes.get("subscription_id"))
-    if sub_id is None and pay.get("subscription_id"):
-        sub_id = session.execute(
-            text("SELECT id FROM subscriptions WHERE razorpay_subscription_id = :r"), {"r": pay["subscription_id"]}
-        ).scalar()
-    if order_id is None and sub_id is None:
-        raise InvalidInputError("payment.failed names no order or subscription (notes.order_id / subscription_id)")
-    return FailedPayment("notify", order_id, sub_id, reason)
-
-
-def _int_or_none(v: Any) -> int | None:
-    try:
-        return int(v) if v is not None else None
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"expected an integer id in notes, got {v!r}") from None
-
-
-def record_ignored(session: Session, ev: RazorpayEvent) -> bool:
-    """Acknowledge an event type we do not act on; False if seen before."""
-    return _claim_event(session, ev, "ignored")
+        return RazorpayEvent(eid, event, charge=charge)
+    if event == "payment.failed":
+        pay = _object(doc, "payload.payment.entity")
+        notes = pay.get("notes") if isinstance(pay.get("notes"), dict) else {}
+        reason = pay.get("error_description") or pay.get("error_reason") or "the payment was declined"
+        if not isinstance(reason, str):
+            raise InvalidInputError(f"payload.payment.entity.error_description must be text, got {_describe(reason)}")
+        failure = PaymentFailure(
+            payment_id=check_id(pay.get("id"), "payload.payment.entity.id") or "",
+            order_id=_notes_id(notes, "order_id"),
+            subscription_id=_notes_id(notes, "subscription_id"),
+            razorpay_subscription_id=check_id(
+                pay.get("subscription_id"), "payload.payment.entity.subscription_id", required=False
+            ),
+            reason=" ".join(reason.split())[:MAX_REASON] or "the payment was declined",
+        )
+        return RazorpayEvent(eid, event, failure=failure)
+    return RazorpayEvent(eid, event)

@@ -2,7 +2,8 @@
 
 Prefect's ``exponential_backoff()`` has no cap and its jitter can stretch a delay by
 the jitter factor, so the delays are an explicit list kept under cap / (1 + jitter):
-the longest real wait stays within the cap.
+the longest real wait stays within the cap. Which errors are retried at all is
+``lib.errors.is_transient``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lib.config import get_settings
-from lib.errors import PermanentError, TransientError
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,3 @@ def policy() -> RetryPolicy:
         delays=capped_delays(s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds, s.retry_jitter_factor),
         jitter_factor=s.retry_jitter_factor,
     )
-
-
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying; anything unexpected counts as permanent."""
-    if isinstance(exc, PermanentError):
-        return False
-    if isinstance(exc, TransientError):
-        return True
-    # Connection-level trouble from drivers not wrapped yet (e.g. a DB connection drop).
-    return isinstance(exc, (ConnectionError, TimeoutError))

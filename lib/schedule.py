@@ -61,3 +61,29 @@ def next_after(current: dt.date, frequency: str, anchor_day: int, run_date: dt.d
         cycles += 1
         candidate = add_months(current, step * cycles, anchor_day)
     return candidate
+
+
+MAX_DAYS_AHEAD = 1
+MAX_DAYS_BEHIND = 35
+
+
+def check_run_date(run_date: dt.date, today: dt.date, allow_any_date: bool = False) -> dt.date:
+    """The run date, if it lies within [today - 35 days, today + 1 day]; InvalidInputError otherwise.
+
+    A run orders every subscription due on or before its date, so a typo such as 2999-12-31
+    would order everything and move every date past it. ``allow_any_date`` is the
+    operator's explicit "I mean it".
+    """
+    if allow_any_date:
+        return run_date
+    if run_date > today + dt.timedelta(days=MAX_DAYS_AHEAD):
+        raise InvalidInputError(
+            f"run_date {run_date} is more than {MAX_DAYS_AHEAD} day after today ({today}, UTC); nothing was "
+            "written. Pass allow_any_date=true if you mean it"
+        )
+    if run_date < today - dt.timedelta(days=MAX_DAYS_BEHIND):
+        raise InvalidInputError(
+            f"run_date {run_date} is more than {MAX_DAYS_BEHIND} days before today ({today}, UTC); nothing was "
+            "written. Pass allow_any_date=true if you mean it"
+        )
+    return run_date

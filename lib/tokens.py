@@ -41,8 +41,7 @@ import redis
 
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
-from lib.db import ServiceUnavailableError
-from lib.errors import InvalidInputError, TransientError
+from lib.errors import InvalidInputError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ UserId = int | str
 REDIS_HINT = "start Redis (e.g. `redis-server --daemonize yes`) or set REDIS_URL"
 
 
-class RedisUnavailableError(ServiceUnavailableError, TransientError):
+class RedisUnavailableError(ServiceUnavailableError):
     """Redis does not answer; the message names REDIS_URL and the address. Retried: Redis may come back."""
 
 
@@ -135,8 +134,8 @@ def fail_key(user_id: UserId) -> str:
 
 
 def _digest(message: str) -> str:
-    secret = get_settings().token_secret.get_secret_value().encode()
-    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+    # token_key() refuses the dev default in production: a public key would make a stored OTP hash reversible.
+    return hmac.new(get_settings().token_key(), message.encode(), hashlib.sha256).hexdigest()
 
 
 def token_id(kind: str, token: str) -> str:

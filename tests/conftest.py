@@ -17,6 +17,7 @@ TEST_DB = f"indostar_test_{_RUN}"
 PG_SERVER = os.environ.get("TEST_PG_SERVER", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 os.environ.update(
     {
+        "INDOSTAR_ENV": "dev",
         "DATABASE_URL": f"{PG_SERVER}/{TEST_DB}",
         "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "REDIS_KEY_PREFIX": f"indostar-test:{_RUN}:",
@@ -108,8 +109,7 @@ def smtp_server():
 @pytest.fixture
 def smtp(smtp_server):
     """The SMTP server with its inbox and faults cleared; restarted if a test stopped it."""
-    smtp_server.handler.messages.clear()
-    smtp_server.handler.rcpt_replies.clear()
+    smtp_server.handler.reset()
     if not smtp_server.running:
         smtp_server.start()
     yield smtp_server

@@ -37,6 +37,7 @@ class SMSGateway:
     # Each entry: (status, delay_seconds) for one upcoming request; then 200.
     script: deque[tuple[int, float]] = field(default_factory=deque)
     counter: int = 0
+    error_body: str | None = None  # what a non-2xx answer says (default: a short message)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail_next(self, *statuses: int, delay: float = 0.0) -> None:
@@ -51,6 +52,7 @@ class SMSGateway:
         with self.lock:
             self.requests.clear()
             self.script.clear()
+            self.error_body = None
 
     @property
     def delivered(self) -> list[GatewayRequest]:
@@ -77,7 +79,7 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
             payload = (
                 {"type": "success", "message": msg_id, "sid": msg_id, "request_id": msg_id}
                 if status < 300
-                else {"type": "error", "message": f"gateway says {status}"}
+                else {"type": "error", "message": state.error_body or f"gateway says {status}"}
             )
             raw = json.dumps(payload).encode()
             try:

@@ -44,7 +44,8 @@ def test_cron_times_match_the_design():
     assert crons["cleanup_expired_carts"] == ["0 2 * * *"]
     assert crons["cleanup_expired_tokens"] == ["0 3 * * *"]
     assert crons["cleanup_old_audit_logs"] == crons["cleanup_abandoned_sessions"] == []
-    assert len(crons["send_subscription_renewal_reminders"]) == 1
+    assert len(crons["remind_upcoming_deliveries"]) == 1
+    assert crons["cleanup_delivery_log"] == ["30 2 * * *"]
 
 
 def test_lib_never_imports_prefect():

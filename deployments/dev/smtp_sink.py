@@ -1,21 +1,27 @@
 """A local catch-all SMTP server for development and tests (aiosmtpd on loopback).
 
 It accepts every message and keeps it in memory (and logs a one-line summary), so
-`make up` can send real SMTP without a provider. Tests subclass the handler to
-inject faults the real providers produce (4xx, 5xx, a dead server).
+`make up` can send real SMTP without a provider. Tests script the faults real providers
+produce: a reply per recipient (550), replies for the next DATA commands (421), a
+held reply (the message is received but the client waits, to kill it mid-send), and
+AUTH with one accepted login (535 otherwise).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import logging
 import socket
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +35,25 @@ class Received:
 
 @dataclass
 class RecordingHandler:
-    """Stores every accepted message; ``rcpt_replies`` maps an address to a reply code."""
+    """Stores every accepted message; faults are scripted per recipient, per DATA, or by holding a reply."""
 
     messages: list[Received] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
+    # Replies for the next DATA commands, one each (e.g. "421 4.3.2 try later"); then 250.
+    data_replies: deque[str] = field(default_factory=deque)
+    # Message number (1-based) whose 250 waits until ``release`` is set: received, not yet acknowledged.
+    hold_at: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.rcpt_replies.clear()
+            self.data_replies.clear()
+            self.hold_at = None
+            self.release.set()
+        self.release = threading.Event()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         reply = self.rcpt_replies.get(address.lower())
@@ -43,11 +63,26 @@ class RecordingHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        with self.lock:
+            reply = self.data_replies.popleft() if self.data_replies else None
+        if reply:
+            return reply
         msg = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
         with self.lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), msg))
+            held = self.hold_at is not None and len(self.messages) == self.hold_at
         log.info("dev SMTP received %r for %d recipient(s)", msg.get("Subject"), len(envelope.rcpt_tos))
+        if held:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
         return "250 Message accepted for delivery"
+
+
+def _authenticator(login: tuple[str, str]) -> Any:
+    def check(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login.decode(), auth_data.password.decode()) == login
+        return AuthResult(success=ok)
+
+    return check
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,8 +102,14 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class DevSMTPServer:
     """Start/stop wrapper around an aiosmtpd Controller on a fixed loopback port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1025, handler: RecordingHandler | None = None):
-        self.host, self.port = host, port
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1025,
+        handler: RecordingHandler | None = None,
+        login: tuple[str, str] | None = None,
+    ):
+        self.host, self.port, self.login = host, port, login
         self.handler = handler or RecordingHandler()
         self._controller: Controller | None = None
 
@@ -77,7 +118,10 @@ class DevSMTPServer:
         return self.handler.messages
 
     def start(self) -> DevSMTPServer:
-        self._controller = Controller(self.handler, hostname=self.host, port=self.port)
+        auth: dict[str, Any] = {}
+        if self.login is not None:  # AUTH over plain loopback: tests only, never a real server
+            auth = {"authenticator": _authenticator(self.login), "auth_required": True, "auth_require_tls": False}
+        self._controller = Controller(self.handler, hostname=self.host, port=self.port, **auth)
         self._controller.start()
         return self
 

@@ -86,3 +86,31 @@ def scrub(text: str) -> str:
     """Text safe for a log or an artifact: any email address or phone number in it masked."""
     text = _EMAIL_ANYWHERE.sub(lambda m: mask_email(m.group(0)), text)
     return _PHONE_ANYWHERE.sub(lambda m: mask_phone(m.group(0)), text)
+
+
+_CONTROL = re.compile(r"[\r\n\x00]")
+
+
+def check_header(value: str, name: str) -> str:
+    """A header value (subject, name, address) without CR, LF or NUL; InvalidInputError naming the field.
+
+    A line break in a header would let the value add headers of its own (header injection),
+    and smtplib refuses it only at send time with an error that looks transient.
+    """
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be text, got {type(value).__name__}")
+    if _CONTROL.search(value):
+        raise InvalidInputError(f"{name} contains a line break or NUL character, which a mail header cannot carry")
+    return value
+
+
+_URL = re.compile(r"https?://[^\s]+")
+_CODE = re.compile(r"\b\d{4,8}\b")
+
+
+def mask_secrets(text: str) -> str:
+    """Text with links and one-time codes masked (for the log SMS provider and stored errors)."""
+    text = _URL.sub(
+        lambda m: m.group(0).split("?", 1)[0].split("#", 1)[0] + ("?***" if "?" in m.group(0) else ""), text
+    )
+    return scrub(_CODE.sub("******", text))

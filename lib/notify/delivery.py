@@ -1,10 +1,17 @@
-"""Delivering claimed messages: one pass over a batch through one channel session.
+"""One delivery pass: claim a batch of messages, render each at send time, send it, record it at once.
 
-``deliver`` claims the batch's sendable rows (pending or failed, skipping rows another
-run holds), sends each through one sender (one SMTP session, one httpx client), and
-records each outcome in the same transaction. A permanent error kills that message
-only; a transient error stops the pass (the connection is suspect) and leaves the rest
-for the task's next retry, or, on the final attempt, marks them dead with the reason.
+``deliver`` runs on a delivery session (lib.notify.delivery_log.delivery_session: an
+autocommit connection holding an advisory lock) and commits every state change as it
+happens: the batch is claimed (``sending``) in one statement, and each message is marked
+``sent`` in its own statement right after the provider accepted it. A worker killed
+mid-pass therefore leaves at most the one message that was on the wire unrecorded; its
+row stays ``sending`` under a lock nobody holds, and the next claim takes it back.
+
+Errors: a ``PermanentError`` kills the message it concerns (dead, with the reason); one
+when the sender opens (SMTP login refused, a provider not configured) kills every claimed
+message, since none can go out until someone fixes it, and ``replay-dead-letters`` sends
+them after the fix. A ``TransientError`` stops the pass (the connection is suspect): the
+rest go back to ``failed`` for the task's next retry, or, on the final attempt, ``dead``.
 """
 
 from __future__ import annotations
@@ -14,50 +21,45 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import httpx
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from lib.errors import PermanentError, TransientError
-from lib.notify import log as dlog
+from lib.notify import delivery_log as dlog
 from lib.notify.address import mask, scrub
 from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
+from lib.notify.render import Outgoing, renderers
 from lib.notify.sms_channel import SmsConfig, make_client, send_sms
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[dlog.Claimed], str]
+Sender = Callable[[Outgoing], str]
+OpenSender = Callable[[], AbstractContextManager[Sender]]
 
 
 @contextmanager
 def email_sender(config: SmtpConfig) -> Iterator[Sender]:
-    """One SMTP session; the sender rebuilds each message from its stored payload."""
+    """One SMTP session for the pass; each message is built from its rendered content."""
     with SmtpSession(config) as smtp:
 
-        def send(msg: dlog.Claimed) -> str:
-            p = msg.payload
-            try:
-                mime = build_message(
-                    p.get("from") or config.sender, p["to"], p["subject"], p["text"], p.get("html"), p["message_id"]
-                )
-            except KeyError as exc:
-                raise PermanentError(f"stored email payload lacks {exc}; cannot send") from None
-            return smtp.send(mime)
+        def send(out: Outgoing) -> str:
+            return smtp.send(
+                build_message(config.sender, out.to, out.subject or "", out.text, out.html, out.message_id)
+            )
 
         yield send
 
 
 @contextmanager
 def sms_sender(config: SmsConfig, client: httpx.Client | None = None) -> Iterator[Sender]:
-    """One pooled httpx client (unless given one); the sender posts each stored SMS."""
+    """One pooled httpx client for the pass (unless given one); raises ConfigError for a refused provider."""
+    config.check_usable()
     own = client is None and config.provider != "log"
     if own:
         client = make_client(config)
     try:
 
-        def send(msg: dlog.Claimed) -> str:
-            p = msg.payload
-            if "to" not in p or "text" not in p:
-                raise PermanentError("stored SMS payload lacks 'to' or 'text'; cannot send")
-            return send_sms(client, config, p["to"], p["text"], p.get("dlt_template_id"))
+        def send(out: Outgoing) -> str:
+            return send_sms(client, config, out.to, out.text, out.dlt_template_id)
 
         yield send
     finally:
@@ -65,55 +67,71 @@ def sms_sender(config: SmsConfig, client: httpx.Client | None = None) -> Iterato
             client.close()
 
 
+def _dead(conn: Connection, msg: dlog.Claimed, token: int, reason: str, report: dlog.DeliveryReport) -> None:
+    dlog.mark_failed(conn, [msg.id], token, scrub(reason), dead=True, tried=True)
+    report.dead += 1
+    report.dead_reasons.append(scrub(reason))
+    log.warning("dead: %s %s to %s: %s", msg.kind, msg.channel, mask(msg.recipient), scrub(reason))
+
+
 def deliver(
-    session: Session,
+    conn: Connection,
+    token: int,
     keys: list[str],
-    open_sender: Callable[[], AbstractContextManager[Sender]],
+    channel: str,
+    open_sender: OpenSender,
     final: bool,
     before_send: Callable[[], None] | None = None,
-) -> dlog.Outcome:
-    """Send the sendable messages among ``keys`` through one sender; record every outcome."""
-    outcome = dlog.Outcome()
-    claimed = dlog.claim(session, keys)
-    outcome.skipped = len(keys) - len(claimed)
+) -> dlog.DeliveryReport:
+    """Send the sendable ``channel`` messages among ``keys``; every outcome is committed as it happens."""
+    report = dlog.DeliveryReport()
+    claimed = dlog.claim(conn, keys, token, channel)
+    report.skipped = len(set(keys)) - len(claimed)
+    report.recovered = sum(m.recovered for m in claimed)
     if not claimed:
-        return outcome
-    sent: list[tuple[int, str]] = []
+        return report
+    if report.recovered:
+        log.warning("%d %s message(s) left `sending` by a stopped worker: sending again", report.recovered, channel)
+    renders = renderers(conn, claimed)
     done = 0  # messages with a recorded outcome
     current: dlog.Claimed | None = None  # the message on the wire when an error comes
     try:
         with open_sender() as send:
             for msg in claimed:
-                if before_send is not None:
-                    before_send()
                 current = msg
                 try:
-                    sent.append((msg.id, send(msg)))
+                    out = renders[msg.id]()
+                    if before_send is not None:
+                        before_send()
+                    provider_id = send(out)
                 except PermanentError as exc:
-                    dlog.mark_failed(session, [msg.id], str(exc), dead=True)
-                    outcome.dead += 1
-                    outcome.dead_reasons.append(scrub(str(exc)))
-                    log.warning(
-                        "dead: %s %s to %s: %s", msg.template, msg.channel, mask(msg.recipient), scrub(str(exc))
-                    )
+                    _dead(conn, msg, token, str(exc), report)
+                else:
+                    dlog.mark_sent(conn, msg.id, token, provider_id, out.to, out.subject)
+                    report.sent += 1
                 current = None
                 done += 1
-    except TransientError as exc:
-        reason = str(exc)
-        outcome.transient_error = scrub(reason)
+    except PermanentError as exc:
+        # Raised by opening the sender: nothing of this channel can go out until it is fixed.
         rest = claimed[done:]
-        # On the wire: that message's attempt failed. Not on the wire: the session never
-        # opened, so every claimed message's attempt failed.
+        reason = f"could not open the {channel} sender: {exc}"
+        dlog.mark_failed(conn, [m.id for m in rest], token, scrub(reason), dead=True, tried=False)
+        report.dead += len(rest)
+        report.dead_reasons.append(scrub(reason))
+        log.error("%d %s message(s) dead: %s", len(rest), channel, scrub(reason))
+    except TransientError as exc:
+        reason = scrub(str(exc))
+        report.transient_error = reason
+        rest = claimed[done:]
+        # On the wire: that message's attempt failed. Not on the wire: the session never opened.
         tried = [current.id] if current is not None else [m.id for m in rest]
         untried = [m.id for m in rest if m.id not in tried]
-        dlog.mark_failed(session, tried, reason, dead=final, tried=True)
-        dlog.mark_failed(session, untried, f"not attempted: {reason}", dead=final, tried=False)
+        dlog.mark_failed(conn, tried, token, reason, dead=final, tried=True)
+        dlog.mark_failed(conn, untried, token, f"not attempted: {reason}", dead=final, tried=False)
         if final:
-            outcome.dead += len(rest)
-            outcome.dead_reasons.append(scrub(reason))
-            log.warning("retries exhausted, %d message(s) dead: %s", len(rest), scrub(reason))
+            report.dead += len(rest)
+            report.dead_reasons.append(reason)
+            log.warning("retries exhausted, %d %s message(s) dead: %s", len(rest), channel, scrub(reason))
         else:
-            outcome.failed += len(rest)
-    dlog.mark_sent(session, sent)
-    outcome.sent = len(sent)
-    return outcome
+            report.failed += len(rest)
+    return report

@@ -55,8 +55,12 @@ class SmtpConfig:
         )
 
 
-def new_message_id(sender: str) -> str:
-    """A unique Message-ID in the sender's domain."""
+def new_message_id(sender: str | None = None) -> str:
+    """A unique Message-ID in the sender's domain (SMTP_FROM's unless given)."""
+    if sender is None:
+        from lib.config import get_settings
+
+        sender = get_settings().smtp_from
     domain = parseaddr(sender)[1].rpartition("@")[2] or "indostar.example"
     return make_msgid(domain=domain)
 
@@ -74,6 +78,10 @@ def build_message(
     ``EmailMessage`` for these simple messages, about four times cheaper to build (it
     matters in bulk: building, not sending, is where a client's time goes).
     """
+    for header, value in (("From", sender), ("To", to), ("Subject", subject)):
+        if any(c in value for c in "\r\n\x00"):
+            # Refused here, as permanent: smtplib would fail at send time with an error that looks transient.
+            raise PermanentError(f"the {header} header contains a line break or NUL character")
     text_part = MIMEText(text, "plain", _UTF8_QP)
     if html:
         msg: Message = MIMEMultipart("alternative", _subparts=[text_part, MIMEText(html, "html", _UTF8_QP)])

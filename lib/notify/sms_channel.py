@@ -4,10 +4,13 @@
   id, route 4 (transactional) and the DLT template id Indian operators require.
 - ``twilio``: form POST to {base}/2010-04-01/Accounts/{sid}/Messages.json with HTTP
   basic auth (account sid, API key).
-- ``log``: development; writes the masked recipient and the text to the log.
+- ``log``: development only (refused when INDOSTAR_ENV is production): writes the
+  masked recipient and the text, codes and links masked, to the log.
 
 HTTP 429 and 5xx, timeouts and connection errors are ``TransientError``; any other
-4xx is ``PermanentError``. The API key never appears in a message or a log line.
+4xx is ``PermanentError``. The API key never appears in a message or a log line, and
+a provider's response body is cut short and scrubbed (credentials, codes, links,
+addresses) before it becomes an error we store.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Literal
 
 import httpx
 
-from lib.errors import PermanentError, TransientError
-from lib.notify.address import mask_phone
+from lib.errors import ConfigError, PermanentError, TransientError
+from lib.notify.address import mask_phone, mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class SmsConfig:
     account_sid: str | None = None
     sender_id: str = "INDSTR"
     timeout: float = 10.0
+    production: bool = True
 
     def __repr__(self) -> str:  # never print the key
         return f"SmsConfig({self.provider} at {self.base_url}, sender={self.sender_id})"
@@ -46,15 +50,25 @@ class SmsConfig:
             account_sid=s.sms_account_sid,
             sender_id=s.sms_sender_id,
             timeout=s.sms_timeout,
+            production=s.production,
         )
+
+    def check_usable(self) -> None:
+        """ConfigError (one line, naming the variable) when this configuration cannot send for real."""
+        if self.provider == "log" and self.production:
+            raise ConfigError(
+                "SMS_PROVIDER=log only writes SMS to the log; set SMS_PROVIDER=msg91 or twilio "
+                "(INDOSTAR_ENV is production)"
+            )
+        if self.provider == "msg91" and not self.api_key:
+            raise ConfigError("SMS_PROVIDER=msg91 needs SMS_API_KEY")
+        if self.provider == "twilio" and not (self.api_key and self.account_sid):
+            raise ConfigError("SMS_PROVIDER=twilio needs SMS_ACCOUNT_SID and SMS_API_KEY")
 
 
 def make_client(config: SmsConfig, max_connections: int = 20) -> httpx.Client:
     """One pooled client for a batch: connect/read/write timeouts from SMS_TIMEOUT."""
-    if config.provider == "msg91" and not config.api_key:
-        raise PermanentError("SMS_PROVIDER=msg91 needs SMS_API_KEY")
-    if config.provider == "twilio" and not (config.api_key and config.account_sid):
-        raise PermanentError("SMS_PROVIDER=twilio needs SMS_ACCOUNT_SID and SMS_API_KEY")
+    config.check_usable()
     return httpx.Client(
         base_url=config.base_url,
         timeout=httpx.Timeout(config.timeout),
@@ -91,7 +105,8 @@ def send_sms(client: httpx.Client | None, config: SmsConfig, phone: str, text: s
     """Send one SMS; returns the provider's message id. Raises TransientError or PermanentError."""
     if config.provider == "log":
         digest = hashlib.sha256(f"{phone}\n{text}".encode()).hexdigest()[:16]
-        log.info("SMS (log provider) to %s [DLT %s]: %s", mask_phone(phone), dlt_template_id, text)
+        config.check_usable()
+        log.info("SMS (log provider) to %s [DLT %s]: %s", mask_phone(phone), dlt_template_id, mask_secrets(text))
         return f"log-{digest}"
     if client is None:
         raise RuntimeError("an httpx client is needed for SMS provider " + config.provider)
@@ -106,7 +121,17 @@ def send_sms(client: httpx.Client | None, config: SmsConfig, phone: str, text: s
     status = response.status_code
     if status < 300:
         return _provider_id(response)
-    detail = response.text[:200].replace("\n", " ")
+    detail = provider_detail(response.text, config)
     if status == 429 or status >= 500:
         raise TransientError(f"{where}: HTTP {status} {detail}")
     raise PermanentError(f"{where}: HTTP {status} {detail}")
+
+
+def provider_detail(body: str, config: SmsConfig, limit: int = 160) -> str:
+    """A provider's response body fit to store: one line, credentials and secrets removed, cut short."""
+    text = " ".join(body[:2000].split())
+    for secret in (config.api_key, config.account_sid):
+        if secret:
+            text = text.replace(secret, "***")
+    text = mask_secrets(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

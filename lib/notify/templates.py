@@ -26,7 +26,10 @@ from lib.errors import PermanentError
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 DLT_REGISTRY = TEMPLATE_DIR / "dlt.json"
 IST = ZoneInfo("Asia/Kolkata")
+# Templates a caller may name (send-templated-email / -sms).
 TEMPLATES = ("order_confirmation", "order_shipped", "payment_failed", "renewal_reminder")
+# Templates of the token messages: rendered only inside the run that issued the token.
+TOKEN_TEMPLATES = ("otp", "password_reset", "email_verification")
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def environment() -> jinja2.Environment:
 
 
 def _render(name: str, filename: str, context: dict[str, Any]) -> str:
-    if name not in TEMPLATES:
+    if name not in TEMPLATES and name not in TOKEN_TEMPLATES:
         raise PermanentError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
     try:
         return environment().get_template(filename).render(**context)

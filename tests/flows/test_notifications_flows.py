@@ -1,16 +1,16 @@
 """Notification flows end to end: real SMTP server and SMS gateway on loopback, real delivery log."""
 
 import datetime as dt
-import threading
-import time
 
 import pytest
+from prefect import flow
 from sqlalchemy import select, text
 
 from flows import notifications as nf
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
+from lib.notify.messages import OrderConfirmationRequest, RenewalReminderRequest
 from tests.builders import make_customer, make_order, make_product, make_subscription
 
 
@@ -97,14 +97,17 @@ def test_templated_email_and_sms_render_the_template(services):
     assert "via BlueDart, tracking no. AWB9." in sms["sms"][0]["message"]
 
 
-def test_unknown_template_is_dead_with_reason(services):
-    """An unknown template is not retried: the flow fails, the log keeps a dead row saying why."""
+def test_unknown_template_is_refused_before_anything_is_written(services):
+    """An unknown template fails the run at once and writes nothing, so the caller's key stays usable."""
     smtp, _ = services
-    with pytest.raises(PermanentError, match="unknown template"):
-        nf.send_templated_email("welcome", {}, "ravi@example.in")
-    [row] = rows()
-    assert row.status == "dead" and "unknown template 'welcome'" in row.last_error
-    assert smtp.messages == []
+    with pytest.raises(InvalidInputError, match="unknown template 'welcome'"):
+        nf.send_templated_email("welcome", {}, "ravi@example.in", idempotency_key="tpl-1")
+    with pytest.raises(InvalidInputError, match="missing variable"):
+        nf.send_templated_email("order_shipped", {"order_id": 7}, "ravi@example.in", idempotency_key="tpl-1")
+    assert rows() == [] and smtp.messages == []
+    ctx = {"customer_name": "Ravi", "order_id": 7, "total_paise": 100, "tracking_number": "A1", "carrier": "DTDC"}
+    nf.send_templated_email("order_shipped", ctx, "ravi@example.in", idempotency_key="tpl-1")
+    assert [r.status for r in rows()] == ["sent"] and len(smtp.messages) == 1
 
 
 def test_order_confirmation_sends_email_and_sms(services, pg):
@@ -167,26 +170,14 @@ def test_renewal_reminder_respects_opt_out(services, pg):
     assert "Neem Soap" in smtp.messages[0].message["Subject"]
 
 
-def test_smtp_down_then_up_delivers_once(services):
-    """A refused connection is retried; the server back before retries run out means one delivery."""
+def test_smtp_421_then_accepted_delivers_once(services):
+    """A 421 (try later) is transient: the task retries and the server's next 250 is the only delivery."""
     smtp, _ = services
-    smtp.stop()
-
-    def restart_after_first_failure():
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if any(r.attempts >= 1 for r in rows()):
-                smtp.start()
-                return
-            time.sleep(0.01)
-
-    t = threading.Thread(target=restart_after_first_failure)
-    t.start()
+    smtp.handler.data_replies.append("421 4.3.2 service busy, try later")
     result = nf.send_email("asha@example.in", "Retry me", "body", idempotency_key="down-up")
-    t.join()
     assert result["sent"] == 1 and len(smtp.messages) == 1
     [row] = rows()
-    assert row.status == "sent" and row.attempts >= 2
+    assert row.status == "sent" and row.attempts == 2 and row.last_error is None
 
 
 def test_smtp_550_is_dead_without_retry(services):
@@ -261,19 +252,30 @@ def test_replay_delivers_dead_letter_once_after_fix(services):
         nf.replay_dead_letters()
 
 
-def test_bulk_order_confirmations_batch_and_count(services, pg, monkeypatch):
-    """The bulk flow sends email + SMS per order across batches, records a bad address dead, and reruns as a no-op."""
-    from lib.config import get_settings
+@flow
+def bulk_confirmations(order_ids: list[int]) -> dict:
+    """Test harness: the bulk path the nightly run uses, over confirmation requests of two orders each."""
+    requests = (OrderConfirmationRequest(tuple(order_ids[i : i + 2])) for i in range(0, len(order_ids), 2))
+    return nf.send_in_batches(requests, "bulk-confirmations")
 
+
+@flow
+def bulk_reminders(items: list[tuple[int, str]]) -> dict:
+    """Test harness: the bulk path of the daily reminders."""
+    return nf.send_in_batches([RenewalReminderRequest(tuple(items))], "bulk-reminders")
+
+
+def test_bulk_order_confirmations_batch_and_count(services, pg):
+    """The bulk path sends email + SMS per order across batches, fails the run for a bad address, reruns as a no-op."""
     smtp, gateway = services
-    monkeypatch.setattr(get_settings(), "notification_batch_size", 2)
     ids = [make_order(pg, customer_id=make_customer(pg, phone=f"98765000{i:02d}")) for i in range(5)]
     smtp.handler.rcpt_replies[rows_email(ids[1])] = "550 5.1.1 no such user"
-    result = nf.send_order_confirmations([*ids, 999_999])
-    assert result["sent"] == 9 and result["dead"] == 1 and result["missing"] == 1
+    state = bulk_confirmations([*ids, 999_999], return_state=True)
+    assert state.is_failed() and "1 message(s) dead" in state.message
     assert len(smtp.messages) == 4 and len(gateway.requests) == 5
-    again = nf.send_order_confirmations(ids)
-    assert again["sent"] == 9 and len(smtp.messages) == 4 and len(gateway.requests) == 5
+    assert {r.status for r in rows()} == {"sent", "dead"} and len(rows(status="sent")) == 9
+    assert bulk_confirmations(ids, return_state=True).is_failed()  # the dead letter still fails the run
+    assert len(smtp.messages) == 4 and len(gateway.requests) == 5
 
 
 def rows_email(order_id: int) -> str:
@@ -290,14 +292,13 @@ def test_bulk_renewal_reminders_once_per_subscription_and_date(services, pg):
     product = make_product(pg, name="Amla Juice", price_paise=45_000)
     a = make_subscription(pg, product_id=product, quantity=2)
     b = make_subscription(pg, product_id=product, customer_id=make_customer(pg, email_opt_in=False, sms_opt_in=False))
-    items = [(a, "2026-12-01"), (b, "2026-12-01"), (a, "2026-12-01")]
-    result = nf.send_renewal_reminders(items)
+    result = bulk_reminders([(a, "2026-12-01"), (b, "2026-12-01"), (a, "2026-12-01")])
     assert result["sent"] == 2 and result["opted_out"] == 2
     text_body = body(smtp.messages[0].message, "plain")
     assert "2 x Amla Juice" in text_body and "₹900.00" in text_body and "01 Dec 2026" in text_body
-    nf.send_renewal_reminders([(a, "2026-12-01")])
+    bulk_reminders([(a, "2026-12-01")])
     assert len(smtp.messages) == 1 and len(gateway.requests) == 1
-    nf.send_renewal_reminders([(a, "2026-12-15")])
+    bulk_reminders([(a, "2026-12-15")])
     assert len(smtp.messages) == 2
     with pytest.raises(InvalidInputError):
-        nf.send_renewal_reminders([(a, "not-a-date")])
+        RenewalReminderRequest(((a, "not-a-date"),))

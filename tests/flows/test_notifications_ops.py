@@ -8,6 +8,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows import notifications as nf
+from flows import providers
 from lib.config import get_settings
 from lib.errors import PermanentError
 from tests.builders import make_customer, make_order
@@ -17,32 +18,32 @@ from tests.builders import make_customer, make_order
 def provider_limits():
     """smtp-provider (2 sessions) and sms-provider (a rate limit with slot decay) exist for one test."""
     with get_client(sync_client=True) as api:
-        api.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=nf.SMTP_LIMIT, limit=2))
+        api.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=providers.SMTP_LIMIT, limit=2))
         api.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=nf.SMS_LIMIT, limit=50, slot_decay_per_second=50)
+            GlobalConcurrencyLimitCreate(name=providers.SMS_LIMIT, limit=50, slot_decay_per_second=50)
         )
-    nf._limits_seen.clear()
+    providers._limits_seen.clear()
     yield
     with get_client(sync_client=True) as api:
-        api.delete_global_concurrency_limit_by_name(nf.SMTP_LIMIT)
-        api.delete_global_concurrency_limit_by_name(nf.SMS_LIMIT)
-    nf._limits_seen.clear()
+        api.delete_global_concurrency_limit_by_name(providers.SMTP_LIMIT)
+        api.delete_global_concurrency_limit_by_name(providers.SMS_LIMIT)
+    providers._limits_seen.clear()
 
 
 def test_sends_go_through_provider_limits_when_they_exist(pg, smtp, sms_gateway, provider_limits):
     """With the operator's limits created, the flows take slots from them and still deliver."""
     oid = make_order(pg, customer_id=make_customer(pg))
-    assert nf.limit_exists(nf.SMTP_LIMIT) and nf.limit_exists(nf.SMS_LIMIT)
+    assert providers.limit_exists(providers.SMTP_LIMIT) and providers.limit_exists(providers.SMS_LIMIT)
     assert nf.send_order_confirmation(oid)["sent"] == 2
     with get_client(sync_client=True) as api:
-        smtp_limit = api.read_global_concurrency_limit_by_name(nf.SMTP_LIMIT)
+        smtp_limit = api.read_global_concurrency_limit_by_name(providers.SMTP_LIMIT)
     assert smtp_limit.active_slots == 0  # the session's slot was given back
 
 
 def test_missing_limits_pass_through(pg, smtp):
     """Without pre-created limits (tests, a fresh install) nothing blocks or fails."""
-    nf._limits_seen.clear()
-    assert not nf.limit_exists(nf.SMTP_LIMIT)
+    providers._limits_seen.clear()
+    assert not providers.limit_exists(providers.SMTP_LIMIT)
     assert nf.send_email("asha@example.in", "No limits", "body")["sent"] == 1
 
 
@@ -55,23 +56,28 @@ def test_credentials_block_is_loaded_at_run_time(pg, smtp, monkeypatch):
     )
     monkeypatch.setattr(get_settings(), "smtp_credentials_block", "test-smtp")
     monkeypatch.setattr(get_settings(), "smtp_port", 1)  # would fail if the settings were used
-    config = nf.smtp_config()
+    config = providers.smtp_config()
     assert (config.host, config.port, config.security) == ("127.0.0.1", smtp.port, "none")
     assert nf.send_email("asha@example.in", "Via block", "body")["sent"] == 1
 
 
 def test_run_publishes_summary_artifact(pg, smtp):
-    """Each run leaves a table of messages by template, channel and status, with no recipient in it."""
-    nf.send_email("asha@example.in", "Artifact", "body", idempotency_key="artifact-1")
+    """Each run leaves its own markdown summary (messages by kind, channel and status), with no recipient in it."""
+    from prefect.client.schemas.filters import ArtifactFilterFlowRunId
+
+    state = nf.send_email("asha@example.in", "Artifact", "body", idempotency_key="artifact-1", return_state=True)
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as api:
         artifacts = api.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["notifications-send-email"]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["notifications-send-email"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+            )
         )
-    assert artifacts
-    latest = max(artifacts, key=lambda a: a.created)
-    data = latest.data if isinstance(latest.data, str) else str(latest.data)
-    assert '"status": "sent"' in data and '"channel": "email"' in data
-    assert "asha" not in data
+    [artifact] = artifacts
+    assert artifact.type == "markdown" and artifact.flow_run_id == run_id
+    assert "| email | email | sent | 1 |" in artifact.data and "send-email: 1 sent" in artifact.data
+    assert "asha" not in artifact.data
 
 
 def test_logs_mask_recipients(pg, smtp, caplog):

@@ -51,11 +51,11 @@ def _seed_tables(pg) -> None:
     with pg.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO notifications (idempotency_key, channel, template, recipient, payload, status, "
-                "last_error) VALUES ('k1', 'email', 'order_confirmation', 'a@example.in', '{}', 'sent', NULL), "
-                "('k2', 'email', 'order_confirmation', 'b@example.in', '{}', 'dead', "
-                "'SMTP 550 no such user b@example.in'), "
-                "('k3', 'sms', 'order_shipped', '+919876543210', '{}', 'pending', NULL)"
+                "INSERT INTO notifications (idempotency_key, channel, kind, template, recipient, payload, status, "
+                "last_error) VALUES ('k1', 'email', 'order_confirmation', 'order_confirmation', 'a@example.in', '{}', "
+                "'sent', NULL), ('k2', 'email', 'order_confirmation', 'order_confirmation', 'b@example.in', '{}', "
+                "'dead', 'SMTP 550 no such user b@example.in'), "
+                "('k3', 'sms', 'order_shipped', 'order_shipped', '+919876543210', '{}', 'pending', NULL)"
             )
         )
         conn.execute(
@@ -88,7 +88,7 @@ def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(
     probe_row = next(line for line in md.splitlines() if line.startswith("| report-probe-ok |"))
     assert probe_row.split("|")[-2].strip() == "1"  # one task retry
     assert "| report-probe-fails |" in md
-    assert "| email | 0 | 1 | 0 | 1 | 2 |" in md
+    assert "| email | 0 | 0 | 1 | 0 | 1 | 2 |" in md
     assert "b@example.in" not in md and "b***@example.in" in md
     assert "data:image/png;base64," in md
     [mail] = smtp.messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 
 import pytest
 from sqlalchemy import text
@@ -13,13 +14,14 @@ from flows.subscriptions import (
     handle_razorpay_event,
     process_due_subscriptions,
     process_single_subscription,
-    send_subscription_renewal_reminders,
+    remind_upcoming_deliveries,
 )
-from lib.errors import InvalidInputError, NotFoundError
+from lib.errors import InvalidInputError, NotFoundError, RejectedError
 from lib.razorpay import SignatureError, sign
 from tests.builders import make_customer, make_product, make_subscription
 
-TODAY = dt.date(2026, 11, 28)
+# Within the run-date bound (35 days back) whenever the suite runs: the flows refuse dates far from today.
+TODAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
 SECRET = "test-webhook-secret"
 
 
@@ -127,7 +129,7 @@ def test_single_subscription_unknown_or_inactive_fails_clearly(pg):
     assert count(pg, "orders") == count(pg, "subscription_outcomes") == 0
 
 
-def charged(rzp_sub: str, pay_id: str, amount: int = 129_900) -> str:
+def charged(rzp_sub: str, pay_id: str, amount=129_900, currency="INR", status="captured") -> str:
     return json.dumps(
         {
             "entity": "event",
@@ -142,8 +144,8 @@ def charged(rzp_sub: str, pay_id: str, amount: int = 129_900) -> str:
                         "id": pay_id,
                         "entity": "payment",
                         "amount": amount,
-                        "currency": "INR",
-                        "status": "captured",
+                        "currency": currency,
+                        "status": status,
                     }
                 },
             },
@@ -151,28 +153,118 @@ def charged(rzp_sub: str, pay_id: str, amount: int = 129_900) -> str:
     )
 
 
-def test_webhook_charge_creates_one_paid_order_and_replay_is_noop(pg):
-    """A signed subscription.charged creates the cycle's order, paid; the same event again adds nothing."""
-    sid = make_subscription(pg, due=TODAY + dt.timedelta(days=1), razorpay_subscription_id="sub_RZP1", stock=5)
-    body = charged("sub_RZP1", "pay_ABC")
-    first = handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_1")
-    assert first["status"] == "recorded"
-    again = handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_1")
-    assert again["status"] == "replay"
+def deliver(body: str, event_id: str, **kwargs):
+    """Hand a signed webhook to the flow, as the backend's endpoint does."""
+    return handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id=event_id, **kwargs)
+
+
+def event_row(pg, event_id):
+    return rows(
+        pg,
+        "SELECT status, reason, payment_id, amount_paise, expected_paise FROM webhook_events WHERE event_id = :e",
+        e=event_id,
+    )[0]
+
+
+def test_webhook_charge_for_a_due_cycle_creates_one_paid_order_confirms_it_and_replay_is_noop(pg, smtp, sms_gateway):
+    """A valid charge for a due cycle makes that order, paid, and sends one email and one SMS; a replay adds nothing."""
+    customer = make_customer(pg, email="nisha.gill@example.in", phone="9876512345")
+    sid = make_subscription(pg, customer_id=customer, due=TODAY, razorpay_subscription_id="sub_RZP1", stock=5)
+    first = deliver(charged("sub_RZP1", "pay_ABC"), "evt_1")
+    assert first["status"] == "applied" and first["order_created"]
+    assert deliver(charged("sub_RZP1", "pay_ABC"), "evt_1")["status"] == "replay"
     assert rows(pg, "SELECT subscription_id, status, razorpay_payment_id FROM orders") == [(sid, "paid", "pay_ABC")]
     assert rows(pg, "SELECT stock FROM products") == [(4,)]
-    # The nightly run later finds the cycle done: no second order.
-    process_due_subscriptions(run_date=TODAY + dt.timedelta(days=1), send_confirmations=False)
-    assert count(pg, "orders") == 1
+    assert [m.rcpt_tos for m in smtp.messages] == [["nisha.gill@example.in"]] and len(sms_gateway.delivered) == 1
+    assert event_row(pg, "evt_1")[:3] == (
+        "applied",
+        f"payment pay_ABC on new order {first['order_id']} ({TODAY})",
+        "pay_ABC",
+    )
+    # The nightly run later finds the cycle done: no second order, no second confirmation.
+    process_due_subscriptions(run_date=TODAY)
+    assert count(pg, "orders") == 1 and len(smtp.messages) == 1
 
 
-def test_webhook_charge_after_nightly_run_pays_the_existing_order(pg):
-    """When the night already made the order, the charge is recorded on it instead of a new one."""
+def test_webhook_charge_after_nightly_run_pays_the_existing_order_with_one_confirmation(pg, smtp, sms_gateway):
+    """When the night already made (and confirmed) the order, the charge pays it and no second message goes."""
     make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_RZP2")
-    process_due_subscriptions(run_date=TODAY, send_confirmations=False)
-    body = charged("sub_RZP2", "pay_DEF")
-    handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_2")
+    process_due_subscriptions(run_date=TODAY)
+    assert len(smtp.messages) == 1
+    out = deliver(charged("sub_RZP2", "pay_DEF"), "evt_2")
+    assert out["status"] == "applied" and not out["order_created"]
     assert rows(pg, "SELECT status, razorpay_payment_id FROM orders") == [("paid", "pay_DEF")]
+    assert len(smtp.messages) == 1 and len(sms_gateway.delivered) == 1
+
+
+def test_charge_before_the_cycle_is_due_waits_then_pays_that_cycles_order(pg, smtp, sms_gateway):
+    """An early charge takes no stock and makes no order; the run on the delivery date makes it, paid, once."""
+    due = TODAY + dt.timedelta(days=2)  # tomorrow: not due today, and a run date the flow accepts
+    make_subscription(pg, due=due, razorpay_subscription_id="sub_EARLY", stock=3)
+    out = deliver(charged("sub_EARLY", "pay_EARLY"), "evt_early")
+    assert out["status"] == "awaiting_cycle"
+    assert count(pg, "orders") == 0 and rows(pg, "SELECT stock FROM products") == [(3,)]
+    assert rows(pg, "SELECT status, delivery_date FROM payments") == [("awaiting_cycle", due)]
+    # A second charge for the same cycle is never applied: it is held for a refund, and the run fails.
+    with pytest.raises(Exception, match="already paid by pay_EARLY"):
+        deliver(charged("sub_EARLY", "pay_TWICE"), "evt_twice")
+    stats = process_due_subscriptions(run_date=due)
+    assert stats["created"] == 1 and stats["payments_attached"] == {"applied": 1, "held": 0}
+    assert rows(pg, "SELECT status, razorpay_payment_id, delivery_date FROM orders") == [("paid", "pay_EARLY", due)]
+    assert rows(pg, "SELECT razorpay_payment_id, status FROM payments ORDER BY id") == [
+        ("pay_EARLY", "applied"),
+        ("pay_TWICE", "held"),
+    ]
+    assert len(smtp.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("money", "reason"),
+    [
+        ({"amount": 1}, "amount 1 paise, expected 129900 paise"),
+        ({"currency": "USD"}, "currency is 'USD', not 'INR'"),
+        ({"status": "failed"}, "payment status is 'failed', not 'captured'"),
+        ({"amount": "abc"}, "amount 'abc' is not a whole number of paise"),
+    ],
+)
+def test_a_bad_charge_is_rejected_recorded_and_changes_nothing(pg, smtp, money, reason):
+    """A signed charge of the wrong amount, currency or status pays nothing, takes no stock and fails the run."""
+    make_subscription(
+        pg,
+        due=TODAY,
+        razorpay_subscription_id="sub_BAD",
+        stock=5,
+    )
+    with pytest.raises(RejectedError, match=re.escape(reason)):
+        deliver(charged("sub_BAD", "pay_BAD", **money), "evt_bad")
+    assert count(pg, "orders") == 0 and rows(pg, "SELECT stock FROM products") == [(5,)]
+    status, stored_reason, payment_id, *_ = event_row(pg, "evt_bad")
+    assert (status, payment_id) == ("rejected", "pay_BAD") and reason in stored_reason
+    assert smtp.messages == []
+    # Redelivered, it is refused again, still without an order.
+    with pytest.raises(RejectedError):
+        deliver(charged("sub_BAD", "pay_BAD", **money), "evt_bad")
+    assert count(pg, "orders") == 0
+
+
+def test_out_of_stock_charge_is_kept_then_applied_once_after_restock(pg, smtp, sms_gateway):
+    """A charge whose order cannot be made is held on record; after a restock the same event makes it, paid, once."""
+    sid = make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_OOS", stock=0)
+    body = charged("sub_OOS", "pay_OOS")
+    with pytest.raises(Exception, match=r"needs 1, 0 in stock"):
+        deliver(body, "evt_oos")
+    assert rows(
+        pg, "SELECT status, subscription_id, amount_paise FROM payments WHERE razorpay_payment_id = 'pay_OOS'"
+    ) == [("held", sid, 129_900)]
+    assert event_row(pg, "evt_oos")[0] == "failed" and count(pg, "orders") == 0
+    with pg.begin() as c:
+        c.execute(text("UPDATE products SET stock = 4"))
+    out = deliver(body, "evt_oos")
+    assert out["status"] == "applied" and out["order_created"]
+    assert rows(pg, "SELECT status, razorpay_payment_id FROM orders") == [("paid", "pay_OOS")]
+    assert rows(pg, "SELECT status FROM payments") == [("applied",)]
+    assert deliver(body, "evt_oos")["status"] == "replay"
+    assert count(pg, "orders") == 1 and len(smtp.messages) == 1 and len(sms_gateway.delivered) == 1
 
 
 @pytest.mark.parametrize(
@@ -182,23 +274,35 @@ def test_webhook_charge_after_nightly_run_pays_the_existing_order(pg):
         (charged("sub_X", "pay_X"), "", SignatureError),
         ("{not json", None, InvalidInputError),
         (json.dumps({"event": "subscription.charged"}), None, InvalidInputError),
+        (charged("sub_X", 12345), None, InvalidInputError),
+        (charged({"id": "sub_X"}, "pay_X"), None, InvalidInputError),
+        (charged("sub_X", "p" * 100), None, InvalidInputError),
     ],
 )
 def test_forged_or_malformed_webhook_writes_nothing(pg, body, signature, error):
-    """A wrong signature or a malformed body is rejected before anything is written."""
+    """A wrong signature, a malformed body, a wrong JSON type or an over-long id is refused in one line, unwritten."""
     make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_X")
     sig = signature if signature is not None else sign(body.encode(), SECRET)
-    with pytest.raises(error):
+    with pytest.raises(error) as err:
         handle_razorpay_event(body=body, signature=sig, event_id="evt_bad")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert count(pg, "orders") == count(pg, "webhook_events") == 0
+
+
+def test_over_long_event_id_is_refused_before_any_write(pg):
+    """A 100-character event id fails in one line naming the header; nothing is recorded."""
+    body = charged("sub_X", "pay_X")
+    with pytest.raises(InvalidInputError, match="X-Razorpay-Event-Id"):
+        deliver(body, "e" * 100)
+    assert count(pg, "webhook_events") == 0
 
 
 def test_unknown_event_is_acknowledged_and_ignored(pg):
     """An event type we do not handle is recorded as ignored and changes nothing else."""
     body = json.dumps({"event": "refund.processed", "payload": {"refund": {"entity": {"id": "rfnd_1"}}}})
-    out = handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_9")
+    out = deliver(body, "evt_9")
     assert out["status"] == "ignored"
-    assert rows(pg, "SELECT event_id, result FROM webhook_events") == [("evt_9", "ignored")]
+    assert rows(pg, "SELECT event_id, status FROM webhook_events") == [("evt_9", "ignored")]
 
 
 def test_payment_failed_event_notifies_the_customer(pg, smtp, sms_gateway):
@@ -221,7 +325,7 @@ def test_payment_failed_event_notifies_the_customer(pg, smtp, sms_gateway):
         }
     )
     for _ in range(2):
-        handle_razorpay_event(body=body, signature=sign(body.encode(), SECRET), event_id="evt_pf1")
+        deliver(body, "evt_pf1")
     assert [m.rcpt_tos for m in smtp.messages] == [["arjun.iyer@example.in"]]
     assert "Card declined" in smtp.messages[0].message.get_body(("plain",)).get_content()
 
@@ -233,6 +337,48 @@ def test_renewal_reminders_go_to_tomorrows_deliveries_once(pg, smtp, sms_gateway
     make_subscription(pg, due=TODAY + dt.timedelta(days=2))
     make_subscription(pg, due=TODAY + dt.timedelta(days=1), status="paused")
     for _ in range(2):
-        out = send_subscription_renewal_reminders(run_date=TODAY)
+        out = remind_upcoming_deliveries(run_date=TODAY)
     assert out["subscriptions"] == 1
     assert [m.rcpt_tos for m in smtp.messages] == [["kavya.rao@example.in"]]
+
+
+def test_run_date_far_ahead_is_refused_with_nothing_written(pg, smtp):
+    """run_date=2999-12-31 fails at once naming allow_any_date; orders, stock and dates stay as they were."""
+    product = make_product(pg, stock=10)
+    for days in (0, 40, 400):
+        make_subscription(pg, product_id=product, due=TODAY + dt.timedelta(days=days))
+    before = rows(pg, "SELECT id, next_delivery_date FROM subscriptions ORDER BY id")
+    with pytest.raises(InvalidInputError, match="allow_any_date"):
+        process_due_subscriptions(run_date=dt.date(2999, 12, 31))
+    with pytest.raises(InvalidInputError, match="more than 35 days before"):
+        process_due_subscriptions(run_date=TODAY - dt.timedelta(days=60))
+    assert count(pg, "orders") == count(pg, "subscription_outcomes") == 0
+    assert rows(pg, "SELECT stock FROM products") == [(10,)]
+    assert rows(pg, "SELECT id, next_delivery_date FROM subscriptions ORDER BY id") == before
+    preview = process_due_subscriptions(run_date=dt.date(2999, 12, 31), dry_run=True)
+    assert preview["created"] == 3 and count(pg, "orders") == 0  # dry_run reports any date, writes nothing
+    stats = process_due_subscriptions(run_date=dt.date(2999, 12, 31), allow_any_date=True, send_confirmations=False)
+    assert stats["created"] == 3 and count(pg, "orders") == 3
+
+
+def test_webhook_refuses_the_dev_secret_in_production(pg, smtp, sms_gateway, monkeypatch):
+    """With INDOSTAR_ENV unset (production) the public dev webhook secret is refused before anything is written."""
+    from lib.config import get_settings
+
+    make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_DEV")
+    body = charged("sub_DEV", "pay_DEV")
+    signed_with_default = sign(body.encode(), "dev-webhook-secret")
+    monkeypatch.delenv("INDOSTAR_ENV")
+    monkeypatch.delenv("RAZORPAY_WEBHOOK_SECRET")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(Exception, match="RAZORPAY_WEBHOOK_SECRET is the public development default"):
+            handle_razorpay_event(body=body, signature=signed_with_default, event_id="evt_dev")
+        assert count(pg, "webhook_events") == count(pg, "orders") == 0
+        monkeypatch.setenv("INDOSTAR_ENV", "dev")
+        get_settings.cache_clear()
+        out = handle_razorpay_event(body=body, signature=signed_with_default, event_id="evt_dev")
+        assert out["status"] == "applied" and count(pg, "orders") == 1
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()

@@ -1,12 +1,14 @@
 """The channels and the delivery log against real PostgreSQL, aiosmtpd and the HTTP gateway."""
 
 import pytest
+from sqlalchemy import select
 
 from lib.config import get_settings
-from lib.db import session_scope
+from lib.db import get_engine, session_scope
 from lib.errors import PermanentError, TransientError
+from lib.models import Notification
 from lib.notify import delivery, messages
-from lib.notify import log as dlog
+from lib.notify import delivery_log as dlog
 from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
 from lib.notify.sms_channel import SmsConfig, make_client, send_sms
 from tests.builders import make_customer, make_order
@@ -14,37 +16,37 @@ from tests.builders import make_customer, make_order
 SENDER = "IndoStar Naturals <orders@indostar.example>"
 
 
-def _emails(n: int, prefix: str = "bulk") -> list[dlog.Outgoing]:
-    return [
-        messages.email_message(f"{prefix}:{i}", f"user{i}@example.in", f"Hello {i}", f"body {i}", None, SENDER)
-        for i in range(n)
-    ]
+def _emails(n: int, prefix: str = "bulk") -> list[dlog.Message]:
+    batch = messages.MessageBatch()
+    for i in range(n):
+        batch.extend(
+            messages.EmailRequest(f"user{i}@example.in", f"Hello {i}", f"body {i}", None, f"{prefix}:{i}").build(None)
+        )  # type: ignore[arg-type]  # plain emails read nothing
+    return batch.messages
+
+
+def _deliver(keys: list[str], final: bool = False) -> dlog.DeliveryReport:
+    config = SmtpConfig.from_settings(get_settings())
+    with dlog.delivery_session(get_engine()) as (conn, token):
+        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(config), final)
 
 
 def _status(key: str) -> tuple[str, int, str | None]:
     with session_scope() as s:
-        row = s.get(dlog.Notification, _id(s, key))
+        row = s.scalars(select(Notification).where(Notification.idempotency_key == key)).one()
         return row.status, row.attempts, row.last_error
-
-
-def _id(s, key: str) -> int:
-    from sqlalchemy import select
-
-    return s.scalar(select(dlog.Notification.id).where(dlog.Notification.idempotency_key == key))
 
 
 def test_batch_goes_over_one_session_and_rerun_sends_nothing(pg, smtp):
     """A batch is delivered once; delivering the same keys again sends nothing more."""
     out = _emails(5)
-    config = SmtpConfig.from_settings(get_settings())
     with session_scope() as s:
         assert dlog.record(s, out) == 5
         assert dlog.record(s, out) == 0  # ON CONFLICT DO NOTHING
     keys = [m.key for m in out]
     for _ in range(2):
-        with session_scope() as s:
-            result = delivery.deliver(s, keys, lambda: delivery.email_sender(config), final=False)
-    assert result.as_dict() == {"sent": 0, "dead": 0, "failed": 0, "skipped": 5}
+        result = _deliver(keys)
+    assert result.as_dict() == {"sent": 0, "dead": 0, "failed": 0, "skipped": 5, "recovered": 0}
     assert sorted(m.rcpt_tos[0] for m in smtp.messages) == sorted(f"user{i}@example.in" for i in range(5))
     assert _status("bulk:0")[0] == "sent"
 
@@ -55,9 +57,7 @@ def test_rejected_recipient_is_dead_and_the_rest_go(pg, smtp):
     out = _emails(4)
     with session_scope() as s:
         dlog.record(s, out)
-        result = delivery.deliver(
-            s, [m.key for m in out], lambda: delivery.email_sender(SmtpConfig.from_settings(get_settings())), False
-        )
+    result = _deliver([m.key for m in out])
     assert (result.sent, result.dead) == (3, 1)
     status, attempts, error = _status("bulk:2")
     assert (status, attempts) == ("dead", 1) and "550" in error and "no such user" in error
@@ -68,14 +68,12 @@ def test_server_down_leaves_batch_failed_then_dead_on_final_attempt(pg, smtp):
     """Connection refused is transient: rows stay failed for a retry, and die only on the last attempt."""
     smtp.stop()
     out = _emails(2, "down")
-    config = SmtpConfig.from_settings(get_settings())
     with session_scope() as s:
         dlog.record(s, out)
-        first = delivery.deliver(s, [m.key for m in out], lambda: delivery.email_sender(config), final=False)
+    first = _deliver([m.key for m in out])
     assert first.transient_error and first.failed == 2
     assert _status("down:0")[:2] == ("failed", 1)
-    with session_scope() as s:
-        last = delivery.deliver(s, [m.key for m in out], lambda: delivery.email_sender(config), final=True)
+    last = _deliver([m.key for m in out], final=True)
     assert last.dead == 2 and _status("down:1")[0] == "dead"
 
 
@@ -144,14 +142,36 @@ def test_gateway_timeout_is_transient(sms_gateway):
         send_sms(client, config, "+919876543210", "Hello", "1107170000000000001")
 
 
-def test_log_provider_masks_the_number(caplog):
-    """The development provider logs the text with the number masked."""
+def test_log_provider_masks_the_number_codes_and_links(caplog):
+    """The development provider logs the text with the number, one-time codes and link tokens masked."""
     import logging
 
     caplog.set_level(logging.INFO, logger="lib.notify.sms_channel")
-    pid = send_sms(None, SmsConfig("log", "http://unused"), "+919876543210", "Hello", None)
+    text = "482913 is your code; reset at https://indostar.example/r?token=s3cr3tT0ken"
+    pid = send_sms(None, SmsConfig("log", "http://unused", production=False), "+919876543210", text, None)
     assert pid.startswith("log-")
     assert "+91******3210" in caplog.text and "9876543210" not in caplog.text
+    assert "482913" not in caplog.text and "s3cr3tT0ken" not in caplog.text
+
+
+def test_log_provider_is_refused_in_production():
+    """With INDOSTAR_ENV production the log provider refuses to 'send', naming SMS_PROVIDER."""
+    from lib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SMS_PROVIDER=log"):
+        send_sms(None, SmsConfig("log", "http://unused", production=True), "+919876543210", "Hello", None)
+
+
+def test_gateway_error_body_is_scrubbed_before_it_is_stored(sms_gateway):
+    """A gateway that echoes the API key, a code and the number gets none of them into the error we keep."""
+    sms_gateway.fail_next(400)
+    sms_gateway.error_body = "bad request authkey=test-sms-key text='123456 is your code' to +919876543210"
+    config = _msg91()
+    with make_client(config) as client, pytest.raises(PermanentError) as err:
+        send_sms(client, config, "+919876543210", "123456 is your code", None)
+    message = str(err.value)
+    assert "HTTP 400" in message and "test-sms-key" not in message
+    assert "123456" not in message and "9876543210" not in message
 
 
 def test_order_confirmation_builder_records_bad_phone_as_dead(pg):
@@ -159,7 +179,7 @@ def test_order_confirmation_builder_records_bad_phone_as_dead(pg):
     cid = make_customer(pg, phone="12345", email="bad-phone@example.in")
     oid = make_order(pg, customer_id=cid)
     with session_scope() as s:
-        built = messages.order_confirmations(s, [oid, 999_999], SENDER)
+        built = messages.OrderConfirmationRequest((oid, 999_999)).build(s)
     by_channel = {m.channel: m for m in built.messages}
     assert by_channel["email"].error is None and by_channel["email"].key == f"order-confirmation:{oid}:email"
     assert "phone" in by_channel["sms"].error
@@ -175,7 +195,7 @@ def test_reminders_honour_opt_outs(pg):
     cid = make_customer(pg, email_opt_in=False, sms_opt_in=True)
     sid = make_subscription(pg, customer_id=cid)
     with session_scope() as s:
-        built = messages.renewal_reminders(s, [(sid, dt.date(2026, 12, 1))], SENDER)
+        built = messages.RenewalReminderRequest(((sid, dt.date(2026, 12, 1)),)).build(s)
     assert [m.channel for m in built.messages] == ["sms"]
     assert built.messages[0].key == f"renewal-reminder:{sid}:2026-12-01:sms"
     assert built.opted_out == 1

@@ -56,7 +56,7 @@ def test_messages_summary_pivots_channel_by_status_with_a_total():
             {"channel": "sms", "status": "pending", "n": 2},
         ]
     ).set_index("channel")
-    assert frame.loc["email"].to_dict() == {"pending": 0, "sent": 7, "failed": 0, "dead": 1, "total": 8}
+    assert frame.loc["email"].to_dict() == {"pending": 0, "sending": 0, "sent": 7, "failed": 0, "dead": 1, "total": 8}
     assert frame.loc["sms", "total"] == 2
 
 

@@ -1,10 +1,19 @@
 """The shared retry policy: bounded, capped, transient-only."""
 
+import redis
+import sqlalchemy.exc as sa_exc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lib.errors import InvalidInputError, PermanentError, TransientError
-from lib.retry import capped_delays, is_transient
+from lib.errors import (
+    ConfigError,
+    InvalidInputError,
+    PermanentError,
+    ServiceUnavailableError,
+    TransientError,
+    is_transient,
+)
+from lib.retry import capped_delays
 
 
 @given(
@@ -33,3 +42,20 @@ def test_only_transient_errors_are_retried():
     assert not is_transient(PermanentError("550"))
     assert not is_transient(InvalidInputError("bad id"))
     assert not is_transient(KeyError("x"))
+
+
+class _ClosedError(Exception):
+    """Stands in for the DBAPI error a driver raises when the server closes the connection."""
+
+
+def test_connection_loss_is_transient_and_data_errors_are_not():
+    """A dropped PostgreSQL or Redis connection is retried like a Redis outage; a constraint violation is not."""
+    lost = sa_exc.OperationalError("UPDATE orders", {}, _ClosedError("server closed the connection unexpectedly"))
+    assert is_transient(lost)
+    invalidated = sa_exc.DBAPIError("SELECT 1", {}, _ClosedError("gone"), connection_invalidated=True)
+    assert is_transient(invalidated)
+    assert is_transient(redis.ConnectionError("Connection refused"))
+    assert is_transient(ServiceUnavailableError("PostgreSQL is not reachable"))
+    assert not is_transient(sa_exc.IntegrityError("INSERT", {}, _ClosedError("duplicate key")))
+    assert not is_transient(sa_exc.DataError("INSERT", {}, _ClosedError("invalid input syntax")))
+    assert not is_transient(ConfigError("TOKEN_SECRET too short"))

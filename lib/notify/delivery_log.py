@@ -1,0 +1,335 @@
+"""The delivery log: one ``notifications`` row per message, keyed by its idempotency key.
+
+States::
+
+    pending --claim--> sending --accepted--> sent
+       ^                  |----transient---> failed --claim--> sending ...
+       |                  |----permanent---> dead   (also: retries exhausted)
+       +----replay (dead rows only)-----------+
+
+A row is recorded ``pending`` (INSERT ... ON CONFLICT DO NOTHING: a rerun adds nothing),
+or ``dead`` at once when its address is already known to be bad. Sending is claimed one
+committed step at a time, so a crash can resend at most the one message that was on the
+wire: ``claim`` moves a batch to ``sending`` (with the delivery session's lock key and the
+time) in one committed statement, and each message is marked ``sent`` in its own
+committed statement right after the provider accepted it.
+
+Who holds a ``sending`` row: every delivery session holds a PostgreSQL session-level
+advisory lock (namespace ``LOCK_NAMESPACE``, key ``claimed_by``) for as long as it sends.
+The lock goes when its connection goes (a killed worker included), so a ``sending`` row
+whose lock nobody holds was abandoned mid-send; the next claim takes it back (``recovered``:
+it may have reached the provider once already, which the run's artifact reports).
+
+The functions that change rows take a Connection in AUTOCOMMIT mode and run one statement
+each, so every state change is committed the moment it is made: this module is the one
+place that commits inside a call, because committing around each send is its purpose.
+Read-only and bulk functions take a Session and never commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from lib.models import NOTIFICATION_STATUSES, Notification
+
+SENDABLE = ("pending", "failed")
+# classid of our advisory locks; the objid is the delivery session's random key (claimed_by).
+LOCK_NAMESPACE = 0x1D05
+MAX_ERROR = 2000
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message to record: what it is about (``intent``), where it goes, under which key."""
+
+    key: str
+    channel: str  # email | sms
+    kind: str  # lib.models.MESSAGE_KINDS
+    recipient: str
+    intent: dict[str, Any]
+    template: str | None = None
+    subject: str | None = None
+    error: str | None = None  # set: recorded dead at once (e.g. the customer's address is malformed)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A row claimed for sending by this session."""
+
+    id: int
+    key: str
+    channel: str
+    kind: str
+    template: str | None
+    recipient: str
+    intent: dict[str, Any]
+    attempts: int
+    cleared: bool  # the intent's text was removed by retention
+    recovered: bool  # it was `sending` under a session that is gone: maybe sent once already
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery pass did; ``transient_error`` set means a retry may finish the job."""
+
+    sent: int = 0
+    dead: int = 0
+    failed: int = 0
+    skipped: int = 0
+    recovered: int = 0
+    transient_error: str | None = None
+    dead_reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "dead": self.dead,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "recovered": self.recovered,
+        }
+
+
+# ---- recording (a Session; the caller commits) ---------------------------------------------------
+
+
+def record(session: Session, messages: Sequence[Message]) -> int:
+    """Insert each message (pending, or dead with its error) unless its key exists; returns rows added."""
+    if not messages:
+        return 0
+    rows = [
+        {
+            "idempotency_key": m.key,
+            "channel": m.channel,
+            "kind": m.kind,
+            "template": m.template,
+            "recipient": m.recipient[:320],
+            "subject": m.subject[:300] if m.subject else None,
+            "payload": m.intent,
+            "status": "dead" if m.error else "pending",
+            "last_error": m.error[:MAX_ERROR] if m.error else None,
+        }
+        for m in messages
+    ]
+    stmt = (
+        insert(Notification.__table__)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(Notification.__table__.c.id)
+    )
+    return len(session.connection().execute(stmt, rows).all())
+
+
+# ---- the delivery session: claims and marks, each committed by itself ----------------------------
+
+
+@contextmanager
+def delivery_session(engine: Engine) -> Iterator[tuple[Connection, int]]:
+    """An AUTOCOMMIT connection holding this session's advisory lock; yields (connection, lock key)."""
+    token = secrets.randbelow(2**31 - 2) + 1
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
+        try:
+            yield conn, token
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
+
+
+# A `sending` row is abandoned when no session of this database holds the advisory lock it names.
+_ABANDONED = f"""
+    n.status = 'sending' AND NOT EXISTS (
+        SELECT 1 FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {LOCK_NAMESPACE} AND l.objsubid = 2
+           AND l.objid = n.claimed_by AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    )
+"""
+
+_CLAIM = text(
+    f"""
+    WITH c AS (
+        SELECT n.id, n.status AS was FROM notifications n
+         WHERE n.idempotency_key = ANY(:keys) AND (:channel IS NULL OR n.channel = :channel)
+           AND (n.status IN ('pending', 'failed') OR ({_ABANDONED}))
+         ORDER BY n.id
+         FOR UPDATE OF n SKIP LOCKED
+    )
+    UPDATE notifications n SET status = 'sending', claimed_by = :token, claimed_at = now(), updated_at = now()
+      FROM c WHERE n.id = c.id
+    RETURNING n.id, n.idempotency_key, n.channel, n.kind, n.template, n.recipient, n.payload, n.attempts,
+              n.payload_cleared_at IS NOT NULL, c.was = 'sending'
+    """
+)
+
+
+def claim(conn: Connection, keys: Sequence[str], token: int, channel: str | None = None) -> list[Claimed]:
+    """Move the sendable rows among ``keys`` to ``sending`` under ``token`` (committed); oldest first.
+
+    Sendable: pending, failed, or sending under a session that is gone. Rows another live
+    session holds are skipped.
+    """
+    if not keys:
+        return []
+    rows = conn.execute(_CLAIM, {"keys": list(keys), "channel": channel, "token": token}).all()
+    return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+
+
+_MARK_SENT = text(
+    "UPDATE notifications SET status = 'sent', provider_message_id = :pid, sent_at = now(), updated_at = now(), "
+    "attempts = attempts + 1, last_error = NULL, recipient = :to, subject = coalesce(:subject, subject), "
+    "claimed_by = NULL WHERE id = :id AND status = 'sending' AND claimed_by = :token"
+)
+
+
+def mark_sent(conn: Connection, msg_id: int, token: int, provider_id: str, to: str, subject: str | None) -> None:
+    """Record that the provider accepted the message (one committed statement)."""
+    conn.execute(
+        _MARK_SENT,
+        {
+            "pid": provider_id[:200],
+            "to": to[:320],
+            "subject": subject[:300] if subject else None,
+            "id": msg_id,
+            "token": token,
+        },
+    )
+
+
+def mark_failed(conn: Connection, ids: Sequence[int], token: int, error: str, dead: bool, tried: bool) -> None:
+    """Release rows with an error: ``failed`` (claimable again) or ``dead``; count the attempt if tried."""
+    if not ids:
+        return
+    conn.execute(
+        update(Notification)
+        .where(
+            Notification.id.in_(bindparam("ids", expanding=True)),
+            Notification.status == "sending",
+            Notification.claimed_by == token,
+        )
+        .values(
+            status="dead" if dead else "failed",
+            last_error=error[:MAX_ERROR],
+            attempts=Notification.attempts + (1 if tried else 0),
+            claimed_by=None,
+            updated_at=text("now()"),
+        ),
+        {"ids": list(ids)},
+    )
+
+
+# ---- reading, replaying, sweeping and retention (a Session; the caller commits) --------------------
+
+
+def summary_rows(session: Session, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Template, channel, status and last error of each of the keys' rows."""
+    if not keys:
+        return []
+    n = Notification
+    rows = session.execute(
+        select(n.kind, n.template, n.channel, n.status, n.last_error).where(n.idempotency_key.in_(list(keys)))
+    )
+    return [{"kind": k, "template": t, "channel": c, "status": s, "last_error": e} for k, t, c, s, e in rows]
+
+
+def find_dead(
+    session: Session,
+    ids: Sequence[int] | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int = 10_000,
+) -> list[tuple[str, str]]:
+    """(key, channel) of dead messages by id and/or last-update window [since, until), oldest first."""
+    stmt = select(Notification.idempotency_key, Notification.channel).where(Notification.status == "dead")
+    if ids is not None:
+        stmt = stmt.where(Notification.id.in_(list(ids)))
+    if since is not None:
+        stmt = stmt.where(Notification.updated_at >= since)
+    if until is not None:
+        stmt = stmt.where(Notification.updated_at < until)
+    return [(str(k), str(c)) for k, c in session.execute(stmt.order_by(Notification.id).limit(limit))]
+
+
+def requeue(session: Session, keys: Sequence[str]) -> int:
+    """Dead rows among ``keys`` back to pending (a replay); sent rows are never touched."""
+    if not keys:
+        return 0
+    result = session.execute(
+        update(Notification)
+        .where(Notification.idempotency_key.in_(list(keys)), Notification.status == "dead")
+        .values(status="pending", updated_at=text("now()"))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def stuck(session: Session, older_than: dt.datetime, limit: int = 10_000) -> list[tuple[str, str]]:
+    """(key, channel) of messages nobody is finishing: abandoned `sending` rows, and pending/failed
+    rows untouched since ``older_than`` (a run that died before delivering them)."""
+    rows = session.execute(
+        text(
+            f"SELECT n.idempotency_key, n.channel FROM notifications n WHERE ({_ABANDONED}) "
+            "OR (n.status IN ('pending', 'failed') AND n.updated_at < :t) ORDER BY n.id LIMIT :n"
+        ),
+        {"t": older_than, "n": limit},
+    )
+    return [(str(k), str(c)) for k, c in rows]
+
+
+# Plain and templated kinds carry their text in the payload; business and token kinds carry
+# only references, which stay so that an old dead letter can still be replayed.
+TEXT_KINDS = ("email", "sms", "templated")
+
+
+def clear_payloads(session: Session, before: dt.datetime, batch: int) -> int:
+    """Empty the payload of up to ``batch`` finished text messages last touched before ``before``."""
+    result = session.execute(
+        text(
+            "UPDATE notifications SET payload = '{}'::jsonb, payload_cleared_at = now() WHERE id = ANY(ARRAY("
+            "  SELECT id FROM notifications WHERE status IN ('sent', 'dead') AND updated_at < :t "
+            "  AND kind = ANY(:kinds) AND payload_cleared_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED))"
+        ),
+        {"t": before, "kinds": list(TEXT_KINDS), "n": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def delete_finished(session: Session, before: dt.datetime, batch: int) -> int:
+    """Delete up to ``batch`` sent or dead rows last touched before ``before``."""
+    result = session.execute(
+        text(
+            "DELETE FROM notifications WHERE id = ANY(ARRAY("
+            "  SELECT id FROM notifications WHERE status IN ('sent', 'dead') AND updated_at < :t "
+            "  ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED))"
+        ),
+        {"t": before, "n": batch},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# ---- summaries (pure; plain Python: the notification path does not load pandas) --------------------
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages by kind, channel and status, sorted, statuses in lifecycle order: artifact rows."""
+    order = {s: i for i, s in enumerate(NOTIFICATION_STATUSES)}
+    counts = Counter((r["kind"], r["channel"], r["status"]) for r in rows)
+    return [
+        {"kind": k, "channel": c, "status": s, "messages": n}
+        for (k, c, s), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99)))
+    ]
+
+
+def counts_by_status(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of the rows are in each status, every status present (zero if none)."""
+    counts = dict.fromkeys(NOTIFICATION_STATUSES, 0)
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
