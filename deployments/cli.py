@@ -1,7 +1,8 @@
-"""The `indostar-jobs` command: migrate, seed, serve, up (what `make up` runs), automations, setup-pool.
+"""The `indostar-jobs` command: migrate, seed, serve, up (what `make up` runs), automations, setup-pool, token.
 
-Errors we expect (bad settings, a service down) print one clear line and exit 2,
-without a traceback. Prefect is imported only by the commands that need it.
+Every error we can foresee (a bad setting, a service down, a database not migrated, an
+unknown revision, no Prefect API) prints one line saying what to do and exits 2, without
+a traceback. Prefect is imported only by the commands that need it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import time
 import urllib.request
 from collections.abc import Sequence
 
-from lib.config import ConfigError, get_settings, redacted_url
-from lib.db import ServiceUnavailableError
-from lib.errors import JobError
+from lib.config import get_settings, redacted_url
+from lib.errors import JobError, PermanentError, ServiceUnavailableError
 
 log = logging.getLogger("indostar_jobs")
 
@@ -42,6 +42,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
     from deployments.dev import seed
     from lib import db
+
+    db.require_schema(get_settings().database_url)
+    with db.get_engine().connect() as conn:
+        if not args.append and not seed.is_empty(conn):
+            raise PermanentError(
+                "the database already has customers; seed fills an empty database (pass --append to add more)"
+            )
 
     counts = seed.SeedCounts(
         customers=args.customers,
@@ -72,8 +79,28 @@ def _token_sink():
     return seed_demo_tokens
 
 
+def prefect_api_url() -> str:
+    """PREFECT_API_URL as Prefect reads it; ServiceUnavailableError unless a server answers there."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ServiceUnavailableError(
+            "PREFECT_API_URL is not set; point it at your Prefect server (e.g. export "
+            f"PREFECT_API_URL={DEFAULT_API}) or start one with `make up`"
+        )
+    if not api_healthy(url, timeout=3.0):
+        raise ServiceUnavailableError(
+            f"the Prefect API does not answer at {url} (PREFECT_API_URL); start one with `make up` or "
+            "`prefect server start`, or fix PREFECT_API_URL"
+        )
+    return str(url)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
+
+    prefect_api_url()
 
     # Runs send heartbeats, so a killed server process is noticed (see deployments/automations.py).
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
@@ -183,6 +210,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_automations(args: argparse.Namespace) -> int:
     from deployments.automations import create_automations
 
+    prefect_api_url()
+
     for name in create_automations():
         print(f"automation ready: {name}")
     return 0
@@ -191,8 +220,28 @@ def cmd_automations(args: argparse.Namespace) -> int:
 def cmd_setup_pool(args: argparse.Namespace) -> int:
     from deployments.setup_pool import POOL, setup_pool
 
+    prefect_api_url()
+
     for name, (priority, limit) in setup_pool().items():
         print(f"work pool {POOL}: queue {name} priority {priority} concurrency limit {limit}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from lib import tokens
+
+    if args.action == "issue":
+        print(tokens.issue(args.kind, args.user, args.ttl))
+    elif args.action == "verify":
+        user = tokens.verify(args.kind, args.token)
+        print(f"valid for user {user}" if user else "not valid (unknown, used or expired)")
+        return 0 if user else 1
+    elif args.action == "verify-otp":
+        result = tokens.verify_otp(args.user, args.code)
+        print(result.value)
+        return 0 if result is tokens.OtpResult.OK else 1
+    else:
+        print(f"revoked {tokens.revoke_all(args.user)} live token(s) of user {args.user}")
     return 0
 
 
@@ -218,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{name}", type=_non_negative, default=default)
     s.add_argument("--today", type=dt.date.fromisoformat, default=None, help="date the data is relative to")
     s.add_argument("--rng-seed", type=int, default=7)
+    s.add_argument("--append", action="store_true", help="add to a database that already has data")
     s.set_defaults(func=cmd_seed)
 
     v = sub.add_parser("serve", help="serve every deployment of prefect.yaml from this process")
@@ -232,6 +282,22 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("setup-pool", help="create or update work pool indostar and its queues (before deploy)")
     w.set_defaults(func=cmd_setup_pool)
+
+    t = sub.add_parser("token", help="issue, check or revoke password-reset, verification and OTP tokens")
+    actions = t.add_subparsers(dest="action", required=True)
+    issue = actions.add_parser("issue", help="print a new token (an OTP is a 6-digit code)")
+    issue.add_argument("kind", choices=["password_reset", "email_verification", "otp"])
+    issue.add_argument("user")
+    issue.add_argument("--ttl", type=float, default=3600, help="seconds (default 3600)")
+    verify = actions.add_parser("verify", help="which user a link token belongs to (exit 1 if not valid)")
+    verify.add_argument("kind", choices=["password_reset", "email_verification"])
+    verify.add_argument("token")
+    otp = actions.add_parser("verify-otp", help="check (and use up) a user's OTP (exit 1 unless ok)")
+    otp.add_argument("user")
+    otp.add_argument("code")
+    revoke = actions.add_parser("revoke-all", help="delete every token of a user")
+    revoke.add_argument("user")
+    t.set_defaults(func=cmd_token)
     return p
 
 
@@ -249,10 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ConfigError, ServiceUnavailableError, JobError) as exc:
-        print(f"indostar-jobs {args.command}: {exc}", file=sys.stderr)
+        return int(args.func(args))
+    except JobError as exc:
+        print(f"indostar-jobs {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

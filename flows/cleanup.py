@@ -211,6 +211,7 @@ def cleanup_delivery_log(
     row_days = cleanup.check_positive("row_days", row_days if row_days is not None else s.notification_retention_days)
     size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
     limits, now = _limits(None, None), scheduled_start()
-    stats = clear_message_payloads(cleanup.cutoff_for(now, payload_days, "payload_days"), size, limits)
-    stats = stats.merge(delete_message_rows(cleanup.cutoff_for(now, row_days, "row_days"), size, limits))
-    return _report("cleanup-delivery-log", stats, None, False, ("payloads_cleared", "rows_deleted"))
+    # Rows past both limits are deleted first: no point clearing what goes anyway.
+    stats = delete_message_rows(cleanup.cutoff_for(now, row_days, "row_days"), size, limits)
+    stats = stats.merge(clear_message_payloads(cleanup.cutoff_for(now, payload_days, "payload_days"), size, limits))
+    return _report("cleanup-delivery-log", stats, None, False, ("rows_deleted", "payloads_cleared"))

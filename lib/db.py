@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lib.config import get_settings, redacted_url
-from lib.errors import ServiceUnavailableError
+from lib.errors import InvalidInputError, PermanentError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,28 @@ def alembic_config(url: str):  # -> alembic.config.Config (imported lazily: alem
     return cfg
 
 
+def revisions() -> list[str]:
+    """Every migration revision, oldest first (the last is head)."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused/unused"))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
+def _check_revision(revision: str) -> None:
+    known = revisions()
+    base = revision.lstrip("-").split("@")[0]
+    if revision not in ("head", "base") and not revision.startswith(("-", "+")) and revision not in known:
+        raise InvalidInputError(f"unknown revision {revision!r}; known: {', '.join(known)} (head {known[-1]})")
+    if revision.startswith("-") and not base.isdigit():
+        raise InvalidInputError(f"a relative downgrade is -N (e.g. -1), got {revision!r}")
+
+
 def migrate(url: str, revision: str = "head") -> None:
-    """Create the database if missing, then upgrade it to ``revision``."""
+    """Create the database if missing, then upgrade it to ``revision`` (InvalidInputError for an unknown one)."""
     from alembic import command
 
+    _check_revision(revision)
     ensure_database(url)
     command.upgrade(alembic_config(url), revision)
 
@@ -129,4 +147,40 @@ def migrate(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
+    _check_revision(revision)
     command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    """The schema revision of the database at ``url``; None when it was never migrated.
+
+    Raises ServiceUnavailableError when PostgreSQL does not answer or the database does not exist.
+    """
+    engine = build_engine(url, 1)
+    try:
+        with engine.connect() as conn:
+            if conn.execute(text("SELECT to_regclass('alembic_version')")).scalar() is None:
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except OperationalError as exc:
+        if "does not exist" in str(exc):
+            name = make_url(url).database
+            raise PermanentError(
+                f"database {name} does not exist at {redacted_url(url)}; run `indostar-jobs migrate` to create it"
+            ) from None
+        raise unavailable(url, exc) from exc
+    finally:
+        engine.dispose()
+
+
+def require_schema(url: str) -> None:
+    """PermanentError naming the command to run unless the database is migrated to the code's head revision."""
+    head = revisions()[-1]
+    found = current_revision(url)
+    name = make_url(url).database
+    if found is None:
+        raise PermanentError(f"database {name} has no schema yet; run `indostar-jobs migrate`")
+    if found != head:
+        raise PermanentError(
+            f"database {name} is at revision {found}, this code needs {head}; run `indostar-jobs migrate`"
+        )

@@ -148,8 +148,8 @@ def prefect_harness():
 def _drain_prefect_logs() -> None:
     import contextlib
 
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
     # Teardown must stay quiet whatever state the log worker is in.
     with contextlib.suppress(Exception):
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=5)

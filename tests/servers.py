@@ -38,6 +38,10 @@ class SMSGateway:
     script: deque[tuple[int, float]] = field(default_factory=deque)
     counter: int = 0
     error_body: str | None = None  # what a non-2xx answer says (default: a short message)
+    arrived: int = 0  # requests received, counted before any scripted delay
+    # Request number (1-based) whose answer waits until ``release`` is set: received, not yet answered.
+    hold_at: int | None = None
+    release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail_next(self, *statuses: int, delay: float = 0.0) -> None:
@@ -53,6 +57,10 @@ class SMSGateway:
             self.requests.clear()
             self.script.clear()
             self.error_body = None
+            self.arrived = 0
+            self.hold_at = None
+            self.release.set()
+        self.release = threading.Event()
 
     @property
     def delivered(self) -> list[GatewayRequest]:
@@ -70,7 +78,11 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
             with state.lock:
                 status, delay = state.script.popleft() if state.script else (200, 0.0)
                 state.counter += 1
+                state.arrived += 1
                 msg_id = f"gw-{state.counter}"
+                held = state.hold_at is not None and state.arrived == state.hold_at
+            if held:
+                state.release.wait(30)
             if delay:
                 time.sleep(delay)
             req.status = status

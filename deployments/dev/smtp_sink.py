@@ -15,6 +15,7 @@ import email.policy
 import logging
 import socket
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -80,7 +81,7 @@ class RecordingHandler:
 def _authenticator(login: tuple[str, str]) -> Any:
     def check(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         ok = isinstance(auth_data, LoginPassword) and (auth_data.login.decode(), auth_data.password.decode()) == login
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd sends the 235 or 535 itself
 
     return check
 
@@ -122,7 +123,9 @@ class DevSMTPServer:
         if self.login is not None:  # AUTH over plain loopback: tests only, never a real server
             auth = {"authenticator": _authenticator(self.login), "auth_required": True, "auth_require_tls": False}
         self._controller = Controller(self.handler, hostname=self.host, port=self.port, **auth)
-        self._controller.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "AUTH without TLS": intended, loopback tests only
+            self._controller.start()
         return self
 
     def stop(self) -> None:
