@@ -29,7 +29,7 @@ from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.runtime import flow_run
 
 from flows.common import retry_options
-from lib import reports
+from lib import payments, reports
 from lib.config import get_settings
 from lib.db import session_scope
 
@@ -99,6 +99,8 @@ def fetch_table_rows(since: dt.datetime) -> dict[str, list[dict[str, Any]]]:
             "messages": reports.notification_rows(session, since),
             "dead_letters": reports.dead_letter_rows(session, since),
             "outcomes": reports.outcome_rows(session, since.date()),
+            "payments": payments.open_payments(session),
+            "refused_events": payments.refused_events(session, since),
         }
 
 
@@ -140,6 +142,8 @@ def ops_report(days: int = 7, email_to: str | None = None) -> dict[str, Any]:
         reports.messages_summary(tables["messages"]),
         reports.dead_letter_summary(tables["dead_letters"]),
         reports.outcomes_per_day(tables["outcomes"]),
+        reports.payments_to_settle(tables["payments"]),
+        reports.refused_events_summary(tables["refused_events"]),
     )
     stem = f"ops-report-{until:%Y%m%d-%H%M%S}-{(flow_run.get_id() or 'adhoc')[:8]}"
     png_path, png = write_report_files(report, stem)

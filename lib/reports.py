@@ -199,6 +199,36 @@ def markdown_table(frame: pd.DataFrame, empty: str = "_nothing in this period_")
     return "\n".join(lines)
 
 
+PAYMENT_COLUMNS = ["razorpay_payment_id", "subscription_id", "delivery_date", "amount", "status", "reason"]
+EVENT_COLUMNS = ["event_id", "event_type", "status", "payment_id", "amount", "expected", "reason"]
+
+
+def _rupees(paise: Any) -> str:
+    from lib.notify.templates import format_inr
+
+    return "-" if paise is None or (isinstance(paise, float) and math.isnan(paise)) else format_inr(int(paise))
+
+
+def payments_to_settle(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Held payments and payments still waiting for a past cycle: someone must ship or refund each."""
+    frame = pd.DataFrame(list(rows), columns=[*PAYMENT_COLUMNS[:3], "amount_paise", "status", "reason"])
+    frame["amount"] = frame["amount_paise"].map(_rupees)
+    frame["reason"] = frame["reason"].fillna("cycle passed without an order").map(lambda r: str(r)[:MAX_ERROR_CHARS])
+    return frame[PAYMENT_COLUMNS]
+
+
+def refused_events_summary(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Webhook events rejected (refused on their merits) or failed (retried on redelivery), newest first."""
+    frame = pd.DataFrame(
+        list(rows),
+        columns=["event_id", "event_type", "status", "payment_id", "amount_paise", "expected_paise", "reason"],
+    )
+    frame["amount"] = frame["amount_paise"].map(_rupees)
+    frame["expected"] = frame["expected_paise"].map(_rupees)
+    frame["reason"] = frame["reason"].fillna("").map(lambda r: str(r)[:MAX_ERROR_CHARS])
+    return frame[EVENT_COLUMNS]
+
+
 @dataclass
 class Report:
     since: dt.datetime
@@ -207,6 +237,8 @@ class Report:
     messages: pd.DataFrame
     dead_letters: pd.DataFrame
     outcomes: pd.DataFrame
+    payments: pd.DataFrame | None = None
+    refused_events: pd.DataFrame | None = None
 
     def headline(self) -> dict[str, Any]:
         """The numbers the flow returns."""
@@ -226,6 +258,8 @@ class Report:
             "messages": int(self.messages["total"].sum()) if not self.messages.empty else 0,
             "dead_letters": int(self.dead_letters["n"].sum()) if not self.dead_letters.empty else 0,
             "orders_created": int(self.outcomes["created"].sum()) if not self.outcomes.empty else 0,
+            "payments_to_settle": 0 if self.payments is None else len(self.payments),
+            "refused_events": 0 if self.refused_events is None else len(self.refused_events),
         }
 
 
@@ -236,7 +270,8 @@ def render_markdown(report: Report, chart_link: str | None = None, chart_inline:
     parts = [
         f"# Operations report {report.since:%Y-%m-%d} to {report.until:%Y-%m-%d}",
         f"{h['runs']} flow runs of {h['flows']} flows, success rate {rate}, {h['retries']} task retries; "
-        f"{h['messages']} messages, {h['dead_letters']} dead letters; {h['orders_created']} orders created.",
+        f"{h['messages']} messages, {h['dead_letters']} dead letters; {h['orders_created']} orders created; "
+        f"{h['payments_to_settle']} payments to settle, {h['refused_events']} refused payment events.",
         "## Flow runs",
         "Success rate = completed / finished runs; durations (seconds) of completed and failed runs.",
         markdown_table(report.runs),
@@ -246,6 +281,11 @@ def render_markdown(report: Report, chart_link: str | None = None, chart_inline:
         markdown_table(report.dead_letters),
         "## Subscription outcomes per run date",
         markdown_table(report.outcomes),
+        "## Payments to ship or refund",
+        "Captured charges no order took (held), and charges whose cycle passed without an order.",
+        markdown_table(report.payments if report.payments is not None else pd.DataFrame(), "_none_"),
+        "## Refused Razorpay events",
+        markdown_table(report.refused_events if report.refused_events is not None else pd.DataFrame(), "_none_"),
     ]
     if chart_link or chart_inline:
         parts.append("## Chart")

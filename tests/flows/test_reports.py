@@ -65,6 +65,21 @@ def _seed_tables(pg) -> None:
             ),
             {"s": sub},
         )
+        conn.execute(
+            text(
+                "INSERT INTO payments (razorpay_payment_id, event_id, subscription_id, delivery_date, amount_paise, "
+                "currency, status, reason) VALUES ('pay_HELD', 'evt_h', :s, current_date, 129900, 'INR', 'held', "
+                "'could not make the order: needs 1, 0 in stock')"
+            ),
+            {"s": sub},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO webhook_events (event_id, event_type, status, reason, payment_id, amount_paise, "
+                "expected_paise) VALUES ('evt_r', 'subscription.charged', 'rejected', 'amount 1 paise, expected "
+                "129900 paise', 'pay_R', 1, 129900)"
+            )
+        )
 
 
 def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(pg, smtp, reports_dir):
@@ -91,6 +106,11 @@ def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(
     assert "| email | 0 | 0 | 1 | 0 | 1 | 2 |" in md
     assert "b@example.in" not in md and "b***@example.in" in md
     assert "data:image/png;base64," in md
+    held = next(line for line in md.splitlines() if line.startswith("| pay_HELD |"))
+    assert "₹1,299.00" in held and "held" in held and "0 in stock" in held
+    refused = next(line for line in md.splitlines() if line.startswith("| evt_r |"))
+    assert "rejected" in refused and "₹0.01" in refused and "₹1,299.00" in refused
+    assert stats["payments_to_settle"] == 1 and stats["refused_events"] == 1
     [mail] = smtp.messages
     assert mail.rcpt_tos == ["ops-lead@indostar.example"]
     assert [p.get_content_type() for p in mail.message.walk()][-1] == "image/png"
