@@ -8,10 +8,11 @@ process so the server does not share the client's GIL; it counts what it accepts
 - reference: raw smtplib, one connection, N messages built (with the same MIME builder
   as the bulk path) and sent in a loop.
 - bulk: N plain emails through the delivery log inside a Prefect flow (recorded in
-  batches of NOTIFICATION_BATCH_SIZE, one SMTP session per batch, batches concurrent),
-  the code path of send-order-confirmations; end to end, flow run included.
-- order confirmations: send-order-confirmations itself for N seeded orders (email +
-  SMS through the `log` provider), so rendering and the DB reads are in the figure.
+  batches of NOTIFICATION_BATCH_SIZE, one SMTP session per batch, batches concurrent,
+  each message claimed and marked sent in its own commit), the code path the nightly
+  run's confirmations take (flows.notifications.send_in_batches); flow run included.
+- order confirmations: the same bulk path for N seeded orders (email + SMS through the
+  `log` provider), so rendering at send time and the DB reads are in the figure.
 - per-task: the old design, one Prefect task run per email with its own SMTP session,
   at a smaller N (--task-n) and extrapolated.
 
@@ -37,6 +38,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 BENCH_DB = "indostar_bench_notify"
+BULK_THREADS = 8  # concurrent delivery tasks (each one SMTP session); per-message commits wait on fsync
 SENDER = "IndoStar Naturals <orders@indostar.example>"
 
 
@@ -114,39 +116,53 @@ def _bench_flows():
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows import notifications as nf
-    from lib import db
+    from flows.common import task_options
     from lib.config import get_settings
-    from lib.notify import messages
     from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
+    from lib.notify.messages import EmailRequest, MessageBatch, OrderConfirmationRequest
 
-    @task(name="prepare-plain-emails", **nf.TASK)
-    def prepare_plain_emails(items: list[tuple[str, int]]) -> nf.Prepared:
-        """Record a batch of plain emails in the delivery log."""
-        out = [
-            messages.email_message(f"bench:{run}:{i}", f"user{i}@example.in", f"Hello {i}", f"body {i}", None, SENDER)
-            for run, i in items
-        ]
-        with db.session_scope() as s:
-            return nf._record(messages.Built(messages=out), s)
+    class PlainEmails:
+        """A batch of plain emails as one request (the bulk path records a request per batch)."""
 
-    @flow(name="bench-bulk-emails", task_runner=ThreadPoolTaskRunner(max_workers=nf.BULK_RUNNER_THREADS))
+        def __init__(self, run: str, ids: range):
+            self.requests = [
+                EmailRequest(f"user{i}@example.in", f"Hello {i}", f"body {i}", None, f"bench:{run}:{i}") for i in ids
+            ]
+
+        def build(self, session) -> MessageBatch:
+            batch = MessageBatch()
+            for r in self.requests:
+                batch.extend(r.build(session))
+            return batch
+
+    size = get_settings().notification_batch_size
+
+    @flow(name="bench-bulk-emails", task_runner=ThreadPoolTaskRunner(max_workers=BULK_THREADS))
     def bulk_emails(run: str, n: int) -> dict:
-        """N plain emails through the delivery log and the batch sender."""
-        return nf._bulk(prepare_plain_emails, [(run, i) for i in range(n)], "bench-bulk-emails")
+        """N plain emails through the delivery log and the batch sender (the nightly run's bulk path)."""
+        return nf.send_in_batches(
+            (PlainEmails(run, range(i, min(i + size, n))) for i in range(0, n, size)), "bench-bulk-emails"
+        )
 
-    @task(name="send-one-email", persist_result=False, cache_policy=nf.TASK["cache_policy"])
+    @flow(name="bench-order-confirmations", task_runner=ThreadPoolTaskRunner(max_workers=BULK_THREADS))
+    def order_confirmations(order_ids: list[int]) -> dict:
+        """Order confirmations (email + log SMS) for many orders: rendering and the DB reads included."""
+        requests = (OrderConfirmationRequest(tuple(order_ids[i : i + size])) for i in range(0, len(order_ids), size))
+        return nf.send_in_batches(requests, "bench-order-confirmations")
+
+    @task(**task_options("send-one-email", retries=False))
     def send_one(i: int) -> str:
         """The old design: one task, one SMTP session, one email."""
         with SmtpSession(SmtpConfig.from_settings(get_settings())) as smtp:
             return smtp.send(build_message(SENDER, f"user{i}@example.in", f"Hello {i}", f"body {i}"))
 
-    @flow(name="bench-task-per-email", task_runner=ThreadPoolTaskRunner(max_workers=nf.BULK_RUNNER_THREADS))
+    @flow(name="bench-task-per-email", task_runner=ThreadPoolTaskRunner(max_workers=BULK_THREADS))
     def task_per_email(n: int) -> int:
         """One task run per email."""
         futures = [send_one.submit(i) for i in range(n)]
         return sum(1 for f in futures if f.result())
 
-    return bulk_emails, task_per_email
+    return bulk_emails, order_confirmations, task_per_email
 
 
 def seed_orders(n: int) -> list[int]:
@@ -203,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     os.environ.update(
         {
+            "INDOSTAR_ENV": "dev",
             "SMTP_HOST": "127.0.0.1",
             "SMTP_PORT": str(port),
             "SMS_PROVIDER": "log",
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _measure(args: argparse.Namespace, sink: SmtpSink, port: int) -> dict[str, Any]:
-    bulk_emails, task_per_email = _bench_flows()
+    bulk_emails, order_confirmations, task_per_email = _bench_flows()
     n, out = args.n, {}
 
     def delivered_during(fn, *a) -> tuple[float, int]:
@@ -259,10 +276,8 @@ def _measure(args: argparse.Namespace, sink: SmtpSink, port: int) -> dict[str, A
     out["bulk"] = {"seconds": bulk, "msgs_per_s": n / statistics.median(bulk)}
 
     if not args.no_orders:
-        from flows.notifications import send_order_confirmations
-
         ids = seed_orders(n)
-        s, got = delivered_during(send_order_confirmations, ids)
+        s, got = delivered_during(order_confirmations, ids)
         assert got == n, f"order confirmations delivered {got}/{n}"
         out["order_confirmations"] = {"seconds": [s], "msgs_per_s": n / s, "note": "email + log-provider SMS"}
 
@@ -281,14 +296,15 @@ def _measure(args: argparse.Namespace, sink: SmtpSink, port: int) -> dict[str, A
     for key in ("bulk", "order_confirmations", "task_per_email"):
         if key in out:
             out[key]["ratio_to_reference"] = out[key]["msgs_per_s"] / base
-    out["target_met"] = out["bulk"]["ratio_to_reference"] >= 0.8
+    out["bulk_over_reference"] = out["bulk"]["ratio_to_reference"]
+    out["target_met"] = out["bulk"]["ratio_to_reference"] >= 0.9
     return out
 
 
 def _print(results: dict[str, Any]) -> None:
     rows = [("reference (raw smtplib, 1 connection)", "reference")]
     rows += [("bulk (delivery log + batch sender, flow)", "bulk")]
-    rows += [("send-order-confirmations (email + log SMS)", "order_confirmations")]
+    rows += [("order confirmations (email + log SMS, rendered)", "order_confirmations")]
     rows += [("one task run per email (old design)", "task_per_email")]
     print(f"\nN = {results['n']:,}, batch size {results['batch_size']}", file=sys.stderr)
     print(f"{'path':<46} {'msgs/s':>9} {'ratio':>7} {'seconds (runs)':>24}", file=sys.stderr)

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     cleanup_batch_size: int = Field(default=10_000, ge=1)
     notification_batch_size: int = Field(default=200, ge=1)
     # Plain and templated messages keep their text (the payload) this long, then only the row remains.
+    # true: every `sent` mark waits for the disk (survives a PostgreSQL crash, costs a WAL flush per message).
+    notification_durable_marks: bool = False
     notification_payload_retention_days: int = Field(default=7, ge=1)
     notification_retention_days: int = Field(default=180, ge=1)
 

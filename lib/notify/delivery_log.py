@@ -133,15 +133,29 @@ def record(session: Session, messages: Sequence[Message]) -> int:
 
 
 @contextmanager
-def delivery_session(engine: Engine) -> Iterator[tuple[Connection, int]]:
-    """An AUTOCOMMIT connection holding this session's advisory lock; yields (connection, lock key)."""
+def delivery_session(engine: Engine, durable: bool | None = None) -> Iterator[tuple[Connection, int]]:
+    """An AUTOCOMMIT connection holding this session's advisory lock; yields (connection, lock key).
+
+    Unless ``durable`` (default: NOTIFICATION_DURABLE_MARKS), the session's commits do not wait
+    for the WAL flush (synchronous_commit off): a commit is visible and kept the moment it
+    returns, so a killed worker loses nothing, but a PostgreSQL crash may forget the last
+    fraction of a second of marks (those messages would go out again). Waiting for the disk
+    on every message made a send cost several times what the SMTP round trip costs.
+    """
+    from lib.config import get_settings
+
+    durable = get_settings().notification_durable_marks if durable is None else durable
     token = secrets.randbelow(2**31 - 2) + 1
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
+        if not durable:
+            conn.execute(text("SET synchronous_commit = off"))
         try:
             yield conn, token
         finally:
+            # Session-level settings and locks would outlive us on the pooled connection.
+            conn.execute(text("RESET synchronous_commit"))
             conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
 
 
