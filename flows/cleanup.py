@@ -11,28 +11,27 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from pydantic import PositiveFloat, PositiveInt
 
-from flows.common import publish_table, retry_options, scheduled_start
+from flows.common import flow_options, publish_table, scheduled_start, task_options
 from lib import cleanup, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
 from lib.db import session_scope
 from lib.notify import delivery_log as dlog
 
-# Side effects must run every time: never serve a cached result for a delete.
-TASK_OPTIONS: dict[str, Any] = {**retry_options(), "cache_policy": NO_CACHE}
-FLOW_TIMEOUT = get_settings().flow_timeout_seconds
+if TYPE_CHECKING:
+    import pandas as pd
+
+BATCH_SIZE = 10_000  # rows per delete transaction: short locks, few round trips
 
 
 def _limits(soft_limit_seconds: float | None, max_batches: int | None) -> Limits:
+    """Stop claiming batches at the soft limit (FLOW_SOFT_LIMIT_SECONDS unless given) or after max_batches."""
     seconds = soft_limit_seconds if soft_limit_seconds is not None else get_settings().flow_soft_limit_seconds
-    if max_batches is not None:
-        cleanup.check_positive("max_batches", max_batches)
     return Limits(stop_at=time.time() + seconds, max_batches=max_batches)
 
 
@@ -64,7 +63,7 @@ def _report(
     }
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("delete-stale-carts"))
 def delete_stale_carts(
     phase: str, cutoff: dt.datetime, now: dt.datetime, batch_size: int, limits: Limits, dry_run: bool
 ) -> PassStats:
@@ -72,49 +71,46 @@ def delete_stale_carts(
     return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run)
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("delete-aged-rows"))
 def delete_aged_rows(table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool) -> PassStats:
     """Delete rows of one table older than the cutoff in short batches."""
     return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run)
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("check-token-store"))
 def check_token_store() -> None:
     """Fail at once, naming the address, when Redis does not answer."""
     tokens.ping()
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("purge-token-index"))
 def purge_token_index(kind: str, limits: Limits, dry_run: bool) -> PassStats:
     """Drop expired entries of one kind's expiry index; remove only tokens whose own expiry passed."""
     return tokens.purge_expired_index(kind, dry_run=dry_run, limits=limits)
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("purge-user-index"))
 def purge_user_index(limits: Limits, dry_run: bool) -> PassStats:
     """Drop per-user index entries whose token is gone."""
     return tokens.purge_dangling_user_entries(dry_run=dry_run, limits=limits)
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("purge-ttl-lost-tokens"))
 def purge_ttl_lost_tokens(limits: Limits, dry_run: bool) -> PassStats:
     """SCAN for token keys that lost their TTL; delete those past their own expiry."""
     return tokens.purge_ttl_lost_keys(dry_run=dry_run, limits=limits)
 
 
-@flow(name="cleanup-expired-carts", timeout_seconds=FLOW_TIMEOUT)
+@flow(**flow_options("cleanup-expired-carts"))
 def cleanup_expired_carts(
-    days_old: int | None = None,
-    batch_size: int | None = None,
+    days_old: PositiveInt = 30,
+    batch_size: PositiveInt = BATCH_SIZE,
     dry_run: bool = False,
-    max_batches: int | None = None,
-    soft_limit_seconds: float | None = None,
+    max_batches: PositiveInt | None = None,
+    soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
     """Delete carts not updated for days_old days, empty carts first, in short batches."""
-    s = get_settings()
-    days = cleanup.check_positive("days_old", days_old if days_old is not None else s.cart_retention_days)
-    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
-    limits = _limits(soft_limit_seconds, max_batches)
+    days, size, limits = days_old, batch_size, _limits(soft_limit_seconds, max_batches)
     now = scheduled_start()
     cutoff = cleanup.cutoff_for(now, days, "days_old")
     stats = delete_stale_carts("empty_carts", cutoff, now, size, limits, dry_run)
@@ -130,8 +126,8 @@ def cleanup_expired_carts(
     return out | {"age_histogram": {int(k): v for k, v in sorted(stats.ages.items())}}
 
 
-@flow(name="cleanup-expired-tokens", timeout_seconds=FLOW_TIMEOUT)
-def cleanup_expired_tokens(dry_run: bool = False, soft_limit_seconds: float | None = None) -> dict:
+@flow(**flow_options("cleanup-expired-tokens"))
+def cleanup_expired_tokens(dry_run: bool = False, soft_limit_seconds: PositiveFloat | None = None) -> dict:
     """Remove expired token index entries, dangling per-user entries and TTL-less expired tokens from Redis."""
     limits = _limits(soft_limit_seconds, None)
     check_token_store()
@@ -145,45 +141,37 @@ def cleanup_expired_tokens(dry_run: bool = False, soft_limit_seconds: float | No
     return out | {"by_kind": frame.set_index("kind")[list(cleanup.TOKEN_COLUMNS.values())].to_dict(orient="index")}
 
 
-@flow(name="cleanup-old-audit-logs", timeout_seconds=FLOW_TIMEOUT)
+@flow(**flow_options("cleanup-old-audit-logs"))
 def cleanup_old_audit_logs(
-    days: int | None = None,
-    batch_size: int | None = None,
+    days: PositiveInt = 90,
+    batch_size: PositiveInt = BATCH_SIZE,
     dry_run: bool = False,
-    max_batches: int | None = None,
-    soft_limit_seconds: float | None = None,
+    max_batches: PositiveInt | None = None,
+    soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
     """Delete audit logs older than days (default 90) in short batches."""
-    s = get_settings()
-    days = cleanup.check_positive("days", days if days is not None else s.audit_log_retention_days)
-    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
-    limits = _limits(soft_limit_seconds, max_batches)
+    size, limits = batch_size, _limits(soft_limit_seconds, max_batches)
     cutoff = cleanup.cutoff_for(scheduled_start(), days, "days")
     stats = delete_aged_rows("audit_logs", cutoff, size, limits, dry_run)
     return _report("cleanup-old-audit-logs", stats, cutoff, dry_run, ("audit_logs",))
 
 
-@flow(name="cleanup-abandoned-sessions", timeout_seconds=FLOW_TIMEOUT)
+@flow(**flow_options("cleanup-abandoned-sessions"))
 def cleanup_abandoned_sessions(
-    inactive_days: int | None = None,
-    batch_size: int | None = None,
+    inactive_days: PositiveInt = 30,
+    batch_size: PositiveInt = BATCH_SIZE,
     dry_run: bool = False,
-    max_batches: int | None = None,
-    soft_limit_seconds: float | None = None,
+    max_batches: PositiveInt | None = None,
+    soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
     """Delete user sessions inactive for inactive_days in short batches."""
-    s = get_settings()
-    days = cleanup.check_positive(
-        "inactive_days", inactive_days if inactive_days is not None else s.session_inactive_days
-    )
-    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
-    limits = _limits(soft_limit_seconds, max_batches)
+    days, size, limits = inactive_days, batch_size, _limits(soft_limit_seconds, max_batches)
     cutoff = cleanup.cutoff_for(scheduled_start(), days, "inactive_days")
     stats = delete_aged_rows("user_sessions", cutoff, size, limits, dry_run)
     return _report("cleanup-abandoned-sessions", stats, cutoff, dry_run, ("user_sessions",))
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("clear-message-payloads"))
 def clear_message_payloads(before: dt.datetime, batch_size: int, limits: Limits) -> PassStats:
     """Empty the stored text of finished plain and templated messages last touched before the cutoff."""
     return cleanup.purge_with(
@@ -191,7 +179,7 @@ def clear_message_payloads(before: dt.datetime, batch_size: int, limits: Limits)
     )
 
 
-@task(**TASK_OPTIONS)
+@task(**task_options("delete-message-rows"))
 def delete_message_rows(before: dt.datetime, batch_size: int, limits: Limits) -> PassStats:
     """Delete sent and dead delivery-log rows last touched before the cutoff."""
     return cleanup.purge_with(
@@ -199,17 +187,14 @@ def delete_message_rows(before: dt.datetime, batch_size: int, limits: Limits) ->
     )
 
 
-@flow(name="cleanup-delivery-log", timeout_seconds=FLOW_TIMEOUT)
+@flow(**flow_options("cleanup-delivery-log"))
 def cleanup_delivery_log(
-    payload_days: int | None = None, row_days: int | None = None, batch_size: int | None = None
+    payload_days: PositiveInt | None = None, row_days: PositiveInt | None = None, batch_size: PositiveInt = BATCH_SIZE
 ) -> dict:
-    """Clear message texts after NOTIFICATION_PAYLOAD_RETENTION_DAYS (7) and delete log rows after 180 days."""
+    """Clear finished message texts after NOTIFICATION_PAYLOAD_RETENTION_DAYS (7); delete rows after 180 days."""
     s = get_settings()
-    payload_days = cleanup.check_positive(
-        "payload_days", payload_days if payload_days is not None else s.notification_payload_retention_days
-    )
-    row_days = cleanup.check_positive("row_days", row_days if row_days is not None else s.notification_retention_days)
-    size = cleanup.check_positive("batch_size", batch_size if batch_size is not None else s.cleanup_batch_size)
+    payload_days = payload_days or s.notification_payload_retention_days
+    row_days, size = row_days or s.notification_retention_days, batch_size
     limits, now = _limits(None, None), scheduled_start()
     # Rows past both limits are deleted first: no point clearing what goes anyway.
     stats = delete_message_rows(cleanup.cutoff_for(now, row_days, "row_days"), size, limits)

@@ -15,7 +15,6 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -28,10 +27,12 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.runtime import flow_run
 
-from flows.common import retry_options
+from flows.common import flow_options, task_options
 from lib import payments, reports
 from lib.config import get_settings
 from lib.db import session_scope
+from lib.notify.address import mask_email, validate_email
+from lib.notify.email_channel import SmtpConfig, SmtpSession
 
 PAGE = 200  # the API's default maximum page size
 MAX_TASK_RUNS = 50_000  # a week of batched flows is far below this; beyond it retries are undercounted
@@ -45,7 +46,7 @@ def _duration(run: Any) -> float | None:
     return None
 
 
-@task(name="fetch-flow-runs", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("fetch-flow-runs"))
 def fetch_flow_runs(since: dt.datetime, until: dt.datetime) -> list[reports.RunRow]:
     """Every flow run expected to start in the window, with its flow name, end state, duration and retries."""
     with get_client(sync_client=True) as client:
@@ -91,7 +92,7 @@ def _pages(read, cap: int | None = None) -> list[Any]:
     return out
 
 
-@task(name="fetch-table-rows", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("fetch-table-rows"))
 def fetch_table_rows(since: dt.datetime) -> dict[str, list[dict[str, Any]]]:
     """Messages, dead letters and subscription outcomes since ``since``, in one read-only transaction."""
     with session_scope() as session:
@@ -104,7 +105,7 @@ def fetch_table_rows(since: dt.datetime) -> dict[str, list[dict[str, Any]]]:
         }
 
 
-@task(name="write-report-files", cache_policy=NO_CACHE)
+@task(**task_options("write-report-files", retries=False))
 def write_report_files(report: reports.Report, stem: str) -> tuple[str, bytes]:
     """Render the chart PNG and the markdown into REPORTS_DIR; returns the PNG path and bytes."""
     folder = Path(get_settings().reports_dir).resolve()
@@ -115,21 +116,17 @@ def write_report_files(report: reports.Report, stem: str) -> tuple[str, bytes]:
     return str(folder / f"{stem}.png"), png
 
 
-@task(name="email-report", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("email-report"))
 def email_report(to: str, subject: str, markdown: str, png: bytes, png_name: str) -> str:
     """Send the report over one SMTP session (SMTP_* settings); returns the Message-ID."""
-    from lib.notify.email_channel import SmtpConfig, SmtpSession
-
     config = SmtpConfig.from_settings(get_settings())
     with SmtpSession(config) as smtp:
         return smtp.send(reports.report_email(config.sender, to, subject, markdown, png, png_name))
 
 
-@flow(name="ops-report", timeout_seconds=600)
+@flow(**flow_options("ops-report", timeout_seconds=600))
 def ops_report(days: int = 7, email_to: str | None = None) -> dict[str, Any]:
     """Summarise the past days of runs, messages and outcomes as a markdown artifact, optionally emailed."""
-    from lib.notify.address import mask_email, validate_email
-
     reports.validate_days(days)
     email_to = validate_email(email_to) if email_to else None
     until = dt.datetime.now(dt.UTC)

@@ -15,10 +15,9 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import flow_options, publish_table, retry_options, run_id, scheduled_date, task_options
+from flows.common import flow_options, publish_table, run_id, scheduled_date, task_options
 from flows.notifications import send_in_batches, send_messages
 from lib import payments, razorpay
 from lib import subscriptions as subs
@@ -35,7 +34,7 @@ def _today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
 
-@task(name="process-lane", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("process-lane"))
 def process_lane(
     lane: int, lanes: int, run_date: dt.date, batch_size: int, run_id: str, deadline: float
 ) -> subs.LaneResult:
@@ -45,7 +44,7 @@ def process_lane(
     return result
 
 
-@task(name="dry-run-subscriptions", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("dry-run-subscriptions"))
 def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> subs.LaneResult:
     """Compute what a run would do, read-only."""
     with session_scope() as session:
@@ -53,7 +52,7 @@ def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> subs.LaneResult
         return subs.dry_run(session, run_date, batch_size)
 
 
-@task(name="list-created-orders", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("list-created-orders"))
 def list_created_orders(run_id: str, after_id: int, limit: int) -> list[int]:
     """One page of the orders this run created."""
     with session_scope() as session:
@@ -108,11 +107,7 @@ def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: 
     return stats
 
 
-@flow(
-    name="process-due-subscriptions",
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
-    timeout_seconds=get_settings().flow_timeout_seconds,
-)
+@flow(**flow_options("process-due-subscriptions", task_runner=ThreadPoolTaskRunner(max_workers=16)))
 def process_due_subscriptions(
     run_date: dt.date | None = None,
     batch_size: int | None = None,
@@ -149,7 +144,7 @@ def process_due_subscriptions(
     return stats
 
 
-@task(name="process-one-subscription", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("process-one-subscription"))
 def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.LaneResult:
     """Process one subscription by id through the same batch code."""
     with session_scope() as session:
@@ -160,7 +155,7 @@ def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.La
     return subs.LaneResult(subs.summarize(result.outcomes), [], 1, int(result.isolated), False)
 
 
-@flow(name="process-single-subscription", timeout_seconds=get_settings().flow_timeout_seconds)
+@flow(**flow_options("process-single-subscription"))
 def process_single_subscription(
     subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True, allow_any_date: bool = False
 ) -> dict[str, Any]:
@@ -180,7 +175,7 @@ def process_single_subscription(
     return stats
 
 
-@task(name="list-reminders-due", cache_policy=NO_CACHE, **retry_options())
+@task(**task_options("list-reminders-due"))
 def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[int, str]]:
     """One page of active subscriptions delivering on ``day``."""
     from sqlalchemy import text

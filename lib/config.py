@@ -65,17 +65,12 @@ class Settings(BaseSettings):
 
     razorpay_webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
-    cart_retention_days: int = Field(default=30, ge=1)
-    audit_log_retention_days: int = Field(default=90, ge=1)
-    session_inactive_days: int = Field(default=30, ge=1)
-
     subscription_batch_size: int = Field(default=1000, ge=1)
     subscription_max_concurrency: int = Field(default=4, ge=1)
-    cleanup_batch_size: int = Field(default=10_000, ge=1)
     notification_batch_size: int = Field(default=200, ge=1)
-    # Plain and templated messages keep their text (the payload) this long, then only the row remains.
     # true: every `sent` mark waits for the disk (survives a PostgreSQL crash, costs a WAL flush per message).
     notification_durable_marks: bool = False
+    # Plain and templated messages keep their text (the payload) this long, then only the row remains.
     notification_payload_retention_days: int = Field(default=7, ge=1)
     notification_retention_days: int = Field(default=180, ge=1)
 

@@ -85,11 +85,16 @@ def test_cart_flow_dry_run_deletes_nothing(pg):
     ],
 )
 def test_flows_reject_non_positive_days_and_batch_sizes_before_deleting(pg, flow_fn, params, word):
-    """A day count or batch size <= 0 fails the run with a message naming it, and every row is still there."""
+    """A day count or batch size <= 0 fails the run with a message naming it, and every row is still there.
+
+    The typed parameters (PositiveInt) let Prefect refuse them before the run starts, as the UI form does.
+    """
+    from prefect.exceptions import ParameterTypeError
+
     make_cart(pg, age_days=400)
     make_audit_log(pg, age_days=400)
     make_user_session(pg, inactive_days=400)
-    with pytest.raises(InvalidInputError, match=word):
+    with pytest.raises(ParameterTypeError, match=rf"{word}: Input should be greater than 0"):
         flow_fn(**params)
     assert (count_rows(pg, "carts"), count_rows(pg, "audit_logs"), count_rows(pg, "user_sessions")) == (1, 1, 1)
 
