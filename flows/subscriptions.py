@@ -17,9 +17,9 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import flow_options, publish_table, run_id, scheduled_date, task_options
+from flows.common import flow_options, publish_markdown, publish_table, run_id, scheduled_date, task_options
 from flows.notifications import send_in_batches, send_messages
-from lib import payments, razorpay
+from lib import night_report, payments, razorpay
 from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
@@ -88,9 +88,9 @@ def _confirm(run: str, stats: dict[str, Any]) -> JobError | None:
     return None
 
 
-def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> dict[str, Any]:
+def _night_stats(lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The lanes' summaries merged (pandas, bounded by products x outcomes) and the run's headline numbers."""
     groups = subs.summarize([], pd.concat([lane.groups for lane in lanes], ignore_index=True))
-    batch_ms = [ms for lane in lanes for ms in lane.batch_ms]
     stats: dict[str, Any] = {
         "run_date": run_date.isoformat(),
         "dry_run": dry_run,
@@ -99,11 +99,33 @@ def _report(key: str, lanes: list[subs.LaneResult], run_date: dt.date, dry_run: 
         "isolated_batches": sum(lane.isolated_batches for lane in lanes),
         "stopped_early": any(lane.stopped_early for lane in lanes),
     }
-    publish_table(
-        key,
-        subs.night_tables(groups, batch_ms),
-        f"Subscriptions due on or before {run_date}" + (" (dry run: nothing written)" if dry_run else ""),
-    )
+    if stats["stopped_early"]:
+        get_run_logger().warning("soft time limit reached: the rest stays due for the next run")
+    return groups, stats
+
+
+@task(**task_options("publish-night-summary"))
+def publish_night_summary(
+    key: str, groups: pd.DataFrame, batch_ms: list[float], stats: dict[str, Any], run_date: dt.date
+) -> None:
+    """Publish the run's markdown summary: headline, outcomes, frequencies, top products by name, ₹ amounts."""
+    with session_scope() as session:
+        names = night_report.product_names(session, night_report.top_product_ids(groups))
+    dry = bool(stats["dry_run"])
+    text = night_report.render(groups, stats, names, batch_ms, run_date, dry)
+    publish_markdown(key, text, f"Subscriptions due on or before {run_date}" + (" (dry run)" if dry else ""))
+
+
+def _finish(
+    key: str, run: str, lanes: list[subs.LaneResult], run_date: dt.date, paid: dict[str, int], confirm: bool
+) -> dict[str, Any]:
+    """Confirm what the run created, publish its summary, then fail if a confirmation could not go."""
+    groups, stats = _night_stats(lanes, run_date, dry_run=False)
+    stats["payments_attached"] = paid
+    failure = _confirm(run, stats) if confirm and stats["created"] else None
+    publish_night_summary(key, groups, [ms for lane in lanes for ms in lane.batch_ms], stats, run_date)
+    if failure is not None:
+        raise failure
     return stats
 
 
@@ -127,7 +149,9 @@ def process_due_subscriptions(
     max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
     if dry_run:
-        return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
+        groups, stats = _night_stats([dry_run_subscriptions(run_date, batch_size)], run_date, dry_run=True)
+        publish_night_summary("process-due-subscriptions", groups, [], stats, run_date)
+        return stats
     run = run_id()
     deadline = time.time() + s.flow_soft_limit_seconds
     futures = [
@@ -135,13 +159,7 @@ def process_due_subscriptions(
     ]
     lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
-    stats = _report("process-due-subscriptions", lanes, run_date, False) | {"payments_attached": paid}
-    if stats["stopped_early"]:
-        get_run_logger().warning("soft time limit reached: the rest stays due for the next run")
-    failure = _confirm(run, stats) if send_confirmations and stats["created"] else None
-    if failure is not None:
-        raise failure
-    return stats
+    return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations)
 
 
 @task(**task_options("process-one-subscription"))
@@ -166,13 +184,7 @@ def process_single_subscription(
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
     paid = attach_awaiting_payments(run_date, [subscription_id])
-    stats = _report("process-single-subscription", lanes, run_date, False) | {"payments_attached": paid}
-    if stats["created"] == 0 and stats["out_of_stock"] == 0 and stats["failed"] == 0:
-        get_run_logger().info("subscription %d is not due on %s", subscription_id, run_date)
-    failure = _confirm(run, stats) if send_confirmation and stats["created"] else None
-    if failure is not None:
-        raise failure
-    return stats
+    return _finish("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
 
 
 @task(**task_options("list-reminders-due"))

@@ -18,7 +18,6 @@ from flows.cleanup import (
 )
 from lib import tokens
 from lib.config import get_settings
-from lib.errors import InvalidInputError
 from tests.builders import count_rows, make_audit_log, make_cart, make_user_session
 
 

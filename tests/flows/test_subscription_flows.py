@@ -34,39 +34,44 @@ def count(pg, table):
     return rows(pg, f"SELECT count(*) FROM {table}")[0][0]
 
 
-def latest_artifact(key):
+def run_artifact(key, flow_run_id):
+    """The artifact ``key`` published by that flow run (not merely the newest one under the key)."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async def read():
         async with get_client() as client:
-            found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                sort=ArtifactSort.CREATED_DESC,
-                limit=1,
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
             )
-            return found[0] if found else None
 
-    return asyncio.run(read())
+    [artifact] = asyncio.run(read())
+    return artifact
 
 
 def test_nightly_flow_creates_orders_and_publishes_summary(pg):
-    """The flow orders every due subscription once, returns counts and publishes the summary table."""
-    product = make_product(pg, stock=5, price_paise=50_000)
+    """The flow orders every due subscription once, returns counts and publishes a readable summary of its run."""
+    product = make_product(pg, stock=5, price_paise=50_000, name="Moringa Powder 250 g")
     for _ in range(4):
         make_subscription(pg, product_id=product, due=TODAY, quantity=1)
     make_subscription(pg, product_id=product, due=TODAY, quantity=3)  # only 1 left: out of stock
     make_subscription(pg, due=TODAY + dt.timedelta(days=1))  # not due
-    stats = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=2, send_confirmations=False)
+    state = process_due_subscriptions(
+        run_date=TODAY, batch_size=2, max_concurrency=2, send_confirmations=False, return_state=True
+    )
+    stats = state.result()
     assert (stats["created"], stats["out_of_stock"], stats["units"]) == (4, 1, 4)
     assert stats["revenue_inr"] == 2000.0
     assert count(pg, "orders") == 4
-    artifact = latest_artifact("process-due-subscriptions")
-    table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    by_outcome = {r["key"]: r["subscriptions"] for r in table if r["dimension"] == "outcome"}
-    assert by_outcome == {"created": 4, "out_of_stock": 1}
-    assert any(r["dimension"] == "batch duration (ms)" for r in table)
+    artifact = run_artifact("process-due-subscriptions", state.state_details.flow_run_id)
+    text_md = artifact.data
+    assert artifact.type == "markdown"
+    assert f"{TODAY}: created 4 orders (₹2,000.00), 1 out of stock, 0 failed" in text_md
+    assert "| created | 4 | 4 | ₹2,000.00 |" in text_md and "| out_of_stock | 1 | 0 | ₹0.00 |" in text_md
+    assert "| Moringa Powder 250 g | 4 | 4 | ₹2,000.00 |" in text_md
+    assert "batch p50 ms" in text_md
 
 
 def test_nightly_flow_twice_creates_nothing_the_second_time(pg):
