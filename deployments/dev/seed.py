@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -172,6 +173,125 @@ def _days_in_month(d: dt.date) -> int:
     return calendar.monthrange(d.year, d.month)[1]
 
 
+@dataclass
+class _Ctx:
+    """What every table's seeding step shares: the connection, the random source, the clock, the first ids."""
+
+    conn: Connection
+    rng: random.Random
+    today: dt.date
+    now: dt.datetime
+    customers: int  # how many customers and products the child rows may point at
+    products: int
+    first: dict[str, int]  # table -> first id of this seed (ids continue after existing rows)
+
+    def customer(self) -> int:
+        return self.first["customers"] + self.rng.randrange(self.customers)
+
+    def product(self) -> int:
+        return self.first["products"] + self.rng.randrange(self.products)
+
+
+def _customers(ctx: _Ctx, n: int) -> int:
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(n):
+            cid = ctx.first["customers"] + i
+            first, last = ctx.rng.choice(FIRST), ctx.rng.choice(LAST)
+            phone = f"+91{ctx.rng.choice('6789')}{ctx.rng.randrange(10**8, 10**9)}"
+            seen = ctx.now - dt.timedelta(days=ctx.rng.randrange(0, 120))
+            email = f"{first}.{last}.{cid}@example.in".lower()
+            yield (cid, f"{first} {last}", email, phone, ctx.rng.random() > 0.05, ctx.rng.random() > 0.15, seen)
+
+    columns = ("id", "name", "email", "phone", "email_opt_in", "sms_opt_in", "last_seen_at")
+    return copy_rows(ctx.conn, "customers", columns, rows())
+
+
+def _products(ctx: _Ctx, n: int) -> int:
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(n):
+            pid = ctx.first["products"] + i
+            base = PRODUCTS[i % len(PRODUCTS)]
+            size = ("100 g", "250 g", "500 ml", "60 caps", "1 kg")[i // len(PRODUCTS) % 5]
+            stock = 0 if ctx.rng.random() < 0.05 else ctx.rng.randrange(20, 5000)
+            yield (pid, f"IS-{pid:06d}", f"{base} {size}", ctx.rng.randrange(99, 2499) * 100, stock)
+
+    return copy_rows(ctx.conn, "products", ("id", "sku", "name", "price_paise", "stock"), rows())
+
+
+def _subscriptions(ctx: _Ctx, n: int) -> int:
+    """Every frequency; ~10 % due today, ~5 % overdue by 1-3 days, 15 % paused or cancelled."""
+    freqs, weights = zip(*FREQUENCY_WEIGHTS.items(), strict=True)
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(n):
+            roll = ctx.rng.random()
+            if roll < 0.10:
+                nxt = ctx.today
+            elif roll < 0.15:
+                nxt = ctx.today - dt.timedelta(days=ctx.rng.randrange(1, 4))
+            else:
+                nxt = ctx.today + dt.timedelta(days=ctx.rng.randrange(1, 90))
+            status = "active" if ctx.rng.random() < 0.85 else ctx.rng.choice(("paused", "cancelled"))
+            anchor = 31 if nxt.day == _days_in_month(nxt) and ctx.rng.random() < 0.5 else nxt.day
+            quantity, frequency = ctx.rng.choice((1, 1, 1, 2, 3)), ctx.rng.choices(freqs, weights)[0]
+            yield (
+                ctx.first["subscriptions"] + i,
+                ctx.customer(),
+                ctx.product(),
+                quantity,
+                frequency,
+                status,
+                nxt,
+                anchor,
+            )
+
+    columns = ("id", "customer_id", "product_id", "quantity", "frequency", "status", "next_delivery_date", "anchor_day")
+    return copy_rows(ctx.conn, "subscriptions", columns, rows())
+
+
+def _carts(ctx: _Ctx, n: int) -> tuple[int, int]:
+    """Carts of every age (0-120 days), ~70 % with 1-3 items; returns (carts, items)."""
+    items: list[tuple[Any, ...]] = []
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(n):
+            kid = ctx.first["carts"] + i
+            updated = ctx.now - dt.timedelta(days=ctx.rng.randrange(0, 120), minutes=ctx.rng.randrange(0, 1440))
+            if ctx.rng.random() > 0.3:
+                for _ in range(ctx.rng.randrange(1, 4)):
+                    items.append((kid, ctx.product(), ctx.rng.randrange(1, 4), updated))
+            customer = ctx.customer() if ctx.rng.random() < 0.6 else None
+            yield (kid, customer, updated - dt.timedelta(hours=ctx.rng.randrange(0, 48)), updated)
+
+    carts = copy_rows(ctx.conn, "carts", ("id", "customer_id", "created_at", "updated_at"), rows())
+    return carts, copy_rows(ctx.conn, "cart_items", ("cart_id", "product_id", "quantity", "added_at"), items)
+
+
+def _audit_logs(ctx: _Ctx, n: int) -> int:
+    actions = ("login", "update_address", "place_order", "cancel_subscription", "refund", "change_price")
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for _ in range(n):
+            at = ctx.now - dt.timedelta(days=ctx.rng.randrange(0, 180), seconds=ctx.rng.randrange(86400))
+            actor = "customer" if ctx.rng.random() < 0.8 else "admin"
+            yield (actor, ctx.rng.choice(actions), "order", str(ctx.rng.randrange(1, 10**6)), '{"source": "seed"}', at)
+
+    columns = ("actor", "action", "entity", "entity_id", "payload", "created_at")
+    return copy_rows(ctx.conn, "audit_logs", columns, rows())
+
+
+def _sessions(ctx: _Ctx, n: int) -> int:
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for _ in range(n):
+            active = ctx.now - dt.timedelta(days=ctx.rng.randrange(0, 60), seconds=ctx.rng.randrange(86400))
+            customer = ctx.customer() if ctx.customers else None
+            ua = "Mozilla/5.0 (Linux; Android 14)"
+            yield (ctx.rng.randbytes(32).hex(), customer, ua, active - dt.timedelta(hours=2), active)
+
+    columns = ("session_key_hash", "customer_id", "user_agent", "created_at", "last_active_at")
+    return copy_rows(ctx.conn, "user_sessions", columns, rows())
+
+
 def seed(
     conn: Connection,
     counts: SeedCounts,
@@ -180,140 +300,36 @@ def seed(
     progress: Callable[[str, int], None] | None = None,
     token_sink: Callable[[int, random.Random], int] | None = None,
 ) -> dict[str, int]:
-    """Insert demo rows in the caller's transaction; ids continue after existing rows."""
-    rng = random.Random(rng_seed)
-    now = dt.datetime.combine(today, dt.time(12, 0), tzinfo=dt.UTC)
+    """Insert demo rows in the caller's transaction, a table at a time; ids continue after existing rows."""
     tick = progress or (lambda _name, _n: None)
+    needs_parents = 1 if (counts.subscriptions or counts.carts) else 0
+    ctx = _Ctx(
+        conn,
+        random.Random(rng_seed),
+        today,
+        dt.datetime.combine(today, dt.time(12, 0), tzinfo=dt.UTC),
+        customers=max(counts.customers, needs_parents),
+        products=max(counts.products, needs_parents),
+        # Explicit ids so child rows can refer to parents without reading them back.
+        first={t: _next_id(conn, t) for t in ("customers", "products", "subscriptions", "carts")},
+    )
     out: dict[str, int] = {}
-    # Explicit ids so child rows can refer to parents without reading them back.
-    c0, p0, s0, k0 = (_next_id(conn, t) for t in ("customers", "products", "subscriptions", "carts"))
-    ncust = max(counts.customers, 1 if (counts.subscriptions or counts.carts) else 0)
-    nprod = max(counts.products, 1 if (counts.subscriptions or counts.carts) else 0)
-
-    def customers() -> Iterator[tuple]:
-        for i in range(ncust):
-            cid = c0 + i
-            first, last = rng.choice(FIRST), rng.choice(LAST)
-            phone = f"+91{rng.choice('6789')}{rng.randrange(10**8, 10**9)}"
-            seen = now - dt.timedelta(days=rng.randrange(0, 120))
-            yield (
-                cid,
-                f"{first} {last}",
-                f"{first}.{last}.{cid}@example.in".lower(),
-                phone,
-                rng.random() > 0.05,
-                rng.random() > 0.15,
-                seen,
-            )
-
-    out["customers"] = copy_rows(
-        conn, "customers", ("id", "name", "email", "phone", "email_opt_in", "sms_opt_in", "last_seen_at"), customers()
-    )
-    tick("customers", out["customers"])
-
-    def products() -> Iterator[tuple]:
-        for i in range(nprod):
-            pid = p0 + i
-            base = PRODUCTS[i % len(PRODUCTS)]
-            size = ("100 g", "250 g", "500 ml", "60 caps", "1 kg")[i // len(PRODUCTS) % 5]
-            stock = 0 if rng.random() < 0.05 else rng.randrange(20, 5000)
-            yield (pid, f"IS-{pid:06d}", f"{base} {size}", rng.randrange(99, 2499) * 100, stock)
-
-    out["products"] = copy_rows(conn, "products", ("id", "sku", "name", "price_paise", "stock"), products())
-    tick("products", out["products"])
-
-    freqs, weights = zip(*FREQUENCY_WEIGHTS.items(), strict=True)
-
-    def subscriptions() -> Iterator[tuple]:
-        for i in range(counts.subscriptions):
-            roll = rng.random()
-            if roll < 0.10:
-                nxt = today
-            elif roll < 0.15:
-                nxt = today - dt.timedelta(days=rng.randrange(1, 4))
-            else:
-                nxt = today + dt.timedelta(days=rng.randrange(1, 90))
-            status = "active" if rng.random() < 0.85 else rng.choice(("paused", "cancelled"))
-            anchor = 31 if nxt.day == _days_in_month(nxt) and rng.random() < 0.5 else nxt.day
-            yield (
-                s0 + i,
-                c0 + rng.randrange(ncust),
-                p0 + rng.randrange(nprod),
-                rng.choice((1, 1, 1, 2, 3)),
-                rng.choices(freqs, weights)[0],
-                status,
-                nxt,
-                anchor,
-            )
-
-    out["subscriptions"] = copy_rows(
-        conn,
-        "subscriptions",
-        ("id", "customer_id", "product_id", "quantity", "frequency", "status", "next_delivery_date", "anchor_day"),
-        subscriptions(),
-    )
-    tick("subscriptions", out["subscriptions"])
-
-    cart_items: list[tuple] = []
-
-    def carts() -> Iterator[tuple]:
-        for i in range(counts.carts):
-            kid = k0 + i
-            age = rng.randrange(0, 120)
-            updated = now - dt.timedelta(days=age, minutes=rng.randrange(0, 1440))
-            if rng.random() > 0.3:
-                for _ in range(rng.randrange(1, 4)):
-                    cart_items.append((kid, p0 + rng.randrange(nprod), rng.randrange(1, 4), updated))
-            customer = c0 + rng.randrange(ncust) if rng.random() < 0.6 else None
-            yield (kid, customer, updated - dt.timedelta(hours=rng.randrange(0, 48)), updated)
-
-    out["carts"] = copy_rows(conn, "carts", ("id", "customer_id", "created_at", "updated_at"), carts())
-    out["cart_items"] = copy_rows(conn, "cart_items", ("cart_id", "product_id", "quantity", "added_at"), cart_items)
+    for name, step, n in (
+        ("customers", _customers, ctx.customers),
+        ("products", _products, ctx.products),
+        ("subscriptions", _subscriptions, counts.subscriptions),
+    ):
+        out[name] = step(ctx, n)
+        tick(name, out[name])
+    out["carts"], out["cart_items"] = _carts(ctx, counts.carts)
     tick("carts", out["carts"])
-
-    actions = ("login", "update_address", "place_order", "cancel_subscription", "refund", "change_price")
-
-    def audit_logs() -> Iterator[tuple]:
-        for _ in range(counts.audit_logs):
-            at = now - dt.timedelta(days=rng.randrange(0, 180), seconds=rng.randrange(86400))
-            yield (
-                "customer" if rng.random() < 0.8 else "admin",
-                rng.choice(actions),
-                "order",
-                str(rng.randrange(1, 10**6)),
-                '{"source": "seed"}',
-                at,
-            )
-
-    out["audit_logs"] = copy_rows(
-        conn, "audit_logs", ("actor", "action", "entity", "entity_id", "payload", "created_at"), audit_logs()
-    )
-    tick("audit_logs", out["audit_logs"])
-
-    def sessions() -> Iterator[tuple]:
-        for _ in range(counts.sessions):
-            active = now - dt.timedelta(days=rng.randrange(0, 60), seconds=rng.randrange(86400))
-            yield (
-                rng.randbytes(32).hex(),
-                c0 + rng.randrange(ncust) if ncust else None,
-                "Mozilla/5.0 (Linux; Android 14)",
-                active - dt.timedelta(hours=2),
-                active,
-            )
-
-    out["sessions"] = copy_rows(
-        conn,
-        "user_sessions",
-        ("session_key_hash", "customer_id", "user_agent", "created_at", "last_active_at"),
-        sessions(),
-    )
-    tick("sessions", out["sessions"])
-
+    for name, step, n in (("audit_logs", _audit_logs, counts.audit_logs), ("sessions", _sessions, counts.sessions)):
+        out[name] = step(ctx, n)
+        tick(name, out[name])
     for table in ("customers", "products", "subscriptions", "carts", "cart_items", "audit_logs", "user_sessions"):
         _fix_sequence(conn, table)
-
     if counts.tokens and token_sink is not None:
-        out["tokens"] = token_sink(counts.tokens, rng)
+        out["tokens"] = token_sink(counts.tokens, ctx.rng)
         tick("tokens", out["tokens"])
     return out
 
