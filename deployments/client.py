@@ -1,11 +1,15 @@
-"""What the backend calls: start a notification deployment through the Prefect API.
+"""What the backend calls: start a deployment through the Prefect API, from sync or asyncio code.
 
-Each function starts ``<flow>/default`` with ``run_deployment(timeout=0)`` (returns at
-once; a worker or ``indostar-jobs serve`` runs it) and an idempotency key, and returns
-the flow run id. The same key twice returns the same flow run, so a backend retry
-never starts a second run. Without a key, one is derived from what the message is
-about (``order-confirmation:<order>``); pass your own (e.g. a Razorpay event id) when
-the same thing may legitimately be sent again.
+Each function starts ``<flow>/default`` with ``run_deployment(timeout=0)`` (it returns at
+once; a worker or ``indostar-jobs serve`` runs the flow) and an idempotency key, and
+returns the flow run id. The same key twice returns the same flow run, so a backend retry
+never starts a second run. Without a key, one is derived from what the message is about
+(``order-confirmation:<order>``); pass your own (e.g. a request id) when the same thing may
+legitimately be sent again. Every function has an awaitable twin ``f.aio(...)`` for
+asyncio backends, also importable by name from ``deployments.aclient``.
+
+Messages a customer waits for go faster as background tasks (deployments.tasks); these
+deployment runs remain the way to trigger the jobs and any message from anywhere.
 
 Equivalent operator commands::
 
@@ -16,30 +20,72 @@ Equivalent operator commands::
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol
 from uuid import UUID
 
 from lib.errors import InvalidInputError
 
 DEPLOYMENT = "default"
+MAX_EVENT_RUNS = 20
+P = ParamSpec("P")
 
 
-def _run(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> Any:
+@dataclass(frozen=True)
+class Call:
+    """One deployment run to start: which flow, with what, under which idempotency key."""
+
+    flow: str
+    parameters: dict[str, Any]
+    key: str | None
+
+
+class ClientFunction(Protocol[P]):
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> UUID: ...
+
+    aio: Callable[P, Awaitable[UUID]]
+
+
+def _run_args(call: Call) -> dict[str, Any]:
+    return {
+        "name": f"{call.flow}/{DEPLOYMENT}",
+        "parameters": call.parameters,
+        "timeout": 0,
+        "idempotency_key": call.key,
+        "as_subflow": False,
+    }
+
+
+def start(call: Call) -> Any:
+    """Create the flow run (or find the one its key names) and return it without waiting."""
     from prefect.deployments import run_deployment
 
-    return run_deployment(
-        name=f"{flow_name}/{DEPLOYMENT}",
-        parameters=parameters,
-        timeout=0,
-        idempotency_key=idempotency_key,
-        as_subflow=False,
-    )
+    return run_deployment(**_run_args(call))
 
 
-def _start(flow_name: str, parameters: dict[str, Any], idempotency_key: str | None) -> UUID:
-    return UUID(str(_run(flow_name, parameters, idempotency_key).id))
+async def astart(call: Call) -> Any:
+    """``start`` for asyncio code."""
+    from prefect.deployments.flow_runs import arun_deployment
+
+    return await arun_deployment(**_run_args(call))
+
+
+def deployment_call(describe: Callable[P, Call]) -> ClientFunction[P]:
+    """Turn a function that describes a run into the client function (and its ``.aio`` twin)."""
+
+    @functools.wraps(describe)
+    def sync(*args: P.args, **kwargs: P.kwargs) -> UUID:
+        return UUID(str(start(describe(*args, **kwargs)).id))
+
+    async def aio(*args: P.args, **kwargs: P.kwargs) -> UUID:
+        return UUID(str((await astart(describe(*args, **kwargs))).id))
+
+    sync.aio = aio  # type: ignore[attr-defined]
+    return sync  # type: ignore[return-value]
 
 
 def _digest(*parts: Any) -> str:
@@ -47,60 +93,72 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
-def _positive(value: int, what: str) -> int:
+def _positive(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
-def send_email(to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None) -> UUID:
+def _keyed(prefix: str, key: str | None) -> str | None:
+    return f"{prefix}:{key}" if key else None
+
+
+# ---- messages ------------------------------------------------------------------------------------
+
+
+@deployment_call
+def send_email(to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None) -> Call:
     """Start send-email; the message key is the given key or a hash of the content."""
     key = idempotency_key or f"email:{_digest(to, subject, body, html)}"
-    params = {"to": to, "subject": subject, "body": body, "html": html, "idempotency_key": key}
-    return _start("send-email", params, key)
+    return Call("send-email", {"to": to, "subject": subject, "body": body, "html": html, "idempotency_key": key}, key)
 
 
-def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> UUID:
+@deployment_call
+def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> Call:
     """Start send-sms; the message key is the given key or a hash of the content."""
     key = idempotency_key or f"sms:{_digest(phone, text)}"
-    return _start("send-sms", {"phone": phone, "text": text, "idempotency_key": key}, key)
+    return Call("send-sms", {"phone": phone, "text": text, "idempotency_key": key}, key)
 
 
-def send_templated_email(template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None) -> UUID:
+@deployment_call
+def send_templated_email(template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None) -> Call:
     """Start send-templated-email with a template name and its context."""
     key = idempotency_key or f"{template}:email:{_digest(to, context)}"
     params = {"template": template, "context": context, "to": to, "idempotency_key": key}
-    return _start("send-templated-email", params, key)
+    return Call("send-templated-email", params, key)
 
 
-def send_templated_sms(template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None) -> UUID:
+@deployment_call
+def send_templated_sms(template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None) -> Call:
     """Start send-templated-sms with a template name and its context."""
     key = idempotency_key or f"{template}:sms:{_digest(phone, context)}"
     params = {"template": template, "context": context, "phone": phone, "idempotency_key": key}
-    return _start("send-templated-sms", params, key)
+    return Call("send-templated-sms", params, key)
 
 
-def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> UUID:
+@deployment_call
+def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> Call:
     """Start send-order-confirmation (email + SMS); one run per order unless a key says otherwise."""
     _positive(order_id, "order_id")
-    return _start(
-        "send-order-confirmation", {"order_id": order_id}, idempotency_key or f"order-confirmation:{order_id}"
-    )
+    params: dict[str, Any] = {"order_id": order_id} | ({"idempotency_key": idempotency_key} if idempotency_key else {})
+    return Call("send-order-confirmation", params, idempotency_key or f"order-confirmation:{order_id}")
 
 
-def send_order_shipped(order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None) -> UUID:
+@deployment_call
+def send_order_shipped(order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None) -> Call:
     """Start send-order-shipped; one run per order and tracking number."""
     _positive(order_id, "order_id")
     params = {"order_id": order_id, "tracking_number": tracking_number, "carrier": carrier}
-    return _start("send-order-shipped", params, idempotency_key or f"order-shipped:{order_id}:{tracking_number}")
+    return Call("send-order-shipped", params, idempotency_key or f"order-shipped:{order_id}:{tracking_number}")
 
 
+@deployment_call
 def send_payment_failed(
     order_id: int | None = None,
     subscription_id: int | None = None,
     reason: str = "the payment was declined",
     idempotency_key: str | None = None,
-) -> UUID:
+) -> Call:
     """Start send-payment-failed; pass the payment gateway's event id as the key."""
     if order_id is None and subscription_id is None:
         raise InvalidInputError("give order_id or subscription_id")
@@ -108,37 +166,86 @@ def send_payment_failed(
     if idempotency_key:
         params["idempotency_key"] = f"payment-failed:{idempotency_key}"
     key = idempotency_key or f"payment-failed:{order_id}:{subscription_id}:{_digest(reason)}"
-    return _start("send-payment-failed", params, key)
+    return Call("send-payment-failed", params, key)
 
 
+@deployment_call
 def send_subscription_renewal_reminder(
     subscription_id: int, delivery_date: dt.date | str, idempotency_key: str | None = None
-) -> UUID:
+) -> Call:
     """Start send-subscription-renewal-reminder; one run per subscription and delivery date."""
     _positive(subscription_id, "subscription_id")
     day = delivery_date.isoformat() if isinstance(delivery_date, dt.date) else str(delivery_date)
     params = {"subscription_id": subscription_id, "delivery_date": day}
-    return _start(
+    return Call(
         "send-subscription-renewal-reminder", params, idempotency_key or f"renewal-reminder:{subscription_id}:{day}"
     )
 
 
+@deployment_call
+def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> Call:
+    """Start send-otp: the run issues the code and sends it by SMS (the code never passes through here).
+
+    Without a key every call sends a new code; pass your request id to make a retried call safe.
+    """
+    _positive(customer_id, "customer_id")
+    params = {"customer_id": customer_id, "purpose": purpose, "idempotency_key": idempotency_key}
+    return Call("send-otp", params, _keyed(f"otp:{customer_id}:{purpose}", idempotency_key))
+
+
+@deployment_call
+def send_password_reset(customer_id: int, idempotency_key: str | None = None) -> Call:
+    """Start send-password-reset: the run issues the token and emails the link."""
+    _positive(customer_id, "customer_id")
+    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
+    return Call("send-password-reset", params, _keyed(f"password-reset:{customer_id}", idempotency_key))
+
+
+@deployment_call
+def send_email_verification(customer_id: int, idempotency_key: str | None = None) -> Call:
+    """Start send-email-verification: the run issues the token and emails the link."""
+    _positive(customer_id, "customer_id")
+    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
+    return Call("send-email-verification", params, _keyed(f"email-verification:{customer_id}", idempotency_key))
+
+
+@deployment_call
 def replay_dead_letters(
     ids: list[int] | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     idempotency_key: str | None = None,
-) -> UUID:
+) -> Call:
     """Start replay-dead-letters for ids or a time window (a new run per call unless keyed)."""
     params = {
         "ids": ids,
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
     }
-    return _start("replay-dead-letters", params, idempotency_key)
+    return Call("replay-dead-letters", params, idempotency_key)
 
 
-MAX_EVENT_RUNS = 20
+@deployment_call
+def process_single_subscription(subscription_id: int, idempotency_key: str | None = None) -> Call:
+    """Start process-single-subscription now (e.g. after a customer reactivates); unkeyed calls start a new run."""
+    _positive(subscription_id, "subscription_id")
+    return Call("process-single-subscription", {"subscription_id": subscription_id}, idempotency_key)
+
+
+# ---- Razorpay -----------------------------------------------------------------------------------
+
+
+def _event_call(body: str | bytes, signature: str, event_id: str, attempt: int) -> Call:
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 64:
+        raise InvalidInputError("event_id (the X-Razorpay-Event-Id header) must be 1-64 characters")
+    text = body.decode() if isinstance(body, bytes) else body
+    key = f"razorpay:{event_id}" if attempt == 1 else f"razorpay:{event_id}:{attempt}"
+    return Call("handle-razorpay-event", {"body": text, "signature": signature, "event_id": event_id}, key)
+
+
+def _usable(run: Any) -> bool:
+    state = getattr(getattr(run, "state", None), "type", None)
+    return getattr(state, "value", None) not in ("FAILED", "CRASHED")
 
 
 def handle_razorpay_event(body: str | bytes, signature: str, event_id: str) -> UUID:
@@ -150,50 +257,36 @@ def handle_razorpay_event(body: str | bytes, signature: str, event_id: str) -> U
     then a new run tries again (keys razorpay:<id>, razorpay:<id>:2, ...), and the inbox
     in the database makes sure an event applied once is never applied twice.
     """
-    if not isinstance(event_id, str) or not event_id or len(event_id) > 64:
-        raise InvalidInputError("event_id (the X-Razorpay-Event-Id header) must be 1-64 characters")
-    text = body.decode() if isinstance(body, bytes) else body
-    params = {"body": text, "signature": signature, "event_id": event_id}
     for attempt in range(1, MAX_EVENT_RUNS + 1):
-        key = f"razorpay:{event_id}" if attempt == 1 else f"razorpay:{event_id}:{attempt}"
-        run = _run("handle-razorpay-event", params, key)
-        state = getattr(run.state, "type", None)
-        if getattr(state, "value", None) not in ("FAILED", "CRASHED"):
+        run = start(_event_call(body, signature, event_id, attempt))
+        if _usable(run):
             return UUID(str(run.id))
-    raise InvalidInputError(f"razorpay event {event_id} failed {MAX_EVENT_RUNS} runs; see the inbox row and the runs")
+    raise InvalidInputError(f"razorpay event {event_id} failed {MAX_EVENT_RUNS} runs; see its inbox row and runs")
 
 
-def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> UUID:
-    """Start send-otp: the run issues the code and sends it by SMS (the code never passes through here).
-
-    Without a key every call sends a new code; pass your request id to make a retried call safe.
-    """
-    _positive(customer_id, "customer_id")
-    params: dict[str, Any] = {"customer_id": customer_id, "purpose": purpose, "idempotency_key": idempotency_key}
-    return _start("send-otp", params, f"otp:{customer_id}:{purpose}:{idempotency_key}" if idempotency_key else None)
+async def _handle_razorpay_event_aio(body: str | bytes, signature: str, event_id: str) -> UUID:
+    for attempt in range(1, MAX_EVENT_RUNS + 1):
+        run = await astart(_event_call(body, signature, event_id, attempt))
+        if _usable(run):
+            return UUID(str(run.id))
+    raise InvalidInputError(f"razorpay event {event_id} failed {MAX_EVENT_RUNS} runs; see its inbox row and runs")
 
 
-def send_password_reset(customer_id: int, idempotency_key: str | None = None) -> UUID:
-    """Start send-password-reset: the run issues the token and emails the link."""
-    _positive(customer_id, "customer_id")
-    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
-    return _start(
-        "send-password-reset", params, f"password-reset:{customer_id}:{idempotency_key}" if idempotency_key else None
-    )
+handle_razorpay_event.aio = _handle_razorpay_event_aio  # type: ignore[attr-defined]
 
-
-def send_email_verification(customer_id: int, idempotency_key: str | None = None) -> UUID:
-    """Start send-email-verification: the run issues the token and emails the link."""
-    _positive(customer_id, "customer_id")
-    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
-    return _start(
-        "send-email-verification",
-        params,
-        f"email-verification:{customer_id}:{idempotency_key}" if idempotency_key else None,
-    )
-
-
-def process_single_subscription(subscription_id: int, idempotency_key: str | None = None) -> UUID:
-    """Start process-single-subscription now (e.g. after a customer reactivates); unkeyed calls start a new run."""
-    _positive(subscription_id, "subscription_id")
-    return _start("process-single-subscription", {"subscription_id": subscription_id}, idempotency_key)
+CLIENT_FUNCTIONS = (
+    "send_email",
+    "send_sms",
+    "send_templated_email",
+    "send_templated_sms",
+    "send_order_confirmation",
+    "send_order_shipped",
+    "send_payment_failed",
+    "send_subscription_renewal_reminder",
+    "send_otp",
+    "send_password_reset",
+    "send_email_verification",
+    "replay_dead_letters",
+    "process_single_subscription",
+    "handle_razorpay_event",
+)

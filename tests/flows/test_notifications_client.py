@@ -45,3 +45,38 @@ def test_redelivered_razorpay_webhook_starts_one_flow_run():
     assert client.handle_razorpay_event(body, "sig", "evt_123") == first
     [run] = _runs(deployment_id)
     assert run.parameters == {"body": body.decode(), "signature": "sig", "event_id": "evt_123"}
+
+
+def test_a_failed_or_crashed_webhook_run_is_retried_by_a_new_run_on_redelivery():
+    """After the event's run ended Failed (or Crashed), the same event starts a new run; a live run is reused."""
+    from prefect.states import Crashed, Failed
+
+    from flows import subscriptions as sf
+
+    deployment_id = sf.handle_razorpay_event.to_deployment(name="default").apply()
+    body = b'{"event": "subscription.charged", "payload": {}}'
+    first = client.handle_razorpay_event(body, "sig", "evt_retry")
+    with get_client(sync_client=True) as api:
+        api.set_flow_run_state(first, Failed(message="out of stock"), force=True)
+    second = client.handle_razorpay_event(body, "sig", "evt_retry")
+    assert second != first
+    assert client.handle_razorpay_event(body, "sig", "evt_retry") == second  # still scheduled: reused
+    with get_client(sync_client=True) as api:
+        api.set_flow_run_state(second, Crashed(message="worker killed"), force=True)
+    third = client.handle_razorpay_event(body, "sig", "evt_retry")
+    assert len({first, second, third}) == 3
+    states = {r.id: r.state_type.value for r in _runs(deployment_id) if r.id in (first, second, third)}
+    assert states == {first: "FAILED", second: "CRASHED", third: "SCHEDULED"}
+
+
+def test_async_client_starts_the_same_runs_as_the_sync_one():
+    """aclient's awaitable functions create the run the sync ones would, keyed the same way."""
+    import asyncio
+
+    from deployments import aclient
+
+    deployment_id = nf.send_order_confirmation.to_deployment(name="default").apply()
+    sync_id = client.send_order_confirmation(777)
+    assert asyncio.run(aclient.send_order_confirmation(777)) == sync_id
+    other = asyncio.run(aclient.send_order_confirmation(778))
+    assert other != sync_id and {sync_id, other} <= {r.id for r in _runs(deployment_id)}
