@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 from lib.config import get_settings, redacted_url
 from lib.errors import JobError, PermanentError, ServiceUnavailableError
@@ -164,7 +165,21 @@ Try, from another terminal in this directory:
   .venv/bin/prefect deployment run cleanup-expired-carts/daily
   .venv/bin/prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
   .venv/bin/prefect deployment ls
+  .venv/bin/python -c 'from deployments.tasks import send_email_task as t; \
+    print(t.delay(to_email="you@example.in", subject="Hi", body="Hello").get(timeout=10))'
 """
+
+
+def start_task_worker() -> Any:
+    """`indostar-jobs task-worker` beside `serve`, in its own process; log in .run/task-worker.log."""
+    from pathlib import Path
+
+    from deployments.dev.processes import Proc
+
+    os.makedirs(".run", exist_ok=True)
+    proc = Proc("task-worker", [sys.executable, "-m", "deployments.cli", "task-worker"], dict(os.environ), Path(".run"))
+    print(f"task worker started (pid {proc.popen.pid}); log in .run/task-worker.log")
+    return proc
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -187,6 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
         print(f"dev SMTP sink listening on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
     server = start_prefect_server(api_url)
+    tasks = start_task_worker()
     print(f"\nPrefect UI: {api_url.removesuffix('/api')}\n{TRY_COMMANDS.format(api=api_url)}")
     try:
         from deployments.serve import serve_all
@@ -195,6 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        tasks.stop()
         if smtp:
             smtp.stop()
         if server:
@@ -224,6 +241,19 @@ def cmd_setup_pool(args: argparse.Namespace) -> int:
 
     for name, (priority, limit) in setup_pool().items():
         print(f"work pool {POOL}: queue {name} priority {priority} concurrency limit {limit}")
+    return 0
+
+
+def cmd_task_worker(args: argparse.Namespace) -> int:
+    # The server does not enforce CSRF unless told to; skipping the token fetch saves a request per client.
+    os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
+    prefect_api_url()
+    check_redis()
+    get_settings().check_task_webhook()
+    from flows.background import BACKGROUND_TASKS, serve_background_tasks
+
+    print(f"task worker: {len(BACKGROUND_TASKS)} background tasks, up to {args.limit} at a time", flush=True)
+    serve_background_tasks(limit=args.limit, sweep_every=args.sweep_every)
     return 0
 
 
@@ -283,6 +313,11 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("setup-pool", help="create or update work pool indostar and its queues (before deploy)")
     w.set_defaults(func=cmd_setup_pool)
 
+    k = sub.add_parser("task-worker", help="serve every background task (messages on .delay()) from this process")
+    k.add_argument("--limit", type=_positive, default=10, help="task runs at a time (default 10)")
+    k.add_argument("--sweep-every", type=float, default=30.0, help="seconds between sweeps for stuck runs")
+    k.set_defaults(func=cmd_task_worker)
+
     t = sub.add_parser("token", help="issue, check or revoke password-reset, verification and OTP tokens")
     actions = t.add_subparsers(dest="action", required=True)
     issue = actions.add_parser("issue", help="print a new token (an OTP is a 6-digit code)")
@@ -299,6 +334,13 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("user")
     t.set_defaults(func=cmd_token)
     return p
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return n
 
 
 def _non_negative(value: str) -> int:

@@ -31,6 +31,7 @@ from uuid import UUID
 from lib.errors import InvalidInputError
 
 DEPLOYMENT = "default"
+BACKEND_TAG = "backend"  # the same tag flows.hooks looks for (kept here: the client imports no flow code)
 MAX_EVENT_RUNS = 20
 P = ParamSpec("P")
 
@@ -42,6 +43,7 @@ class Call:
     flow: str
     parameters: dict[str, Any]
     key: str | None
+    deployment: str = DEPLOYMENT
 
 
 class ClientFunction(Protocol[P]):
@@ -52,11 +54,13 @@ class ClientFunction(Protocol[P]):
 
 def _run_args(call: Call) -> dict[str, Any]:
     return {
-        "name": f"{call.flow}/{DEPLOYMENT}",
+        "name": f"{call.flow}/{call.deployment}",
         "parameters": call.parameters,
         "timeout": 0,
         "idempotency_key": call.key,
         "as_subflow": False,
+        # flows.hooks keeps the result of runs so tagged (for handles) and posts their webhook.
+        "tags": [BACKEND_TAG],
     }
 
 

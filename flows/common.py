@@ -19,6 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from flows.hooks import flow_run_finished
 from lib import retry
 from lib.config import get_settings
 from lib.errors import is_transient
@@ -57,8 +58,17 @@ def task_options(name: str, *, retries: bool = True, persist_result: bool = Fals
 
 
 def flow_options(name: str, *, timeout_seconds: float | None = None, **extra: Any) -> dict[str, Any]:
-    """Options of every flow: a kebab-case name and the hard timeout (FLOW_TIMEOUT_SECONDS unless given)."""
-    return {"name": name, "timeout_seconds": timeout_seconds or get_settings().flow_timeout_seconds, **extra}
+    """Options of every flow: a kebab-case name, the hard timeout (FLOW_TIMEOUT_SECONDS unless given), and
+    the hooks that keep a backend-started run's result for its handle and post the task webhook."""
+    hooks = [flow_run_finished]
+    return {
+        "name": name,
+        "timeout_seconds": timeout_seconds or get_settings().flow_timeout_seconds,
+        "on_completion": hooks,
+        "on_failure": hooks,
+        "on_crashed": hooks,
+        **extra,
+    }
 
 
 def final_attempt(run_count: int) -> bool:

@@ -25,7 +25,7 @@ from flows.providers import SMS_LIMIT, SMTP_LIMIT, provider_rate, provider_sessi
 from lib import db
 from lib import markdown as md
 from lib.config import get_settings
-from lib.errors import InvalidInputError, PermanentError, TransientError
+from lib.errors import InvalidInputError, JobError, PermanentError, TransientError
 from lib.notify import delivery
 from lib.notify import delivery_log as dlog
 from lib.notify.address import scrub
@@ -63,23 +63,32 @@ def _finish(report: dlog.DeliveryReport, channel: str, final: bool) -> dlog.Deli
     return report
 
 
+def deliver_email_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
+    """One delivery pass over these email keys: one SMTP session, each outcome committed as it happens."""
+    # Wait for a provider slot before claiming rows, so waiting never holds messages in `sending`.
+    with provider_session(SMTP_LIMIT), dlog.delivery_session(db.get_engine()) as (conn, token):
+        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final)
+
+
+def deliver_sms_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
+    """One delivery pass over these SMS keys: one pooled HTTP client, each outcome committed as it happens."""
+    config, rate = sms_config(), provider_rate(SMS_LIMIT)
+    with dlog.delivery_session(db.get_engine()) as (conn, token):
+        return delivery.deliver(conn, token, keys, "sms", lambda: delivery.sms_sender(config), final, rate)
+
+
 @task(**task_options("deliver-emails"))
 def deliver_emails(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent emails among these keys over one SMTP session, committing each outcome as it happens."""
     final = final_attempt(task_run.get_run_count())
-    # Wait for a provider slot before claiming rows, so waiting never holds messages in `sending`.
-    with provider_session(SMTP_LIMIT), dlog.delivery_session(db.get_engine()) as (conn, token):
-        report = delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final)
-    return _finish(report, "email", final)
+    return _finish(deliver_email_keys(keys, final), "email", final)
 
 
 @task(**task_options("deliver-sms"))
 def deliver_sms(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent SMS among these keys through one pooled HTTP client, committing each outcome."""
-    final, config, rate = final_attempt(task_run.get_run_count()), sms_config(), provider_rate(SMS_LIMIT)
-    with dlog.delivery_session(db.get_engine()) as (conn, token):
-        report = delivery.deliver(conn, token, keys, "sms", lambda: delivery.sms_sender(config), final, rate)
-    return _finish(report, "sms", final)
+    final = final_attempt(task_run.get_run_count())
+    return _finish(deliver_sms_keys(keys, final), "sms", final)
 
 
 @task(**task_options("report-messages"))
@@ -88,7 +97,7 @@ def report_messages(keys: list[str], flow_name: str, extra: dict[str, int]) -> d
     with db.session_scope() as s:
         rows = dlog.summary_rows(s, keys)
     counts: dict[str, Any] = dlog.counts_by_status(rows) | extra
-    reasons = sorted({scrub(r["last_error"] or "")[:200] for r in rows if r["status"] == "dead"})
+    reasons = dead_reasons(rows)
     headline = ", ".join(f"{counts[k]} {k}" for k in ("sent", "dead", "failed", "pending", "sending") if counts[k])
     parts = [
         md.section(
@@ -104,7 +113,9 @@ def report_messages(keys: list[str], flow_name: str, extra: dict[str, int]) -> d
         md.document(f"{flow_name}: {headline or 'nothing to send'}", *parts),
         f"Messages of this `{flow_name}` run",
     )
-    return counts | {"dead_reasons": reasons}
+    return counts | {
+        "rows": [{"status": r["status"], "last_error": r["last_error"]} for r in rows if r["status"] == "dead"]
+    }
 
 
 # --- the steps every notification flow takes ---------------------------------------------------
@@ -133,14 +144,26 @@ def await_deliveries(futures: Sequence[PrefectFuture[dlog.DeliveryReport]]) -> d
     return totals
 
 
-def raise_if_undelivered(flow_name: str, counts: dict[str, Any]) -> dict[str, Any]:
-    """Fail the run when a message is dead (permanent) or not delivered yet (rerun to finish)."""
-    reasons = counts.pop("dead_reasons", [])
+def dead_reasons(rows: list[dict[str, Any]]) -> list[str]:
+    """The distinct reasons of the dead rows, scrubbed and cut short."""
+    return sorted({scrub(r["last_error"] or "")[:200] for r in rows if r["status"] == "dead"})
+
+
+def undelivered_error(name: str, counts: dict[str, Any], rows: list[dict[str, Any]]) -> JobError | None:
+    """PermanentError when a message is dead, TransientError when one is not delivered yet, else None."""
     if counts["dead"]:
-        raise PermanentError(f"{flow_name}: {counts['dead']} message(s) dead: {'; '.join(reasons[:5])}")
+        return PermanentError(f"{name}: {counts['dead']} message(s) dead: {'; '.join(dead_reasons(rows)[:5])}")
     waiting = counts["pending"] + counts["failed"] + counts["sending"]
     if waiting and not counts.get("deferred"):
-        raise TransientError(f"{flow_name}: {waiting} message(s) not delivered yet; rerun to finish")
+        return TransientError(f"{name}: {waiting} message(s) not delivered yet; rerun to finish")
+    return None
+
+
+def raise_if_undelivered(flow_name: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """Fail the run when a message is dead (permanent) or not delivered yet (rerun to finish)."""
+    rows = counts.pop("rows", [])
+    if error := undelivered_error(flow_name, counts, rows):
+        raise error
     return counts
 
 

@@ -79,6 +79,15 @@ class Settings(BaseSettings):
     retry_cap_seconds: float = Field(default=600.0, ge=0)
     retry_jitter_factor: float = Field(default=0.5, ge=0)
 
+    # Background tasks (flows/background.py): parameters and results expire from Redis after this long,
+    # so a task worker must pick a run up (or the sweeper reschedule it) well within it.
+    task_storage_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    background_task_timeout_seconds: float = Field(default=120, gt=0)
+    # A background task run still Scheduled/Pending/Running after this long lost its worker: run it again.
+    task_sweep_after_seconds: float = Field(default=300, gt=0)
+    task_webhook_url: str | None = None
+    task_webhook_secret: SecretStr | None = None
+
     flow_soft_limit_seconds: float = Field(default=25 * 60, gt=0)
     flow_timeout_seconds: float = Field(default=30 * 60, gt=0)
 
@@ -106,6 +115,13 @@ class Settings(BaseSettings):
         if "{token}" not in v or not v.startswith(("https://", "http://")):
             raise ValueError("expected an http(s) URL containing {token}")
         return v
+
+    @field_validator("task_webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("https://", "http://")):
+            raise ValueError("expected an http(s) URL")
+        return v or None
 
     @field_validator("redis_url")
     @classmethod
@@ -137,6 +153,21 @@ class Settings(BaseSettings):
                 "not the development default (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
             )
         return key
+
+    def check_task_webhook(self) -> None:
+        """A webhook URL needs a secret to sign with (and a real one in production)."""
+        if not self.task_webhook_url:
+            return
+        secret = self.task_webhook_secret.get_secret_value() if self.task_webhook_secret else ""
+        if len(secret) < (MIN_TOKEN_SECRET_BYTES if self.production else 1):
+            raise ConfigError(
+                "TASK_WEBHOOK_URL is set but TASK_WEBHOOK_SECRET is missing"
+                + (
+                    f" or shorter than {MIN_TOKEN_SECRET_BYTES} bytes (INDOSTAR_ENV is production)"
+                    if self.production
+                    else ""
+                )
+            )
 
     def sms_provider_for_sending(self) -> str:
         """SMS_PROVIDER, refusing the `log` provider in production (it would mark SMS sent without sending)."""

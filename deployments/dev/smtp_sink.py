@@ -44,6 +44,9 @@ class RecordingHandler:
     data_replies: deque[str] = field(default_factory=deque)
     # Message number (1-based) whose 250 waits until ``release`` is set: received, not yet acknowledged.
     hold_at: int | None = None
+    # RCPT number (1-based) that waits until ``release``: the conversation is on the wire, nothing accepted yet.
+    hold_rcpt_at: int | None = None
+    rcpt_seen: int = 0
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -52,11 +55,17 @@ class RecordingHandler:
             self.messages.clear()
             self.rcpt_replies.clear()
             self.data_replies.clear()
-            self.hold_at = None
+            self.hold_at = self.hold_rcpt_at = None
+            self.rcpt_seen = 0
             self.release.set()
         self.release = threading.Event()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        with self.lock:
+            self.rcpt_seen += 1
+            held = self.hold_rcpt_at is not None and self.rcpt_seen == self.hold_rcpt_at
+        if held:
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 30)
         reply = self.rcpt_replies.get(address.lower())
         if reply:
             return reply

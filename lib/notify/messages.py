@@ -369,13 +369,14 @@ class PaymentFailedRequest:
 # ---- subscriptions -------------------------------------------------------------------------------
 
 
-def parse_reminder_items(items: Iterable[Any]) -> list[tuple[int, dt.date]]:
-    """(subscription id, delivery date) pairs from ids and ISO dates; InvalidInputError if malformed."""
+def parse_reminder_items(items: Iterable[Any]) -> list[tuple[int, dt.date | None]]:
+    """(subscription id, delivery date or None for its next one) pairs; InvalidInputError if malformed."""
     out = []
     for item in items:
         try:
             sub_id, when = item
-            when = when if isinstance(when, dt.date) else dt.date.fromisoformat(str(when))
+            if when is not None and not isinstance(when, dt.date):
+                when = dt.date.fromisoformat(str(when))
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(
                 f"renewal reminder item {item!r} is not (subscription_id, 'YYYY-MM-DD'): {exc}"
@@ -388,7 +389,7 @@ def parse_reminder_items(items: Iterable[Any]) -> list[tuple[int, dt.date]]:
 class RenewalReminderRequest:
     """Reminders per (subscription, delivery date), to opted-in channels only."""
 
-    items: tuple[tuple[int, dt.date], ...]
+    items: tuple[tuple[int, dt.date | None], ...]
     key: str | None = None
     require_all: bool = False  # a subscription id that names no row raises NotFoundError instead of being skipped
 
@@ -407,7 +408,8 @@ class RenewalReminderRequest:
         for sid, when in self.items:
             if sid not in subs:
                 continue
-            customer = subs[sid][1]
+            sub, customer = subs[sid][0], subs[sid][1]
+            when = when or sub.next_delivery_date
             out.opted_out += (not customer.email_opt_in) + (not customer.sms_opt_in)
             if customer.email_opt_in or customer.sms_opt_in:
                 base = self.key or f"renewal-reminder:{sid}:{when.isoformat()}"
