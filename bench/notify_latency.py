@@ -1,25 +1,25 @@
-"""Benchmark: latency from a deployments/client.py call to the email at the SMTP server.
+"""Benchmark: a message the backend sends while a customer waits, from the call to the SMTP server.
 
-    python -m bench.notify_latency --calls 20
+    python -m bench.notify_latency --calls 50
 
-What a backend sees when it confirms one order: the time from calling
-``deployments.client.send_order_confirmation(order_id)`` (run_deployment with
-timeout=0) to the confirmation email arriving at the SMTP server, with the
-deployments served as in production (``indostar-jobs serve``). Calls are sequential,
-one order at a time, each order's customer with its own address; the arrival time is
-taken by the SMTP handler itself, so this process's polling adds nothing.
+Two paths, measured side by side in one run, calls alternating, one order at a time:
 
-Everything is its own: a real ``prefect server start`` subprocess on a free port
-(temporary PREFECT_HOME, SQLite), ``python -m deployments.cli serve`` as a second
-subprocess, a recording aiosmtpd server in this process on a free loopback port,
-database indostar_bench_latency (made by the migrations, dropped at the end), Redis
-keys under ``indostar-bench-latency:`` (deleted at the end), SMS_PROVIDER=log.
+- background: ``deployments.tasks.send_order_confirmation_task.delay(order_id)`` (a Prefect
+  background task) to a warm ``indostar-jobs task-worker``;
+- deployment: ``deployments.client.send_order_confirmation(order_id)`` (run_deployment with
+  timeout=0) to ``indostar-jobs serve``, which starts a process per flow run.
 
-The serve process looks for scheduled runs every PREFECT_RUNNER_POLL_FREQUENCY
-seconds (Prefect's default is 10; --poll sets it, default 1), so that interval and the
-start of the flow run's own process make up most of the latency. A table on stderr,
-one JSON object on stdout (all latencies in seconds). Subprocesses are stopped by
-process group at the end, also on error; their logs are shown if something fails.
+Latency is from the backend's call to the confirmation email being accepted by the SMTP
+server (the time is taken by the SMTP handler itself). Each call's order has its own
+customer and address; the next call waits until the previous run has finished.
+
+Everything is its own: a ``prefect server start`` subprocess on a free port (temporary
+PREFECT_HOME, SQLite), ``serve`` and ``task-worker`` subprocesses, a recording aiosmtpd
+in this process on a free loopback port, database indostar_bench_latency (made by the
+migrations, dropped at the end), Redis keys under ``indostar-bench-latency:`` (deleted),
+SMS_PROVIDER=log. The serve process polls for scheduled runs every
+PREFECT_RUNNER_POLL_FREQUENCY seconds (--poll, default 1). A table on stderr, one JSON
+object on stdout (seconds). Subprocesses are stopped by process group at the end.
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
+from bench._common import database_url, percentile, seed_orders, wait_for
 from deployments.dev.processes import Proc
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH_DB = "indostar_bench_latency"
 REDIS_PREFIX = "indostar-bench-latency:"
 DEPLOYMENT = "send-order-confirmation/default"
+TARGET = {"p50_s": 0.3, "p95_s": 0.6}
 
 
 def _smtp_server(port: int):
@@ -68,20 +67,6 @@ def _smtp_server(port: int):
     return DevSMTPServer("127.0.0.1", port, Timed())
 
 
-def _wait(what: str, ok, timeout: float, *procs: Proc, interval: float = 0.2) -> float:
-    """Poll ``ok()`` until true; seconds it took. Fails early if a subprocess died."""
-    started = time.perf_counter()
-    deadline = time.monotonic() + timeout
-    while not ok():
-        for p in procs:
-            p.check_alive()
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
-            raise TimeoutError(f"{what} not within {timeout:.0f} s\n{tails}")
-        time.sleep(interval)
-    return time.perf_counter() - started
-
-
 def _deployment_ready() -> bool:
     """send-order-confirmation/default exists and the serve process has polled for its runs."""
     from prefect.client.orchestration import get_client
@@ -96,72 +81,59 @@ def _deployment_ready() -> bool:
     return dep.status == DeploymentStatus.READY
 
 
-def make_orders(n: int, run: str) -> list[tuple[int, str]]:
-    """N orders, each with its own customer and address; (order id, email) pairs."""
-    from lib import db
-    from tests.builders import make_customer, make_order, make_product
-
-    engine = db.get_engine()
-    product = make_product(engine, stock=0)
-    out = []
-    for i in range(n):
-        email = f"latency-{run}-{i}@example.in"
-        customer = make_customer(engine, name=f"Latency Customer {i}", email=email, phone=f"+9198{i:08d}")
-        out.append((make_order(engine, customer_id=customer, product_id=product), email))
-    return out
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolated percentile (p in 0..100), as numpy's default."""
-    xs = sorted(values)
-    k = (len(xs) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _final_state(run_id, timeout: float, serve: Proc) -> str:
-    """Wait until the flow run is in a terminal state; its state name."""
+def _run_final(run_id: Any) -> bool:
     from prefect.client.orchestration import get_client
 
-    state: list[str] = []
-
-    def done() -> bool:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(run_id)
-        state[:] = [run.state_name or "?"]
-        return bool(run.state and run.state.is_final())
-
-    _wait(f"flow run {run_id} to finish", done, timeout, serve, interval=0.2)
-    return state[0]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    return bool(run.state and run.state.is_final())
 
 
-def measure(orders: list[tuple[int, str]], smtp, serve: Proc, timeout: float, settle: bool) -> list[dict[str, Any]]:
-    """One call at a time; with ``settle`` the next call waits until the previous flow run has finished."""
-    from deployments.client import send_order_confirmation
+def _one_call(path: str, order_id: int, email: str, smtp: Any, timeout: float, procs: list[Proc]) -> dict[str, Any]:
+    """One backend call on ``path``; when its email arrived; waits for the run to finish before returning."""
+    from deployments import client, tasks
 
+    t0 = time.perf_counter()
+    if path == "background":
+        handle = tasks.send_order_confirmation_task.delay(order_id)
+    else:
+        run_id = client.send_order_confirmation(order_id)
+    returned = time.perf_counter()
+    wait_for(
+        f"{path} email for order {order_id}", lambda: email in smtp.handler.arrived, timeout, *procs, interval=0.002
+    )
+    arrived = smtp.handler.arrived[email]
+    if path == "background":
+        handle.get(timeout=timeout)
+    else:
+        wait_for(f"flow run {run_id}", lambda: _run_final(run_id), timeout, *procs, interval=0.2)
+    return {"path": path, "order_id": order_id, "call_s": returned - t0, "latency_s": arrived - t0}
+
+
+def measure(orders: list[tuple[int, str]], smtp: Any, timeout: float, procs: list[Proc]) -> list[dict[str, Any]]:
+    """Alternate the two paths call by call, so load on the machine falls on both alike."""
     rows = []
-    for order_id, email in orders:
-        t0 = time.perf_counter()
-        run_id = send_order_confirmation(order_id)
-        returned = time.perf_counter()
-        _wait(f"email for order {order_id}", lambda e=email: e in smtp.handler.arrived, timeout, serve, interval=0.005)
-        arrived = smtp.handler.arrived[email]
-        final = _final_state(run_id, timeout, serve) if settle else None
-        rows.append(
-            {
-                "order_id": order_id,
-                "flow_run_id": str(run_id),
-                "call_s": returned - t0,
-                "latency_s": arrived - t0,
-                "final_state": final,
-            }
-        )
-        print(
-            f"order {order_id}: {arrived - t0:.3f} s (call {returned - t0:.3f} s){f', run {final}' if final else ''}",
-            file=sys.stderr,
-        )
+    for i, (order_id, email) in enumerate(orders):
+        path = ("background", "deployment")[i % 2]
+        row = _one_call(path, order_id, email, smtp, timeout, procs)
+        rows.append(row)
+        print(f"{path:<10} order {order_id}: {row['latency_s']:.3f} s (call {row['call_s']:.3f} s)", file=sys.stderr)
     return rows
+
+
+def summarise(rows: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    lat = [r["latency_s"] for r in rows if r["path"] == path]
+    calls = [r["call_s"] for r in rows if r["path"] == path]
+    return {
+        "calls": len(lat),
+        "p50_s": percentile(lat, 50),
+        "p95_s": percentile(lat, 95),
+        "min_s": min(lat),
+        "max_s": max(lat),
+        "mean_s": statistics.fmean(lat),
+        "client_call_p50_s": percentile(calls, 50),
+        "latencies_s": lat,
+    }
 
 
 def _drop_redis_keys(url: str) -> int:
@@ -183,13 +155,8 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20, help="sequential send_order_confirmation calls")
+    parser.add_argument("--calls", type=int, default=50, help="sequential calls per path (both paths, alternating)")
     parser.add_argument("--poll", type=int, default=1, help="PREFECT_RUNNER_POLL_FREQUENCY of the serve process (s)")
-    parser.add_argument(
-        "--no-settle",
-        action="store_true",
-        help="call again as soon as the email arrives, not after the previous flow run has finished",
-    )
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for one email")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.poll < 1:
@@ -207,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     api_url = f"http://127.0.0.1:{api_port}/api"
     get_settings.cache_clear()
     base = get_settings()
-    db_url = make_url(base.database_url).set(database=BENCH_DB).render_as_string(hide_password=False)
+    db_url = database_url(base.database_url, BENCH_DB)
     env = {
+        "INDOSTAR_ENV": "dev",
         "DATABASE_URL": db_url,
         "REDIS_KEY_PREFIX": REDIS_PREFIX,
         "SMTP_HOST": "127.0.0.1",
@@ -246,31 +214,28 @@ def main(argv: list[str] | None = None) -> int:
             workdir,
         )
         procs.append(server)
-        server_s = _wait("Prefect server health", lambda: api_healthy(api_url), 120, server)
+        server_s = wait_for("Prefect server health", lambda: api_healthy(api_url), 120, server)
         serve = Proc("serve", [sys.executable, "-m", "deployments.cli", "serve"], {**os.environ}, workdir)
-        procs.append(serve)
-        serve_s = _wait(f"deployment {DEPLOYMENT} ready", _deployment_ready, 120, serve, server, interval=0.5)
-        orders = make_orders(args.calls, f"{os.getpid()}-{int(time.time())}")
-        rows = measure(orders, smtp, serve, args.timeout, not args.no_settle)
-        lat = [r["latency_s"] for r in rows]
-        calls = [r["call_s"] for r in rows]
+        worker = Proc("task-worker", [sys.executable, "-m", "deployments.cli", "task-worker"], {**os.environ}, workdir)
+        procs += [serve, worker]
+        serve_s = wait_for(f"deployment {DEPLOYMENT} ready", _deployment_ready, 120, serve, server, interval=0.5)
+        orders = seed_orders(db.get_engine(), 2 * args.calls + 2, f"{os.getpid()}-{int(time.time())}")
+        # One warm-up call per path (the task worker's first run opens its clients), not counted.
+        measure(orders[:2], smtp, args.timeout, procs)
+        rows = measure(orders[2:], smtp, args.timeout, procs)
+        background, deployment = summarise(rows, "background"), summarise(rows, "deployment")
         results = {
-            "benchmark": "client.send_order_confirmation -> email at SMTP server (served deployments)",
-            "calls": len(rows),
-            "p50_s": percentile(lat, 50),
-            "p95_s": percentile(lat, 95),
-            "min_s": min(lat),
-            "max_s": max(lat),
-            "mean_s": statistics.fmean(lat),
-            "client_call_p50_s": percentile(calls, 50),
-            "client_call_max_s": max(calls),
-            "settled_between_calls": not args.no_settle,
-            "final_states": sorted({r["final_state"] for r in rows if r["final_state"]}),
+            "benchmark": "backend call -> order confirmation email accepted by the SMTP server",
+            "background": background,
+            "deployment": deployment,
+            "ratio_deployment_over_background_p50": deployment["p50_s"] / background["p50_s"],
+            "ratio_deployment_over_background_p95": deployment["p95_s"] / background["p95_s"],
+            "target": TARGET,
+            "target_met": background["p50_s"] <= TARGET["p50_s"] and background["p95_s"] <= TARGET["p95_s"],
             "runner_poll_frequency_s": args.poll,
-            "poll_setting": "PREFECT_RUNNER_POLL_FREQUENCY",
             "prefect_server_start_s": server_s,
             "serve_start_s": serve_s,
-            "latencies_s": lat,
+            "load_average": os.getloadavg(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
         }
@@ -300,17 +265,21 @@ def main(argv: list[str] | None = None) -> int:
 def _print(r: dict[str, Any]) -> None:
     print(f"\n{r['benchmark']}", file=sys.stderr)
     print(
-        f"runner poll frequency (PREFECT_RUNNER_POLL_FREQUENCY): {r['runner_poll_frequency_s']} s; "
-        f"prefect server up in {r['prefect_server_start_s']:.1f} s, serve ready in {r['serve_start_s']:.1f} s",
+        f"serve polls every {r['runner_poll_frequency_s']} s; load average {r['load_average'][0]:.1f}",
         file=sys.stderr,
     )
+    print(f"{'path':<12} {'calls':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8} {'call p50 s':>11}", file=sys.stderr)
+    for path in ("background", "deployment"):
+        x = r[path]
+        print(
+            f"{path:<12} {x['calls']:>6} {x['p50_s']:>8.3f} {x['p95_s']:>8.3f} {x['max_s']:>8.3f} "
+            f"{x['client_call_p50_s']:>11.3f}",
+            file=sys.stderr,
+        )
     print(
-        f"{'calls':>6} {'p50 s':>8} {'p95 s':>8} {'min s':>8} {'max s':>8} {'mean s':>8} {'call p50 s':>11}",
-        file=sys.stderr,
-    )
-    print(
-        f"{r['calls']:>6} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f} {r['min_s']:>8.3f} {r['max_s']:>8.3f} "
-        f"{r['mean_s']:>8.3f} {r['client_call_p50_s']:>11.3f}",
+        f"deployment / background: p50 x{r['ratio_deployment_over_background_p50']:.1f}, "
+        f"p95 x{r['ratio_deployment_over_background_p95']:.1f}; target (background p50 <= 0.3 s, p95 <= 0.6 s) "
+        f"{'met' if r['target_met'] else 'NOT met'}",
         file=sys.stderr,
     )
     print(json.dumps(r, indent=2))

@@ -1,0 +1,77 @@
+"""Helpers the benchmarks share: database URLs, percentiles, demo orders, waiting on subprocesses.
+
+Benchmarks import from here (and from lib/, flows/, deployments/), never from tests/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine, make_url
+
+from deployments.dev.processes import Proc
+
+os.environ.setdefault("INDOSTAR_ENV", "dev")  # every benchmark runs with the development defaults
+
+
+def database_url(base: str, name: str) -> str:
+    """``base`` (a DATABASE_URL) pointing at database ``name`` instead."""
+    return make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear-interpolated percentile (p in 0..100), as numpy's default."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def seed_orders(engine: Engine, n: int, tag: str) -> list[tuple[int, str]]:
+    """N orders of one item, each with its own customer, address and phone: (order id, email) pairs."""
+    with engine.begin() as conn:
+        product = conn.execute(
+            text(
+                "INSERT INTO products (sku, name, price_paise, stock) VALUES (:s, 'Tulsi Green Tea', 129900, 0) "
+                "RETURNING id"
+            ),
+            {"s": f"BENCH-{tag}"},
+        ).scalar_one()
+        rows = conn.execute(
+            text(
+                "WITH c AS (INSERT INTO customers (name, email, phone) "
+                "  SELECT 'Customer ' || g, 'bench-' || :tag || '-' || g || '@example.in', "
+                "         '+9198' || lpad(g::text, 8, '0') FROM generate_series(1, :n) g RETURNING id, email), "
+                "o AS (INSERT INTO orders (customer_id, total_paise) "
+                "      SELECT id, 129900 FROM c RETURNING id, customer_id) "
+                "SELECT o.id, c.email FROM o JOIN c ON c.id = o.customer_id ORDER BY o.id"
+            ),
+            {"tag": tag, "n": n},
+        ).all()
+        conn.execute(
+            text(
+                "INSERT INTO order_items (order_id, product_id, quantity, unit_price_paise) "
+                "SELECT id, :p, 1, 129900 FROM unnest(CAST(:ids AS bigint[])) AS id"
+            ),
+            {"p": product, "ids": [r[0] for r in rows]},
+        )
+    return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def wait_for(what: str, ok: Callable[[], Any], timeout: float, *procs: Proc, interval: float = 0.2) -> float:
+    """Poll ``ok()`` until true; seconds it took. Fails early, with their logs, if a subprocess died."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    while not ok():
+        for p in procs:
+            p.check_alive()
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
+            raise TimeoutError(f"{what} not within {timeout:.0f} s\n{tails}")
+        time.sleep(interval)
+    return time.perf_counter() - started
