@@ -7,6 +7,9 @@ with the shared retry policy; the work itself is set-based SQL in lib/.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import socket
 import time
 import uuid
 from typing import Any
@@ -15,6 +18,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import publish_table, retry_options, scheduled_date
@@ -22,7 +26,7 @@ from lib import razorpay
 from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
-from lib.errors import InvalidInputError
+from lib.errors import InvalidInputError, PermanentError
 
 CONFIRMATION_CHUNK = 5000
 REMINDER_CHUNK = 1000
@@ -97,26 +101,174 @@ def process_due_subscriptions(
     max_concurrency: int | None = None,
     dry_run: bool = False,
     send_confirmations: bool = True,
+    worker_runs: int = 0,
 ) -> dict[str, Any]:
-    """Turn every due active subscription into one order, in concurrent set-based batches."""
+    """Turn every due active subscription into one order, in concurrent set-based batches.
+
+    worker_runs > 0 shares the lanes among that many process-subscription-lanes runs,
+    picked up by any workers of the subscriptions queue; 0 runs them here, in threads.
+    """
     s = get_settings()
     run_date = scheduled_date(run_date)
     batch_size = s.subscription_batch_size if batch_size is None else batch_size
     max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
+    _check_worker_runs(worker_runs, max_concurrency)
     if dry_run:
         return _report("process-due-subscriptions", [dry_run_subscriptions(run_date, batch_size)], run_date, True)
     run_id = _run_id()
     deadline = time.time() + s.flow_soft_limit_seconds
-    futures = [
-        process_lane.submit(i, max_concurrency, run_date, batch_size, run_id, deadline) for i in range(max_concurrency)
-    ]
-    stats = _report("process-due-subscriptions", [f.result() for f in futures], run_date, False)
+    if worker_runs:
+        lanes = [_lanes_on_workers(run_date, batch_size, max_concurrency, worker_runs, run_id, deadline)]
+    else:
+        futures = [
+            process_lane.submit(i, max_concurrency, run_date, batch_size, run_id, deadline)
+            for i in range(max_concurrency)
+        ]
+        lanes = [f.result() for f in futures]
+    stats = _report("process-due-subscriptions", lanes, run_date, False)
     if stats["stopped_early"]:
         get_run_logger().warning("soft time limit reached: the rest stays due for the next run")
     if send_confirmations and stats["created"]:
         stats["confirmations_requested"] = _confirm(run_id)
     return stats
+
+
+# --- scale-out: the night's lanes as flow runs on several workers ---------------------------------
+
+LANES_DEPLOYMENT = "process-subscription-lanes/default"
+LANE_RUN_POLL_SECONDS = 2.0
+# Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
+# Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
+_RUN_OUTCOMES_SQL = """
+SELECT o.outcome, s.frequency, s.product_id, count(*) AS subscriptions,
+       CAST(coalesce(sum(i.units), 0) AS bigint) AS units,
+       CAST(coalesce(sum(i.revenue_paise), 0) AS bigint) AS revenue_paise
+FROM subscription_outcomes o
+JOIN subscriptions s ON s.id = o.subscription_id
+LEFT JOIN LATERAL (
+    SELECT sum(quantity) AS units, sum(quantity * unit_price_paise) AS revenue_paise
+    FROM order_items WHERE order_id = o.order_id
+) i ON o.outcome = 'created' AND o.reason IS NULL
+WHERE o.run_id = :run_id
+GROUP BY o.outcome, s.frequency, s.product_id
+"""
+
+
+class LaneRunError(PermanentError):
+    """A lane run of the night did not complete; what it left stays due for a rerun of the night."""
+
+
+def _check_worker_runs(worker_runs: int, lanes: int) -> None:
+    if not 0 <= worker_runs <= lanes:
+        raise InvalidInputError(f"worker_runs must be between 0 and max_concurrency ({lanes}), got {worker_runs}")
+
+
+@task(name="summarize-run-outcomes", cache_policy=NO_CACHE, **retry_options())
+def summarize_run_outcomes(run_id: str) -> pd.DataFrame:
+    """The outcomes this run recorded, by outcome, frequency and product, read from the database."""
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        rows = session.execute(text(_RUN_OUTCOMES_SQL), {"run_id": run_id}).all()
+    return subs.summarize([], pd.DataFrame([tuple(r) for r in rows], columns=subs.SUMMARY_COLUMNS))
+
+
+def _wait_for_final(run_ids: list[uuid.UUID]) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
+            if len(runs) == len(run_ids) and all(r.state and r.state.is_final() for r in runs):
+                return runs
+            time.sleep(LANE_RUN_POLL_SECONDS)
+
+
+def _lanes_on_workers(
+    run_date: dt.date, batch_size: int, lanes: int, worker_runs: int, run_id: str, deadline: float
+) -> subs.LaneResult:
+    """Start the lane runs, wait for them, then summarise the night from the database.
+
+    Workers on other machines share no result storage, so the numbers come from the
+    outcomes rows of this run id and the lane runs' final state messages, both central.
+    """
+    from prefect.deployments import run_deployment
+
+    stop_at = dt.datetime.fromtimestamp(deadline, dt.UTC).isoformat()
+    started = [
+        run_deployment(
+            LANES_DEPLOYMENT,
+            parameters={
+                "run_date": run_date.isoformat(),
+                "lanes": list(range(k, lanes, worker_runs)),
+                "lane_count": lanes,
+                "run_id": run_id,
+                "batch_size": batch_size,
+                "stop_claiming_at": stop_at,
+            },
+            timeout=0,
+            as_subflow=True,
+            # A retried night starts fresh lane runs; claims by run id skip what the first try decided.
+            idempotency_key=f"{run_id}:{flow_run.get_run_count()}:lanes:{k}",
+        )
+        for k in range(worker_runs)
+    ]
+    get_run_logger().info("started %d lane runs: %s", len(started), ", ".join(r.name for r in started))
+    runs = _wait_for_final([r.id for r in started])
+    failed = [f"{r.name} ({r.state_name})" for r in runs if not r.state.is_completed()]
+    if failed:
+        raise LaneRunError(f"lane run(s) did not complete: {', '.join(failed)}; the rest stays due for a rerun")
+    parts = [json.loads(r.state.message or "{}") for r in runs]
+    return subs.LaneResult(
+        summarize_run_outcomes(run_id),
+        [],
+        sum(p.get("batches", 0) for p in parts),
+        sum(p.get("isolated_batches", 0) for p in parts),
+        any(p.get("stopped_early", False) for p in parts),
+    )
+
+
+@flow(
+    name="process-subscription-lanes",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    timeout_seconds=get_settings().flow_timeout_seconds,
+)
+def process_subscription_lanes(
+    run_date: dt.date,
+    lanes: list[int],
+    lane_count: int,
+    run_id: str,
+    batch_size: int | None = None,
+    stop_claiming_at: dt.datetime | None = None,
+) -> State:
+    """Run some lanes of one night for process-due-subscriptions, on whichever worker picks this up."""
+    s = get_settings()
+    batch_size = s.subscription_batch_size if batch_size is None else batch_size
+    subs.validate_knobs(batch_size, lane_count)
+    if not lanes or len(set(lanes)) != len(lanes) or not all(0 <= i < lane_count for i in lanes):
+        raise InvalidInputError(f"lanes must be distinct numbers in 0..{lane_count - 1}, got {lanes}")
+    if not run_id.strip():
+        raise InvalidInputError("run_id (the night's run) must not be empty")
+    deadline = (
+        stop_claiming_at or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=s.flow_soft_limit_seconds)
+    ).timestamp()
+    futures = [process_lane.submit(i, lane_count, run_date, batch_size, run_id, deadline) for i in lanes]
+    results = [f.result() for f in futures]
+    groups = subs.summarize([], pd.concat([r.groups for r in results], ignore_index=True))
+    batch_ms = [ms for r in results for ms in r.batch_ms]
+    publish_table("process-subscription-lanes", subs.night_tables(groups, batch_ms), f"Lanes {lanes} of {run_id}")
+    stats = {
+        "lanes": lanes,
+        "batches": sum(r.batches for r in results),
+        "isolated_batches": sum(r.isolated_batches for r in results),
+        "stopped_early": any(r.stopped_early for r in results),
+        "process": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    get_run_logger().info("lanes %s of run %s done in process %s", lanes, run_id, stats["process"])
+    # The parent reads these numbers from the API (the state message): it shares no result storage with us.
+    return Completed(message=json.dumps(stats), data=stats)
 
 
 @task(name="process-one-subscription", cache_policy=NO_CACHE, **retry_options())
