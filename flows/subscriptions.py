@@ -138,6 +138,8 @@ def process_due_subscriptions(
 
 LANES_DEPLOYMENT = "process-subscription-lanes/default"
 LANE_RUN_POLL_SECONDS = 2.0
+# A lane run still waiting for a worker after this long is cancelled and its lanes run in the nightly run.
+LANE_RUN_START_SECONDS = 300.0
 # Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
 # Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
 _RUN_OUTCOMES_SQL = """
@@ -174,15 +176,28 @@ def summarize_run_outcomes(run_id: str) -> pd.DataFrame:
     return subs.summarize([], pd.DataFrame([tuple(r) for r in rows], columns=subs.SUMMARY_COLUMNS))
 
 
-def _wait_for_final(run_ids: list[uuid.UUID]) -> list[Any]:
+def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UUID]]:
+    """Wait until every lane run is final; cancel those no worker took within LANE_RUN_START_SECONDS.
+
+    Returns the runs and the ids cancelled here, whose lanes the caller does itself (e.g. a
+    single subscriptions worker with --limit 1: it is busy with this very run).
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled
 
+    give_up_at, taken_back = time.monotonic() + LANE_RUN_START_SECONDS, set()
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
             if len(runs) == len(run_ids) and all(r.state and r.state.is_final() for r in runs):
-                return runs
+                return runs, taken_back
+            for r in runs:
+                if time.monotonic() > give_up_at and r.state and r.state.is_scheduled():
+                    message = f"no worker took it within {LANE_RUN_START_SECONDS:.0f} s; the nightly run does its lanes"
+                    if client.set_flow_run_state(r.id, Cancelled(message=message)).status == SetStateStatus.ACCEPT:
+                        taken_back.add(r.id)
             time.sleep(LANE_RUN_POLL_SECONDS)
 
 
@@ -216,11 +231,16 @@ def _lanes_on_workers(
         for k in range(worker_runs)
     ]
     get_run_logger().info("started %d lane runs: %s", len(started), ", ".join(r.name for r in started))
-    runs = _wait_for_final([r.id for r in started])
-    failed = [f"{r.name} ({r.state_name})" for r in runs if not r.state.is_completed()]
+    runs, taken_back = _wait_or_take_back([r.id for r in started])
+    failed = [f"{r.name} ({r.state_name})" for r in runs if r.id not in taken_back and not r.state.is_completed()]
     if failed:
         raise LaneRunError(f"lane run(s) did not complete: {', '.join(failed)}; the rest stays due for a rerun")
-    parts = [json.loads(r.state.message or "{}") for r in runs]
+    here = [lane for r in started if r.id in taken_back for lane in r.parameters["lanes"]]
+    if here:
+        get_run_logger().warning("no worker took some lane runs in time: lanes %s run in this process", here)
+    futures = [process_lane.submit(i, lanes, run_date, batch_size, run_id, deadline) for i in here]
+    parts = [json.loads(r.state.message or "{}") for r in runs if r.id not in taken_back]
+    parts += [vars(f.result()) for f in futures]
     return subs.LaneResult(
         summarize_run_outcomes(run_id),
         [],

@@ -89,3 +89,30 @@ def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs):
     with pytest.raises(InvalidInputError):
         process_due_subscriptions(run_date=TODAY, max_concurrency=2, worker_runs=worker_runs)
     assert _rows(pg, "SELECT count(*) FROM orders")[0][0] == 0
+
+
+def test_lane_runs_no_worker_takes_are_cancelled_and_their_lanes_run_in_the_nightly_run(pg, monkeypatch):
+    """worker_runs=2 and nobody runs the lane deployment: after the start timeout the night does the lanes itself."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    from flows import subscriptions as flows_subs
+
+    monkeypatch.setattr(flows_subs, "LANE_RUN_START_SECONDS", 0.0)
+    monkeypatch.setattr(flows_subs, "LANE_RUN_POLL_SECONDS", 0.2)
+    deployment_id = process_subscription_lanes.to_deployment(name="default").apply()
+    due = _night(pg, products=2, per_product=3)
+    stats = process_due_subscriptions(run_date=TODAY, max_concurrency=2, worker_runs=2, send_confirmations=False)
+    assert stats["created"] == len(due)
+    assert dict(_rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1")) == dict.fromkeys(due, 1)
+
+    async def lane_run_states():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+            )
+            return sorted(r.state_name for r in runs)
+
+    assert asyncio.run(lane_run_states()) == ["Cancelled", "Cancelled"]
