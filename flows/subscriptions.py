@@ -187,7 +187,8 @@ def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UU
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Cancelled
 
-    give_up_at, taken_back = time.monotonic() + LANE_RUN_START_SECONDS, set()
+    give_up_at = time.monotonic() + LANE_RUN_START_SECONDS
+    taken_back: set[uuid.UUID] = set()
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
@@ -212,7 +213,7 @@ def _lanes_on_workers(
     from prefect.deployments import run_deployment
 
     stop_at = dt.datetime.fromtimestamp(deadline, dt.UTC).isoformat()
-    started = [
+    started: list[Any] = [
         run_deployment(
             LANES_DEPLOYMENT,
             parameters={

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
@@ -162,7 +163,7 @@ def claim_redis_db(host: str, port: int, db: int, owner: str) -> None:
 
     client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=2, decode_responses=True)
     try:
-        marker = client.get(REDIS_OWNER_KEY)
+        marker = cast(str | None, client.get(REDIS_OWNER_KEY))  # decode_responses: str, not bytes
         if marker == owner:
             return
         if marker is None and client.dbsize() == 0 and client.set(REDIS_OWNER_KEY, owner, nx=True):
