@@ -59,6 +59,10 @@ REDIS_MODULES = {
     # messages workers receive through the API: in memory, they never leave the services process.
     "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
 }
+# Any consumer of the events stream (the API's own event distributor included) trims it past
+# consumer groups idle longer than this (prefect_redis default: 5 minutes): a services process
+# down that long would never record the task runs of its outage. A day of events in Redis instead.
+TRIM_IDLE_THRESHOLD_SECONDS = 24 * 3600
 # Settings only the server processes need; stripped from what workers and the CLI get.
 SERVER_ONLY_PREFIXES = ("PREFECT_API_DATABASE_", "PREFECT_MESSAGING_", "PREFECT_REDIS_", "PREFECT_SERVER_")
 
@@ -120,6 +124,7 @@ class TopologyConfig:
             "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_PORT": str(self.redis_port),
             "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_DB": str(self.redis_db),
             "PREFECT_SERVER_DOCKET_URL": self.redis_url,
+            "PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD": str(TRIM_IDLE_THRESHOLD_SECONDS),
             **self.extra_server_env,
         }
 
