@@ -68,6 +68,8 @@ def topology(migrated_database, redis_session, smtp_server, tmp_path_factory) ->
         redis_db=claim_free_redis_db(host, port, owner),
         rundir=tmp_path_factory.mktemp("topology"),
         port=free_port(),
+        # The queues this test uses; critical and default workers would only poll (CPU on a shared machine).
+        workers={"notifications": 1, "subscriptions": 3},
         # No cron run can start in the middle of the test, and no ~500 future runs are created.
         extra_server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"},
         # Faster polling only shortens the test; INFO keeps the workers' lines in the run logs.
