@@ -5,7 +5,7 @@ VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: up test lint bench deps
+.PHONY: up up-production test lint bench deps
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -19,6 +19,10 @@ deps: $(VENV)/.synced
 
 up: $(VENV)/.synced
 	INDOSTAR_ENV=dev $(VENV)/bin/indostar-jobs up
+
+# The production topology on this machine: see "Production topology" in README.md.
+up-production: $(VENV)/.synced
+	$(VENV)/bin/indostar-jobs up --production
 
 test: $(VENV)/.synced
 	INDOSTAR_ENV=dev $(VENV)/bin/pytest

@@ -183,6 +183,10 @@ def start_task_worker() -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.production:
+        from deployments.dev.topology import run_production
+
+        return run_production()
     from deployments.dev import seed
     from deployments.dev.smtp_sink import DevSMTPServer, port_open
     from lib import db
@@ -305,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
 
     u = sub.add_parser("up", help="Prefect server, migrations, demo data, dev SMTP, serve (make up)")
+    u.add_argument(
+        "--production",
+        action="store_true",
+        help="the production topology instead: server on PostgreSQL + Redis, services apart, pool workers",
+    )
     u.set_defaults(func=cmd_up)
 
     a = sub.add_parser("automations", help="create or update the alerting automations")

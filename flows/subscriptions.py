@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
+import os
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import flow_options, publish_markdown, publish_table, run_id, scheduled_date, task_options
@@ -137,29 +143,191 @@ def process_due_subscriptions(
     dry_run: bool = False,
     send_confirmations: bool = True,
     allow_any_date: bool = False,
+    worker_runs: int = 0,
 ) -> dict[str, Any]:
     """Turn every due active subscription into one order, in concurrent set-based batches; then confirm them.
 
     run_date defaults to the scheduled date; one more than a day ahead of today or more than
-    35 days behind is refused unless allow_any_date (dry_run reports any date).
+    35 days behind is refused unless allow_any_date (dry_run reports any date). worker_runs > 0
+    shares the lanes among that many process-subscription-lanes runs, picked up by any workers
+    of the subscriptions queue; 0 runs them here, in threads.
     """
     s = get_settings()
     run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date or dry_run)
     batch_size = s.subscription_batch_size if batch_size is None else batch_size
     max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
+    _check_worker_runs(worker_runs, max_concurrency)
     if dry_run:
         groups, stats = _night_stats([dry_run_subscriptions(run_date, batch_size)], run_date, dry_run=True)
         publish_night_summary("process-due-subscriptions", groups, [], stats, run_date)
         return stats
     run = run_id()
     deadline = time.time() + s.flow_soft_limit_seconds
-    futures = [
-        process_lane.submit(i, max_concurrency, run_date, batch_size, run, deadline) for i in range(max_concurrency)
-    ]
-    lanes = [f.result() for f in futures]
+    if worker_runs:
+        lanes = [_lanes_on_workers(run_date, batch_size, max_concurrency, worker_runs, run, deadline)]
+    else:
+        futures = [
+            process_lane.submit(i, max_concurrency, run_date, batch_size, run, deadline) for i in range(max_concurrency)
+        ]
+        lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
     return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations)
+
+
+# --- scale-out: the night's lanes as flow runs on several workers ---------------------------------
+
+LANES_DEPLOYMENT = "process-subscription-lanes/default"
+LANE_RUN_POLL_SECONDS = 2.0
+# A lane run still waiting for a worker after this long is cancelled and its lanes run in the nightly run.
+LANE_RUN_START_SECONDS = 300.0
+# Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
+# Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
+_RUN_OUTCOMES_SQL = """
+SELECT o.outcome, s.frequency, s.product_id, count(*) AS subscriptions,
+       CAST(coalesce(sum(i.units), 0) AS bigint) AS units,
+       CAST(coalesce(sum(i.revenue_paise), 0) AS bigint) AS revenue_paise
+FROM subscription_outcomes o
+JOIN subscriptions s ON s.id = o.subscription_id
+LEFT JOIN LATERAL (
+    SELECT sum(quantity) AS units, sum(quantity * unit_price_paise) AS revenue_paise
+    FROM order_items WHERE order_id = o.order_id
+) i ON o.outcome = 'created' AND o.reason IS NULL
+WHERE o.run_id = :run_id
+GROUP BY o.outcome, s.frequency, s.product_id
+"""
+
+
+class LaneRunError(PermanentError):
+    """A lane run of the night did not complete; what it left stays due for a rerun of the night."""
+
+
+def _check_worker_runs(worker_runs: int, lanes: int) -> None:
+    if not 0 <= worker_runs <= lanes:
+        raise InvalidInputError(f"worker_runs must be between 0 and max_concurrency ({lanes}), got {worker_runs}")
+
+
+@task(**task_options("summarize-run-outcomes"))
+def summarize_run_outcomes(run_id: str) -> pd.DataFrame:
+    """The outcomes this run recorded, by outcome, frequency and product, read from the database."""
+    from sqlalchemy import text
+
+    with session_scope() as session:
+        rows = session.execute(text(_RUN_OUTCOMES_SQL), {"run_id": run_id}).all()
+    return subs.summarize([], pd.DataFrame([tuple(r) for r in rows], columns=subs.SUMMARY_COLUMNS))
+
+
+def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UUID]]:
+    """Wait until every lane run is final; cancel those no worker took within LANE_RUN_START_SECONDS.
+
+    Returns the runs and the ids cancelled here, whose lanes the caller does itself (e.g. a
+    single subscriptions worker with --limit 1: it is busy with this very run).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled
+
+    give_up_at = time.monotonic() + LANE_RUN_START_SECONDS
+    taken_back: set[uuid.UUID] = set()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
+            if len(runs) == len(run_ids) and all(r.state and r.state.is_final() for r in runs):
+                return runs, taken_back
+            for r in runs:
+                if time.monotonic() > give_up_at and r.state and r.state.is_scheduled():
+                    message = f"no worker took it within {LANE_RUN_START_SECONDS:.0f} s; the nightly run does its lanes"
+                    if client.set_flow_run_state(r.id, Cancelled(message=message)).status == SetStateStatus.ACCEPT:
+                        taken_back.add(r.id)
+            time.sleep(LANE_RUN_POLL_SECONDS)
+
+
+def _lanes_on_workers(
+    run_date: dt.date, batch_size: int, lanes: int, worker_runs: int, run_id: str, deadline: float
+) -> subs.LaneResult:
+    """Start the lane runs, wait for them, then summarise the night from the database.
+
+    Workers on other machines share no result storage, so the numbers come from the
+    outcomes rows of this run id and the lane runs' final state messages, both central.
+    """
+    from prefect.deployments import run_deployment
+
+    stop_at = dt.datetime.fromtimestamp(deadline, dt.UTC).isoformat()
+    started: list[Any] = [
+        run_deployment(
+            LANES_DEPLOYMENT,
+            parameters={
+                "run_date": run_date.isoformat(),
+                "lanes": list(range(k, lanes, worker_runs)),
+                "lane_count": lanes,
+                "run_id": run_id,
+                "batch_size": batch_size,
+                "stop_claiming_at": stop_at,
+            },
+            timeout=0,
+            as_subflow=True,
+            # A retried night starts fresh lane runs; claims by run id skip what the first try decided.
+            idempotency_key=f"{run_id}:{flow_run.get_run_count()}:lanes:{k}",
+        )
+        for k in range(worker_runs)
+    ]
+    get_run_logger().info("started %d lane runs: %s", len(started), ", ".join(r.name for r in started))
+    runs, taken_back = _wait_or_take_back([r.id for r in started])
+    failed = [f"{r.name} ({r.state_name})" for r in runs if r.id not in taken_back and not r.state.is_completed()]
+    if failed:
+        raise LaneRunError(f"lane run(s) did not complete: {', '.join(failed)}; the rest stays due for a rerun")
+    here = [lane for r in started if r.id in taken_back for lane in r.parameters["lanes"]]
+    if here:
+        get_run_logger().warning("no worker took some lane runs in time: lanes %s run in this process", here)
+    futures = [process_lane.submit(i, lanes, run_date, batch_size, run_id, deadline) for i in here]
+    parts = [json.loads(r.state.message or "{}") for r in runs if r.id not in taken_back]
+    parts += [vars(f.result()) for f in futures]
+    return subs.LaneResult(
+        summarize_run_outcomes(run_id),
+        [],
+        sum(p.get("batches", 0) for p in parts),
+        sum(p.get("isolated_batches", 0) for p in parts),
+        any(p.get("stopped_early", False) for p in parts),
+    )
+
+
+@flow(**flow_options("process-subscription-lanes", task_runner=ThreadPoolTaskRunner(max_workers=16)))
+def process_subscription_lanes(
+    run_date: dt.date,
+    lanes: list[int],
+    lane_count: int,
+    run_id: str,
+    batch_size: int | None = None,
+    stop_claiming_at: dt.datetime | None = None,
+) -> State:
+    """Run some lanes of one night for process-due-subscriptions, on whichever worker picks this up."""
+    s = get_settings()
+    batch_size = s.subscription_batch_size if batch_size is None else batch_size
+    subs.validate_knobs(batch_size, lane_count)
+    if not lanes or len(set(lanes)) != len(lanes) or not all(0 <= i < lane_count for i in lanes):
+        raise InvalidInputError(f"lanes must be distinct numbers in 0..{lane_count - 1}, got {lanes}")
+    if not run_id.strip():
+        raise InvalidInputError("run_id (the night's run) must not be empty")
+    deadline = (
+        stop_claiming_at or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=s.flow_soft_limit_seconds)
+    ).timestamp()
+    futures = [process_lane.submit(i, lane_count, run_date, batch_size, run_id, deadline) for i in lanes]
+    results = [f.result() for f in futures]
+    groups, night = _night_stats(results, run_date, dry_run=False)
+    publish_night_summary(
+        "process-subscription-lanes", groups, [ms for r in results for ms in r.batch_ms], night, run_date
+    )
+    stats = {
+        "lanes": lanes,
+        "batches": sum(r.batches for r in results),
+        "isolated_batches": sum(r.isolated_batches for r in results),
+        "stopped_early": any(r.stopped_early for r in results),
+        "process": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    get_run_logger().info("lanes %s of run %s done in process %s", lanes, run_id, stats["process"])
+    # The parent reads these numbers from the API (the state message): it shares no result storage with us.
+    return Completed(message=json.dumps(stats), data=stats)
 
 
 @task(**task_options("process-one-subscription"))

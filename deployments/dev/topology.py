@@ -1,0 +1,425 @@
+"""The production topology on one machine: what `indostar-jobs up --production` starts.
+
+Every part is its own OS process talking over TCP, as across machines:
+
+- the Prefect API + UI (`prefect server start --no-services`) on PostgreSQL, in a
+  database of its own (`indostar_prefect`, never the shop's);
+- the server's background services (`prefect server services start`): event
+  persister, task-run recorder, triggers, scheduler, late runs, ...;
+- Redis between them through prefect-redis: messaging and its cache, causal
+  ordering, concurrency leases, the worker cleanup queue and Docket, all in one
+  Redis database index of their own (their keys carry no configurable prefix);
+- work pool `indostar` with its queues (`indostar-jobs setup-pool`), every
+  deployment of prefect.yaml (`prefect deploy --all`), the automations;
+- one process worker per queue, three on `subscriptions` with one flow run each,
+  so a nightly run with worker_runs=2 holds one worker while its two lane runs
+  go to the two others and claim side by side.
+
+Workers get only PREFECT_API_URL and the shop's settings: none of the server's.
+The end-to-end test (tests/e2e/test_production_topology.py) starts the same
+`Topology` with its own port, Prefect database and Redis database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+
+from deployments.dev.processes import ROOT, Proc
+from lib.db import ServiceUnavailableError
+from lib.errors import JobError
+
+PREFECT_DATABASE = "indostar_prefect"
+DEFAULT_PORT = 4200
+DEFAULT_REDIS_DB = 1
+# queue: workers. A nightly run with worker_runs=N needs N + 1 subscriptions workers.
+WORKERS = {"critical": 1, "notifications": 1, "subscriptions": 3, "default": 1}
+# One flow run at a time per subscriptions worker: otherwise whichever worker polls first
+# takes every lane run of the night and the others stay idle.
+WORKER_LIMITS = {"subscriptions": 1}
+REDIS_OWNER_KEY = "indostar:prefect-topology"
+REDIS_MODULES = {
+    "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+    "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+    "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+    # Not in Prefect's self-hosting guide, but the services process enqueues the cleanup
+    # messages workers receive through the API: in memory, they never leave the services process.
+    "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
+}
+# Any consumer of the events stream (the API's own event distributor included) trims it past
+# consumer groups idle longer than this (prefect_redis default: 5 minutes): a services process
+# down that long would never record the task runs of its outage. A day of events in Redis instead.
+TRIM_IDLE_THRESHOLD_SECONDS = 24 * 3600
+# Settings only the server processes need; stripped from what workers and the CLI get.
+SERVER_ONLY_PREFIXES = ("PREFECT_API_DATABASE_", "PREFECT_MESSAGING_", "PREFECT_REDIS_", "PREFECT_SERVER_")
+
+
+class TopologyError(JobError):
+    """A step of the topology failed; the message names the step and its log."""
+
+
+@dataclass
+class TopologyConfig:
+    """Where each part listens and keeps its state."""
+
+    prefect_database_url: str  # postgresql+asyncpg://...
+    redis_host: str
+    redis_port: int
+    redis_db: int
+    rundir: Path  # logs and PREFECT_HOME
+    port: int = DEFAULT_PORT
+    host: str = "127.0.0.1"
+    workers: Mapping[str, int] = field(default_factory=lambda: dict(WORKERS))
+    extra_server_env: Mapping[str, str] = field(default_factory=dict)
+    extra_client_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.ui_url}/api"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def common_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        return {
+            **base,
+            "INDOSTAR_ENV": "dev",  # a rehearsal on one machine runs on the dev defaults
+            "PREFECT_HOME": str(self.rundir / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_URL": self.ui_url,
+            "PWD": str(ROOT),  # prefect.yaml's pull step records {{ $PWD }} as the workers' directory
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def server_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The API's and the services' environment: PostgreSQL, Redis, nothing about workers."""
+        return {
+            **self.common_env(base),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.prefect_database_url,
+            "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",  # `prefect server database upgrade` ran first
+            **REDIS_MODULES,
+            "PREFECT_REDIS_MESSAGING_HOST": self.redis_host,
+            "PREFECT_REDIS_MESSAGING_PORT": str(self.redis_port),
+            "PREFECT_REDIS_MESSAGING_DB": str(self.redis_db),
+            "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_HOST": self.redis_host,
+            "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_PORT": str(self.redis_port),
+            "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_DB": str(self.redis_db),
+            "PREFECT_SERVER_DOCKET_URL": self.redis_url,
+            "PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD": str(TRIM_IDLE_THRESHOLD_SECONDS),
+            **self.extra_server_env,
+        }
+
+    def client_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """What a worker machine (or the CLI) gets: the API address and the shop's settings."""
+        env = {k: v for k, v in self.common_env(base).items() if not k.startswith(SERVER_ONLY_PREFIXES)}
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        return {**env, "PREFECT_API_URL": self.api_url, **self.extra_client_env}
+
+
+def prefect_database_url(shop_database_url: str, name: str = PREFECT_DATABASE) -> str:
+    """The Prefect server's database: same PostgreSQL server as the shop's, its own database, asyncpg."""
+    url = make_url(shop_database_url).set(drivername="postgresql+asyncpg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def _sync_url(asyncpg_url: str) -> str:
+    return make_url(asyncpg_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+
+
+def ensure_prefect_database(asyncpg_url: str) -> bool:
+    """Create the Prefect server's database if missing; True if created."""
+    from lib.db import ensure_database
+
+    return ensure_database(_sync_url(asyncpg_url))
+
+
+def drop_prefect_database(asyncpg_url: str) -> None:
+    from lib.db import drop_database
+
+    drop_database(_sync_url(asyncpg_url))
+
+
+def claim_redis_db(host: str, port: int, db: int, owner: str) -> None:
+    """Make sure Redis database ``db`` is ours: empty (then marked with ``owner``) or already marked by ``owner``.
+
+    Prefect's Redis keys (streams, consumer groups, leases) have no prefix of their own:
+    two Prefect servers on one database index would consume each other's events.
+    """
+    import redis
+
+    client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=2, decode_responses=True)
+    try:
+        marker = cast(str | None, client.get(REDIS_OWNER_KEY))  # decode_responses: str, not bytes
+        if marker == owner:
+            return
+        if marker is None and client.dbsize() == 0 and client.set(REDIS_OWNER_KEY, owner, nx=True):
+            return
+        raise TopologyError(
+            f"Redis database {db} at {host}:{port} is in use by something else "
+            f"({client.dbsize()} keys, owner {marker or 'unknown'}); set PREFECT_REDIS_MESSAGING_DB to a free one"
+        )
+    except redis.exceptions.ConnectionError as exc:
+        raise ServiceUnavailableError(f"Redis is not reachable at {host}:{port}: {exc}") from None
+    finally:
+        client.close()
+
+
+def claim_free_redis_db(host: str, port: int, owner: str, candidates: range = range(15, 0, -1)) -> int:
+    """The first database index in ``candidates`` that is empty, claimed for ``owner``."""
+    for db in candidates:
+        with contextlib.suppress(TopologyError):
+            claim_redis_db(host, port, db, owner)
+            return db
+    raise TopologyError(f"no free Redis database among {list(candidates)} at {host}:{port}")
+
+
+def release_redis_db(host: str, port: int, db: int, owner: str) -> None:
+    """Empty database ``db`` if ``owner`` still holds it (what a test started is gone with it)."""
+    import redis
+
+    client = redis.Redis(host=host, port=port, db=db, socket_connect_timeout=2, decode_responses=True)
+    try:
+        if client.get(REDIS_OWNER_KEY) == owner:
+            client.flushdb()
+    finally:
+        client.close()
+
+
+def _api_healthy(api_url: str) -> bool:
+    from deployments.cli import api_healthy
+
+    return api_healthy(api_url)
+
+
+class Topology:
+    """Starts the parts in order, and stops every process it started (workers first)."""
+
+    def __init__(self, config: TopologyConfig, base_env: Mapping[str, str] | None = None, say=print):
+        self.config = config
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.say = say
+        self.procs: list[Proc] = []
+        self.workers: dict[str, Proc] = {}
+        config.rundir.mkdir(parents=True, exist_ok=True)
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def migrate_prefect_database(self) -> None:
+        """Create the server's database if missing and upgrade it, before any server process starts."""
+        name = make_url(self.config.prefect_database_url).database
+        created = ensure_prefect_database(self.config.prefect_database_url)
+        upgrade = ["-m", "prefect", "server", "database", "upgrade", "-y"]
+        self.run_steps(("prefect-db-upgrade", upgrade), env=self.config.server_env(self.base_env))
+        self.say(f"Prefect database {name} {'created and ' if created else ''}migrated")
+
+    def start_server(self, wait: float = 120) -> None:
+        cfg = self.config
+        env = cfg.server_env(self.base_env)
+        api = self._spawn(
+            "prefect-api",
+            ["-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port), "--no-services"],
+            env,
+        )
+        self._spawn("prefect-services", ["-m", "prefect", "server", "services", "start"], env)
+        deadline = time.monotonic() + wait
+        while not _api_healthy(cfg.api_url):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TopologyError(f"Prefect API did not answer at {cfg.api_url} within {wait:.0f} s; see {api.log}")
+            time.sleep(0.5)
+        self.check_alive()
+        self.say(f"Prefect API + UI at {cfg.ui_url} (pid {api.popen.pid}); services pid {self.procs[-1].popen.pid}")
+
+    def setup_pool(self) -> None:
+        self.run_steps(("setup-pool", ["-m", "deployments.cli", "setup-pool"]))
+        self.say("work pool indostar and its queues ready")
+
+    def deploy(self, automations: bool = True) -> None:
+        """`prefect deploy --all` and the automations, side by side (neither needs the other)."""
+        steps = [("deploy", ["-m", "prefect", "--no-prompt", "deploy", "--all"])]
+        if automations:
+            steps.append(("automations", ["-m", "deployments.cli", "automations"]))
+        self.run_steps(*steps)
+        self.say("every deployment of prefect.yaml" + (" and the automations" if automations else "") + " registered")
+
+    def start_workers(self) -> None:
+        env = self.config.client_env(self.base_env)
+        for queue, count in self.config.workers.items():
+            for i in range(1, count + 1):
+                name = f"{queue}-{i}"
+                args = ["-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue", queue, "--name", name]
+                if queue in WORKER_LIMITS:
+                    args += ["--limit", str(WORKER_LIMITS[queue])]
+                self.workers[name] = self._spawn(f"worker-{name}", args, env)
+        self.say("workers: " + ", ".join(f"{n} (pid {p.popen.pid})" for n, p in self.workers.items()))
+
+    def start(self, automations: bool = True) -> Topology:
+        """Every step in order; on a failure, what was started is stopped again."""
+        try:
+            self.migrate_prefect_database()
+            self.start_server()
+            self.setup_pool()
+            self.start_workers()  # the pool exists: workers may poll while the deployments register
+            self.deploy(automations)
+            self.check_alive()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    # --- processes -----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        proc = Proc(name, [sys.executable, *args], env, self.config.rundir)
+        self.procs.append(proc)
+        return proc
+
+    def run_steps(self, *steps: tuple[str, list[str]], env: dict[str, str] | None = None, timeout: float = 600) -> None:
+        """Run one-off commands (as an operator would) side by side; fail with the failures' logs."""
+        env = env or self.config.client_env(self.base_env)
+        running = [(name, Proc(name, [sys.executable, *args], env, self.config.rundir)) for name, args in steps]
+        deadline = time.monotonic() + timeout
+        failed: list[str] = []
+        try:
+            for name, proc in running:
+                try:
+                    code = proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    code = None
+                if code != 0:
+                    outcome = "timed out" if code is None else f"exited {code}"
+                    failed.append(f"{name} {outcome}; see {proc.log}:\n{proc.tail(20)}")
+        finally:
+            for _, proc in running:
+                proc.stop(wait=1)
+        if failed:
+            raise TopologyError("\n".join(failed))
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.popen.poll() is not None:
+                raise TopologyError(
+                    f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}:\n{proc.tail(20)}"
+                )
+
+    def stop(self, wait: float = 15.0) -> None:
+        """Workers first (their runs report to the API), then the services and the API; each group at once."""
+        workers = [p for p in self.procs if p in self.workers.values()]
+        servers = [p for p in self.procs if p not in workers]
+        for group in (workers, servers):
+            with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
+                list(pool.map(lambda proc: proc.stop(wait=wait), group))
+        self.procs.clear()
+        self.workers.clear()
+
+
+@contextlib.contextmanager
+def _interrupt_on_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM both end the wait, even where a parent shell left SIGINT ignored."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+TRY = """
+Prefect UI: {ui}   (log files in {rundir})
+
+Try, from another terminal in this directory:
+  export PREFECT_API_URL={api}
+  # tonight's run, its lanes shared by two lane runs on two subscriptions workers:
+  .venv/bin/prefect deployment run process-due-subscriptions/daily -p worker_runs=2
+  .venv/bin/prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
+  .venv/bin/prefect work-queue ls --pool indostar
+Then open the nightly run in the UI: its lane runs are subflows, each naming the worker that ran it
+in its logs. Ctrl-C stops every process started here.
+"""
+
+
+def config_from_environment(rundir: Path) -> TopologyConfig:
+    """Addresses from the shop's settings, overridable with Prefect's own variables."""
+    from lib.config import get_settings
+
+    s = get_settings()
+    redis = urlsplit(s.redis_url)
+    return TopologyConfig(
+        prefect_database_url=os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+        or prefect_database_url(s.database_url),
+        redis_host=os.environ.get("PREFECT_REDIS_MESSAGING_HOST") or redis.hostname or "127.0.0.1",
+        redis_port=int(os.environ.get("PREFECT_REDIS_MESSAGING_PORT") or redis.port or 6379),
+        redis_db=int(os.environ.get("PREFECT_REDIS_MESSAGING_DB") or DEFAULT_REDIS_DB),
+        rundir=rundir,
+        port=int(os.environ.get("PREFECT_SERVER_API_PORT") or DEFAULT_PORT),
+    )
+
+
+def run_production() -> int:
+    """`indostar-jobs up --production`: migrate and seed the shop, start the topology, wait for Ctrl-C."""
+    import datetime as dt
+
+    from deployments.cli import _token_sink, check_redis
+    from deployments.dev import seed
+    from deployments.dev.smtp_sink import DevSMTPServer, port_open
+    from lib import db
+    from lib.config import get_settings
+
+    os.environ["INDOSTAR_ENV"] = "dev"
+    s = get_settings()
+    check_redis()
+    db.migrate(s.database_url)
+    with db.get_engine().begin() as conn:
+        if seed.is_empty(conn):
+            print("empty database: seeding demo data")
+            seed.seed(conn, seed.SeedCounts(), dt.date.today(), token_sink=_token_sink())
+    config = config_from_environment(ROOT / ".run" / "production")
+    if port_open(config.host, config.port):
+        raise TopologyError(
+            f"port {config.port} is taken (another Prefect server, `make up`?); set PREFECT_SERVER_API_PORT"
+        )
+    owner = make_url(config.prefect_database_url).render_as_string(hide_password=True)
+    claim_redis_db(config.redis_host, config.redis_port, config.redis_db, owner=owner)
+    smtp = None
+    if s.smtp_host in ("127.0.0.1", "localhost") and not port_open(s.smtp_host, s.smtp_port):
+        smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
+        print(f"dev SMTP sink on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
+    topology = Topology(config)
+    try:
+        with _interrupt_on_signals():
+            topology.start()
+            print(TRY.format(ui=config.ui_url, api=config.api_url, rundir=config.rundir))
+            while True:
+                topology.check_alive()
+                time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        topology.stop()
+        if smtp:
+            smtp.stop()
+        print("stopped every process `up --production` started")
+    return 0
