@@ -80,3 +80,37 @@ def test_async_client_starts_the_same_runs_as_the_sync_one():
     assert asyncio.run(aclient.send_order_confirmation(777)) == sync_id
     other = asyncio.run(aclient.send_order_confirmation(778))
     assert other != sync_id and {sync_id, other} <= {r.id for r in _runs(deployment_id)}
+
+
+def test_a_backend_started_flow_run_keeps_its_result_and_posts_a_signed_webhook(pg, smtp, sms_gateway, monkeypatch):
+    """A run tagged `backend` (as the client tags them) keeps its result for its handle and is POSTed, signed."""
+    import json
+    import time
+
+    from prefect import tags
+    from pydantic import SecretStr
+
+    from deployments.tasks import AsyncResult
+    from lib import webhooks
+    from lib.config import get_settings
+    from lib.tokens import get_redis
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "task_webhook_url", f"{settings.sms_base_url}/hooks/flows")
+    monkeypatch.setattr(settings, "task_webhook_secret", SecretStr("flow-hook-secret"))
+    with tags("backend"):
+        state = nf.send_email("hooked@example.in", "Hooked", "body", return_state=True)
+    run_id = state.state_details.flow_run_id
+    assert AsyncResult(run_id, "flow").get(timeout=10)["sent"] == 1
+    stored = json.loads(get_redis().get(f"{settings.redis_key_prefix}prefect/flow-results/{run_id}"))
+    assert stored["state"] == "COMPLETED" and stored["result"]["sent"] == 1
+    deadline = time.monotonic() + 10
+    while not (hooks := [r for r in sms_gateway.requests if r.path == "/hooks/flows"]):
+        assert time.monotonic() < deadline, "no webhook"
+        time.sleep(0.05)
+    [hook] = hooks
+    assert webhooks.verify(hook.body, hook.headers["x-indostar-signature"], "flow-hook-secret")
+    assert (hook.data()["id"], hook.data()["kind"], hook.data()["name"]) == (str(run_id), "flow", "send-email")
+    nf.send_email("untagged@example.in", "Plain", "body")  # not started by the backend: no webhook
+    time.sleep(0.5)
+    assert len([r for r in sms_gateway.requests if r.path == "/hooks/flows"]) == 1
