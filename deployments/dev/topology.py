@@ -11,6 +11,7 @@ Every part is its own OS process talking over TCP, as across machines:
   Redis database index of their own (their keys carry no configurable prefix);
 - work pool `indostar` with its queues (`indostar-jobs setup-pool`), every
   deployment of prefect.yaml (`prefect deploy --all`), the automations;
+- one `indostar-jobs task-worker` for the background tasks (messages sent with `.delay()`),
 - one process worker per queue, three on `subscriptions` with one flow run each,
   so a nightly run with worker_runs=2 holds one worker while its two lane runs
   go to the two others and claim side by side.
@@ -83,6 +84,7 @@ class TopologyConfig:
     port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
     workers: Mapping[str, int] = field(default_factory=lambda: dict(WORKERS))
+    task_workers: int = 1  # `indostar-jobs task-worker` processes: messages a customer waits for (.delay())
     extra_server_env: Mapping[str, str] = field(default_factory=dict)
     extra_client_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -270,6 +272,9 @@ class Topology:
                 if queue in WORKER_LIMITS:
                     args += ["--limit", str(WORKER_LIMITS[queue])]
                 self.workers[name] = self._spawn(f"worker-{name}", args, env)
+        for i in range(1, self.config.task_workers + 1):
+            name = f"task-worker-{i}"
+            self.workers[name] = self._spawn(name, ["-m", "deployments.cli", "task-worker"], env)
         self.say("workers: " + ", ".join(f"{n} (pid {p.popen.pid})" for n, p in self.workers.items()))
 
     def start(self, automations: bool = True) -> Topology:

@@ -69,6 +69,7 @@ def topology(migrated_database, redis_session, smtp_server, tmp_path_factory) ->
         port=free_port(),
         # The queues this test uses; critical and default workers would only poll (CPU on a shared machine).
         workers={"notifications": 1, "subscriptions": 3},
+        task_workers=0,  # background tasks have their own e2e tests
         # No cron run can start in the middle of the test, and no ~500 future runs are created.
         extra_server_env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"},
         # Faster polling only shortens the test; INFO keeps the workers' lines in the run logs.
