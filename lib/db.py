@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -20,6 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from lib.config import get_settings, redacted_url
 from lib.errors import InvalidInputError, PermanentError, ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ def drop_database(url: str) -> None:
         admin.dispose()
 
 
-def alembic_config(url: str):  # -> alembic.config.Config (imported lazily: alembic is slow)
+def alembic_config(url: str) -> Config:  # alembic is imported lazily: it is slow to import
     from alembic.config import Config
 
     cfg = Config()

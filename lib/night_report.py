@@ -49,12 +49,12 @@ def _by(groups: pd.DataFrame, dim: str, order: Sequence[str]) -> list[dict[str, 
     t = t.sort_values(["rank", dim])
     return [
         {
-            dim: getattr(r, dim),
-            "subscriptions": int(r.subscriptions),
-            "units": int(r.units),
-            "revenue": format_inr(int(r.revenue_paise)),
+            dim: r[dim],
+            "subscriptions": int(r["subscriptions"]),
+            "units": int(r["units"]),
+            "revenue": format_inr(int(r["revenue_paise"])),
         }
-        for r in t.itertuples(index=False)
+        for r in t.to_dict(orient="records")
     ]
 
 

@@ -99,7 +99,7 @@ def _object(doc: Any, path: str) -> dict[str, Any]:
         node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict):
             raise InvalidInputError(f"webhook body: {path} is missing or not an object")
-    return node
+    return dict(node)
 
 
 def _notes_id(notes: dict[str, Any], name: str) -> int | None:
@@ -147,7 +147,8 @@ def parse_event(body: bytes, event_id: Any) -> RazorpayEvent:
         return RazorpayEvent(eid, event, charge=charge)
     if event == "payment.failed":
         pay = _object(doc, "payload.payment.entity")
-        notes = pay.get("notes") if isinstance(pay.get("notes"), dict) else {}
+        raw_notes = pay.get("notes")
+        notes: dict[str, Any] = raw_notes if isinstance(raw_notes, dict) else {}
         reason = pay.get("error_description") or pay.get("error_reason") or "the payment was declined"
         if not isinstance(reason, str):
             raise InvalidInputError(f"payload.payment.entity.error_description must be text, got {_describe(reason)}")

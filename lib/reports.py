@@ -15,6 +15,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any
 
 import pandas as pd
@@ -329,7 +330,7 @@ def render_chart(report: Report, dpi: int = 90) -> bytes:
 
 
 def _stacked_bars(
-    ax, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str], horizontal: bool
+    ax: Any, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str], horizontal: bool
 ) -> None:
     if frame.empty:
         ax.text(0.5, 0.5, "no data in this period", ha="center", va="center", transform=ax.transAxes)
@@ -351,7 +352,7 @@ def _stacked_bars(
     ax.legend(fontsize="small")
 
 
-def report_email(sender: str, to: str, subject: str, markdown: str, png: bytes | None, png_name: str):
+def report_email(sender: str, to: str, subject: str, markdown: str, png: bytes | None, png_name: str) -> Message:
     """A MIME message: the markdown as the plain-text body, the chart as a PNG attachment."""
     from email.mime.image import MIMEImage
     from email.mime.multipart import MIMEMultipart

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -193,7 +194,7 @@ def issue(kind: str, user_id: UserId, ttl: float | dt.timedelta, *, client: Clie
     with _answering(r):
         pipe = r.pipeline(transaction=True)
         pipe.delete(key)  # an OTP replaces the previous one wholesale
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # values are str and int
         pipe.pexpire(key, ms)
         pipe.zadd(index_key(kind), {tid: expires})
         pipe.sadd(user_key(uid), f"{kind}:{tid}")
@@ -426,7 +427,7 @@ end
 )
 
 
-def _pairs(flat: list) -> dict[str, int]:
+def _pairs(flat: list[Any]) -> dict[str, int]:
     return {str(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
@@ -478,7 +479,7 @@ def _scan_batches(r: Client, pattern: str, count: int, type_: str | None) -> Ite
     while True:
         cursor, keys = r.scan(cursor=cursor, match=pattern, count=count, _type=type_)
         if keys:
-            yield keys
+            yield [str(k) for k in keys]
         if int(cursor) == 0:
             return
 
@@ -523,9 +524,9 @@ def purge_ttl_lost_keys(
                 break
             started = time.perf_counter()
             counts = _pairs(script(keys=keys, args=[_prefix(), at, int(dry_run)]))
-            removed = {
-                (kind if what == "expired" else f"{kind}_ttl_restored"): n
-                for kind, what, n in ((*k.split("|", 1), n) for k, n in counts.items())
-            }
+            removed: dict[str, int] = {}
+            for name, n in counts.items():
+                kind, what = name.split("|", 1)
+                removed[kind if what == "expired" else f"{kind}_ttl_restored"] = n
             stats.add(removed, (time.perf_counter() - started) * 1000)
     return stats

@@ -121,11 +121,7 @@ def record(session: Session, messages: Sequence[Message]) -> int:
         }
         for m in messages
     ]
-    stmt = (
-        insert(Notification.__table__)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(Notification.__table__.c.id)
-    )
+    stmt = insert(Notification).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(Notification.id)
     return len(session.connection().execute(stmt, rows).all())
 
 

@@ -20,10 +20,13 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate, make_msgid, parseaddr
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lib.errors import PermanentError, TransientError
 from lib.notify.address import mask_email
+
+if TYPE_CHECKING:
+    from lib.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class SmtpConfig:
         return f"SmtpConfig({self.host}:{self.port}, security={self.security}, user={self.username!r})"
 
     @classmethod
-    def from_settings(cls, s) -> SmtpConfig:  # s: lib.config.Settings
+    def from_settings(cls, s: Settings) -> SmtpConfig:
         return cls(
             host=s.smtp_host,
             port=s.smtp_port,
@@ -82,9 +85,11 @@ def build_message(
         if any(c in value for c in "\r\n\x00"):
             # Refused here, as permanent: smtplib would fail at send time with an error that looks transient.
             raise PermanentError(f"the {header} header contains a line break or NUL character")
-    text_part = MIMEText(text, "plain", _UTF8_QP)
+    # typeshed says charset is a str; email.mime accepts a Charset, which is how we ask for quoted-printable.
+    text_part = MIMEText(text, "plain", _UTF8_QP)  # type: ignore[arg-type]
     if html:
-        msg: Message = MIMEMultipart("alternative", _subparts=[text_part, MIMEText(html, "html", _UTF8_QP)])
+        html_part = MIMEText(html, "html", _UTF8_QP)  # type: ignore[arg-type]
+        msg: Message = MIMEMultipart("alternative", _subparts=[text_part, html_part])
     else:
         msg = text_part
     name, addr = parseaddr(sender)

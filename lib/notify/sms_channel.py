@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
 from lib.errors import ConfigError, PermanentError, TransientError
 from lib.notify.address import mask_phone, mask_secrets
+
+if TYPE_CHECKING:
+    from lib.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class SmsConfig:
         return f"SmsConfig({self.provider} at {self.base_url}, sender={self.sender_id})"
 
     @classmethod
-    def from_settings(cls, s) -> SmsConfig:  # s: lib.config.Settings
+    def from_settings(cls, s: Settings) -> SmsConfig:
         return cls(
             provider=s.sms_provider,
             base_url=s.sms_base_url.rstrip("/"),
@@ -77,9 +80,9 @@ def make_client(config: SmsConfig, max_connections: int = 20) -> httpx.Client:
     )
 
 
-def _request(config: SmsConfig, phone: str, text: str, dlt_template_id: str | None) -> tuple[str, dict]:
+def _request(config: SmsConfig, phone: str, text: str, dlt_template_id: str | None) -> tuple[str, dict[str, Any]]:
     if config.provider == "msg91":
-        body: dict = {"sender": config.sender_id, "route": "4", "country": "91"}
+        body: dict[str, Any] = {"sender": config.sender_id, "route": "4", "country": "91"}
         if dlt_template_id:  # Indian routes need it; free text (send-sms) goes without, and may be refused
             body["DLT_TE_ID"] = dlt_template_id
         body["sms"] = [{"message": text, "to": [phone.lstrip("+")]}]

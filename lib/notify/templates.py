@@ -50,7 +50,7 @@ def _group_indian(whole: int) -> str:
     if len(s) <= 3:
         return s
     head, tail = s[:-3], s[-3:]
-    pairs = []
+    pairs: list[str] = []
     while len(head) > 2:
         pairs.insert(0, head[-2:])
         head = head[:-2]
@@ -128,7 +128,8 @@ def render_email(name: str, context: dict[str, Any]) -> EmailContent:
 @lru_cache(maxsize=1)
 def dlt_registry() -> dict[str, dict[str, str]]:
     """Template name -> {"template_id", "text"} as registered with the DLT platform."""
-    return json.loads(DLT_REGISTRY.read_text(encoding="utf-8"))
+    registry: dict[str, dict[str, str]] = json.loads(DLT_REGISTRY.read_text(encoding="utf-8"))
+    return registry
 
 
 def render_sms(name: str, context: dict[str, Any]) -> SmsContent:
