@@ -204,13 +204,16 @@ def _timed(fn, *args) -> tuple[float, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BULK_THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="emails per measured run")
     parser.add_argument("--task-n", type=int, default=500, help="emails for the one-task-per-email design")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the reference and bulk runs (median)")
     parser.add_argument("--no-orders", action="store_true", help="skip the send-order-confirmations run")
     parser.add_argument("--batch-size", type=int, help="NOTIFICATION_BATCH_SIZE for this run (default: settings)")
+    parser.add_argument("--threads", type=int, default=8, help="concurrent delivery tasks of the bulk flows")
     args = parser.parse_args(argv)
+    BULK_THREADS = args.threads
     if args.batch_size:
         os.environ["NOTIFICATION_BATCH_SIZE"] = str(args.batch_size)
 
