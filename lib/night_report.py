@@ -48,8 +48,12 @@ def _by(groups: pd.DataFrame, dim: str, order: Sequence[str]) -> list[dict[str, 
     t["rank"] = t[dim].map({k: i for i, k in enumerate(order)}).fillna(len(order))
     t = t.sort_values(["rank", dim])
     return [
-        {dim: getattr(r, dim), "subscriptions": int(r.subscriptions), "units": int(r.units),
-         "revenue": format_inr(int(r.revenue_paise))}
+        {
+            dim: getattr(r, dim),
+            "subscriptions": int(r.subscriptions),
+            "units": int(r.units),
+            "revenue": format_inr(int(r.revenue_paise)),
+        }
         for r in t.itertuples(index=False)
     ]
 
@@ -59,8 +63,14 @@ def _products(groups: pd.DataFrame, names: Mapping[int, str], ids: Sequence[int]
     rows = []
     for pid in ids:
         g = created[created["product_id"] == pid]
-        rows.append({"product": names.get(pid, f"#{pid}"), "subscriptions": int(g["subscriptions"].sum()),
-                     "units": int(g["units"].sum()), "revenue": format_inr(int(g["revenue_paise"].sum()))})
+        rows.append(
+            {
+                "product": names.get(pid, f"#{pid}"),
+                "subscriptions": int(g["subscriptions"].sum()),
+                "units": int(g["units"].sum()),
+                "revenue": format_inr(int(g["revenue_paise"].sum())),
+            }
+        )
     return rows
 
 
@@ -88,12 +98,18 @@ def render(
 ) -> str:
     """The whole artifact as markdown."""
     sections = [
-        md.section("By outcome", md.table(_by(groups, "outcome", OUTCOME_ORDER),
-                                          ["outcome", "subscriptions", "units", "revenue"])),
-        md.section("By frequency", md.table(_by(groups, "frequency", FREQUENCY_ORDER),
-                                            ["frequency", "subscriptions", "units", "revenue"])),
-        md.section("Top products (orders created)", md.table(_products(groups, names, list(names)),
-                                                             ["product", "subscriptions", "units", "revenue"])),
+        md.section(
+            "By outcome",
+            md.table(_by(groups, "outcome", OUTCOME_ORDER), ["outcome", "subscriptions", "units", "revenue"]),
+        ),
+        md.section(
+            "By frequency",
+            md.table(_by(groups, "frequency", FREQUENCY_ORDER), ["frequency", "subscriptions", "units", "revenue"]),
+        ),
+        md.section(
+            "Top products (orders created)",
+            md.table(_products(groups, names, list(names)), ["product", "subscriptions", "units", "revenue"]),
+        ),
     ]
     extra: dict[str, Any] = {}
     if paid := stats.get("payments_attached"):
