@@ -19,6 +19,11 @@ from flows.subscriptions import (
 from lib.errors import InvalidInputError, NotFoundError, RejectedError
 from lib.razorpay import SignatureError, sign
 from tests.builders import make_customer, make_product, make_subscription
+from tests.unit.test_razorpay_signature import (
+    RAW_CHARGE,
+    RAW_CHARGE_SIGNATURE,
+    RAW_CHARGE_SIGNATURE_OTHER_SECRET,
+)
 
 # Within the run-date bound (35 days back) whenever the suite runs: the flows refuse dates far from today.
 TODAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
@@ -292,6 +297,27 @@ def test_forged_or_malformed_webhook_writes_nothing(pg, body, signature, error):
         handle_razorpay_event(body=body, signature=sig, event_id="evt_bad")
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert count(pg, "orders") == count(pg, "webhook_events") == 0
+
+
+def test_webhook_checks_the_raw_body_against_an_independently_computed_signature(pg, smtp, sms_gateway):
+    """OpenSSL's digest of the raw body (odd spacing, key order, UTF-8) is applied; the same JSON re-serialised,
+    or signed under another secret, is refused with nothing written."""
+    make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_VEC1", stock=5)
+    raw = RAW_CHARGE.decode()
+    doc = json.loads(raw)
+    refused = [
+        (json.dumps(doc), RAW_CHARGE_SIGNATURE),
+        (json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":")), RAW_CHARGE_SIGNATURE),
+        (raw, RAW_CHARGE_SIGNATURE_OTHER_SECRET),
+    ]
+    for body, signature in refused:
+        with pytest.raises(SignatureError, match="does not match"):
+            handle_razorpay_event(body=body, signature=signature, event_id="evt_vec1")
+    assert count(pg, "webhook_events") == count(pg, "orders") == 0
+    out = handle_razorpay_event(body=raw, signature=RAW_CHARGE_SIGNATURE, event_id="evt_vec1")
+    assert out["status"] == "applied" and out["order_created"]
+    assert rows(pg, "SELECT razorpay_payment_id, status FROM orders") == [("pay_VEC1", "paid")]
+    assert event_row(pg, "evt_vec1")[0] == "applied"
 
 
 def test_over_long_event_id_is_refused_before_any_write(pg):
