@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import json
 import re
+import threading
+import time
 
 import pytest
 from sqlalchemy import text
@@ -16,6 +18,7 @@ from flows.subscriptions import (
     process_single_subscription,
     remind_upcoming_deliveries,
 )
+from lib.config import get_settings
 from lib.errors import InvalidInputError, NotFoundError, RejectedError
 from lib.razorpay import SignatureError, sign
 from tests.builders import make_customer, make_product, make_subscription
@@ -86,6 +89,68 @@ def test_nightly_flow_twice_creates_nothing_the_second_time(pg):
     assert process_due_subscriptions(run_date=TODAY, send_confirmations=False)["created"] == 3
     assert process_due_subscriptions(run_date=TODAY, send_confirmations=False)["created"] == 0
     assert count(pg, "orders") == 3
+
+
+def test_nightly_run_past_its_soft_limit_orders_nothing_and_the_next_run_orders_everything_once(pg, monkeypatch):
+    """A run whose soft limit is already spent claims no batch, says stopped_early, and the next run orders all once."""
+    subs = [make_subscription(pg, due=TODAY) for _ in range(3)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", 1e-6)
+    state = process_due_subscriptions(run_date=TODAY, send_confirmations=False, return_state=True)
+    stats = state.result()
+    assert stats["stopped_early"] and (stats["created"], stats["batches"]) == (0, 0)
+    assert count(pg, "orders") == count(pg, "subscription_outcomes") == 0
+    assert rows(pg, "SELECT DISTINCT next_delivery_date FROM subscriptions") == [(TODAY,)]
+    assert (
+        "stopped early at the soft limit"
+        in run_artifact("process-due-subscriptions", state.state_details.flow_run_id).data
+    )
+    monkeypatch.undo()
+    again = process_due_subscriptions(run_date=TODAY, send_confirmations=False)
+    assert not again["stopped_early"] and again["created"] == 3
+    assert rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1 ORDER BY 1") == [(s, 1) for s in subs]
+
+
+def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop: threading.Event) -> None:
+    """Hold a row lock until the nightly run waits on it, then until its soft limit has passed, then let go."""
+    with pg.connect() as conn, conn.begin():
+        conn.execute(text(sql))
+        held.set()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        with pg.connect() as probe:
+            while not stop.is_set() and not probe.execute(text(waiting)).scalar():
+                time.sleep(0.02)
+        # The run computed its deadline before it claimed the batch that now waits: at most soft_limit from here.
+        stop.wait(soft_limit + 0.3)
+
+
+def test_nightly_run_stops_claiming_at_the_soft_limit_mid_night_and_the_next_run_finishes_once(pg, monkeypatch):
+    """A batch running at the soft limit completes, no batch is claimed after it, the next run does the rest once."""
+    soft_limit = 2.0
+    product = make_product(pg, stock=10)
+    subs = [make_subscription(pg, product_id=product, due=TODAY) for _ in range(5)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", soft_limit)
+    held, stop = threading.Event(), threading.Event()
+    # The first batch waits for its product's row lock until the soft limit has passed.
+    holder = threading.Thread(
+        target=_hold_row_lock,
+        args=(pg, f"SELECT 1 FROM products WHERE id = {product} FOR UPDATE", soft_limit, held, stop),
+    )
+    holder.start()
+    try:
+        assert held.wait(10)
+        stats = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=1, send_confirmations=False)
+    finally:
+        stop.set()
+        holder.join(30)
+    assert stats["stopped_early"] and (stats["created"], stats["batches"]) == (2, 1)
+    assert rows(pg, "SELECT subscription_id FROM orders ORDER BY 1") == [(s,) for s in subs[:2]]  # oldest first
+    monkeypatch.undo()
+    again = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=1, send_confirmations=False)
+    assert not again["stopped_early"] and again["created"] == 3
+    assert rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1 ORDER BY 1") == [(s, 1) for s in subs]
+    assert rows(pg, "SELECT stock FROM products") == [(5,)]
 
 
 def test_dry_run_reports_and_writes_nothing(pg):
