@@ -1,6 +1,7 @@
 """Notification flows end to end: real SMTP server and SMS gateway on loopback, real delivery log."""
 
 import datetime as dt
+from collections import Counter
 
 import pytest
 from prefect import flow
@@ -10,7 +11,7 @@ from flows import notifications as nf
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
-from lib.notify.messages import OrderConfirmationRequest, RenewalReminderRequest
+from lib.notify.messages import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
 from tests.builders import make_customer, make_order, make_product, make_subscription
 
 
@@ -250,6 +251,63 @@ def test_replay_delivers_dead_letter_once_after_fix(services):
     assert msg.message["Message-ID"] == dead.payload["message_id"]
     with pytest.raises(InvalidInputError):
         nf.replay_dead_letters()
+
+
+@flow
+def bulk_emails(recipients: list[str], prefix: str) -> dict:
+    """Test harness: plain emails through the bulk path, one request each, keyed <prefix>-<n>."""
+    requests = [EmailRequest(to, f"Window {i}", "stored body", key=f"{prefix}-{i}") for i, to in enumerate(recipients)]
+    return nf.send_in_batches(requests, "bulk-emails")
+
+
+def test_replay_takes_dead_letters_last_updated_in_since_until_only(services, pg):
+    """replay-dead-letters(since, until) resends, once each, the dead emails and SMS (a 400 and a retries-exhausted
+    503) last updated in [since, until): a row at `since` goes, rows before it or at `until` stay dead."""
+    smtp, gateway = services
+    names = ["before", "at-since", "inside", "at-until"]
+    for name in names:
+        smtp.handler.rcpt_replies[f"{name}@example.in"] = "550 5.1.1 mailbox unavailable"
+    with pytest.raises(PermanentError):
+        bulk_emails([f"{n}@example.in" for n in names], "window")
+    gateway.fail_next(400)
+    with pytest.raises(PermanentError):
+        nf.send_sms("9876500101", "rejected once", idempotency_key="window-sms-400")
+    gateway.fail_next(503, 503, 503, 503)
+    with pytest.raises(PermanentError):
+        nf.send_sms("9876500102", "retries exhausted", idempotency_key="window-sms-503")
+    nf.send_email("sent@example.in", "Already sent", "body", idempotency_key="window-sent")
+    assert [r.status for r in rows(idempotency_key="window-sms-503")] == ["dead"]
+    assert rows(idempotency_key="window-sms-503")[0].attempts == 4
+
+    since = dt.datetime(2026, 11, 27, 0, 0, tzinfo=dt.UTC)
+    until = since + dt.timedelta(hours=6)
+    updated = {
+        "window-0": since - dt.timedelta(microseconds=1),
+        "window-1": since,
+        "window-2": since + dt.timedelta(hours=1),
+        "window-3": until,
+        "window-sms-400": since + dt.timedelta(hours=2),
+        "window-sms-503": until - dt.timedelta(microseconds=1),
+        "window-sent": since + dt.timedelta(hours=3),
+    }
+    with pg.begin() as conn:
+        for key, at in updated.items():
+            conn.execute(
+                text("UPDATE notifications SET updated_at = :t WHERE idempotency_key = :k"), {"t": at, "k": key}
+            )
+    smtp.handler.reset()
+    gateway.reset()
+
+    result = nf.replay_dead_letters(since=since, until=until)
+    assert (result["replayed"], result["sent"], result["dead"]) == (4, 4, 0)
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == ["at-since@example.in", "inside@example.in"]
+    assert Counter(r.data()["sms"][0]["to"][0] for r in gateway.delivered) == {"919876500101": 1, "919876500102": 1}
+    status = {r.idempotency_key: (r.status, r.attempts) for r in rows()}
+    assert status["window-0"] == status["window-3"] == ("dead", 1)
+    assert status["window-sms-503"] == ("sent", 5) and status["window-sms-400"] == ("sent", 2)
+    assert status["window-sent"] == ("sent", 1)
+    assert nf.replay_dead_letters(since=since, until=until)["replayed"] == 0
+    assert len(smtp.messages) == 2 and len(gateway.requests) == 2
 
 
 @flow
