@@ -1,6 +1,7 @@
 """Notification flows end to end: real SMTP server and SMS gateway on loopback, real delivery log."""
 
 import datetime as dt
+import time
 from collections import Counter
 
 import pytest
@@ -8,6 +9,7 @@ from prefect import flow
 from sqlalchemy import select, text
 
 from flows import notifications as nf
+from lib.config import get_settings
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
@@ -308,6 +310,38 @@ def test_replay_takes_dead_letters_last_updated_in_since_until_only(services, pg
     assert status["window-sent"] == ("sent", 1)
     assert nf.replay_dead_letters(since=since, until=until)["replayed"] == 0
     assert len(smtp.messages) == 2 and len(gateway.requests) == 2
+
+
+@flow
+def bulk_confirmations_paced(order_ids: list[int], pause_after_first: float) -> dict:
+    """Test harness: the bulk path when the requests after the first come later than the soft limit
+    (as the nightly run's confirmation pages do after a long night)."""
+
+    def requests():
+        for i in range(0, len(order_ids), 2):
+            if i == 2:
+                time.sleep(pause_after_first)
+            yield OrderConfirmationRequest(tuple(order_ids[i : i + 2]))
+
+    return nf.send_in_batches(requests(), "bulk-confirmations")
+
+
+def test_bulk_path_defers_requests_past_the_soft_limit_and_the_rerun_sends_each_once(services, pg, monkeypatch):
+    """Requests reached after the soft limit are deferred unrecorded without failing the run; the rerun sends
+    every message once, the ones already sent included."""
+    smtp, gateway = services
+    ids = [make_order(pg, customer_id=make_customer(pg, phone=f"98765001{i:02d}")) for i in range(6)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", 0.3)
+    first = bulk_confirmations_paced(ids, pause_after_first=0.5)
+    assert (first["deferred_batches"], first["sent"], first["pending"]) == (2, 4, 0)
+    assert len(smtp.messages) == 2 and len(gateway.requests) == 2
+    assert {r.idempotency_key.split(":")[1] for r in rows()} == {str(i) for i in ids[:2]}  # deferred: not recorded
+    monkeypatch.undo()
+    second = bulk_confirmations(ids)
+    assert (second["deferred_batches"], second["sent"]) == (0, 12)
+    assert Counter(m.rcpt_tos[0] for m in smtp.messages) == {rows_email(i): 1 for i in ids}
+    assert sorted(Counter(r.data()["sms"][0]["to"][0] for r in gateway.delivered).values()) == [1] * 6
+    assert {r.status for r in rows()} == {"sent"} and len(rows()) == 12
 
 
 @flow
