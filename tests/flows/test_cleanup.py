@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -158,3 +160,143 @@ def test_token_flow_fails_naming_the_address_when_redis_is_down_and_leaves_postg
         state.result()
     assert (count_rows(pg, "carts"), count_rows(pg, "cart_items")) == (1, 1)
     assert (count_rows(pg, "audit_logs"), count_rows(pg, "user_sessions")) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("flow_fn", "table", "make_old", "make_recent"),
+    [
+        (
+            cleanup_old_audit_logs,
+            "audit_logs",
+            lambda pg: make_audit_log(pg, age_days=120),
+            lambda pg: make_audit_log(pg, age_days=10),
+        ),
+        (
+            cleanup_abandoned_sessions,
+            "user_sessions",
+            lambda pg: make_user_session(pg, inactive_days=60),
+            lambda pg: make_user_session(pg, inactive_days=1),
+        ),
+    ],
+    ids=["audit-logs", "sessions"],
+)
+def test_audit_and_session_cleanups_stop_at_their_limits_and_the_next_runs_finish(
+    pg, flow_fn, table, make_old, make_recent
+):
+    """A spent soft limit removes nothing, max_batches=1 removes one batch, both say stopped_early; the next
+    run removes the rest and a recent row stays throughout."""
+    for _ in range(5):
+        make_old(pg)
+    make_recent(pg)
+    spent = flow_fn(batch_size=2, soft_limit_seconds=1e-9)
+    assert spent["stopped_early"] and spent["batches"] == 0 and count_rows(pg, table) == 6
+    one_batch = flow_fn(batch_size=2, max_batches=1)
+    assert one_batch["stopped_early"] and (one_batch["batches"], one_batch["removed"]) == (1, {table: 2})
+    assert count_rows(pg, table) == 4
+    rest = flow_fn(batch_size=2)
+    assert not rest["stopped_early"] and rest["removed"] == {table: 3} and count_rows(pg, table) == 1
+    assert flow_fn(batch_size=2)["removed"] == {table: 0}
+
+
+def _expired_and_live_tokens(kind: str, user: int) -> str:
+    """Two tokens of ``kind`` whose native TTL has fired (index and per-user entries left) and one live token."""
+    for offset in (0, 1):
+        tokens.issue(kind, user + offset, 0.001)
+    return tokens.issue(kind, user + 2, 600)
+
+
+class HoldingRedisProxy:
+    """A loopback TCP proxy to the real Redis that holds the first script call (EVALSHA) until released.
+
+    A fake for one fault only: a Redis call that is slow on demand, which the shared Redis cannot be made to
+    do for our connection alone (CLIENT PAUSE or a long script would stall every client of it). Every byte
+    still goes to and comes from the real Redis.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held_at: float | None = None
+        self.held, self.release = threading.Event(), threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and b"\r\nEVALSHA\r\n" in data.upper() and not self.held.is_set():
+                    self.held_at = time.monotonic()
+                    self.held.set()
+                    self.release.wait(30)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                sock.close()
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_redis(redis_client, monkeypatch):
+    """REDIS_URL through a HoldingRedisProxy to the test Redis, settings and client caches cleared around it."""
+    kw = redis_client.connection_pool.connection_kwargs
+    proxy = HoldingRedisProxy(kw.get("host", "127.0.0.1"), kw.get("port", 6379))
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{proxy.port}/{kw.get('db', 0)}")
+    get_settings.cache_clear()
+    tokens.get_redis.cache_clear()
+    yield proxy
+    proxy.close()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    tokens.get_redis.cache_clear()
+
+
+def test_token_flow_stops_at_the_soft_limit_after_its_first_batch_and_the_next_run_finishes(slow_redis, redis_client):
+    """A script call still running at the soft limit completes, no further batch starts (the other kinds wait),
+    live tokens are untouched, and the next run cleans the rest."""
+    soft_limit = 2.0
+    live = {kind: _expired_and_live_tokens(kind, 10 * i) for i, kind in enumerate(tokens.KINDS)}
+    time.sleep(0.02)  # the 1 ms tokens have expired natively
+    index = {kind: f"{get_settings().redis_key_prefix}tokexp:{kind}" for kind in tokens.KINDS}
+    assert [redis_client.zcard(index[k]) for k in tokens.KINDS] == [3, 3, 3]
+
+    def release_after_the_soft_limit() -> None:
+        # The run fixed its deadline before its first script call: past it soft_limit after the call is held.
+        if slow_redis.held.wait(30):
+            time.sleep(max(0.0, slow_redis.held_at + soft_limit + 0.3 - time.monotonic()))
+        slow_redis.release.set()
+
+    releaser = threading.Thread(target=release_after_the_soft_limit)
+    releaser.start()
+    started = time.monotonic()
+    try:
+        first = cleanup_expired_tokens(soft_limit_seconds=soft_limit)
+    finally:
+        slow_redis.release.set()
+        releaser.join(60)
+    assert slow_redis.held_at is not None and slow_redis.held_at - started < soft_limit, "first batch not reached"
+    assert first["stopped_early"] and first["batches"] == 1
+    assert first["by_kind"]["password_reset"]["index_entries_removed"] == 2
+    assert first["by_kind"]["otp"]["index_entries_removed"] == 0
+    assert [redis_client.zcard(index[k]) for k in tokens.KINDS] == [1, 3, 3]
+    second = cleanup_expired_tokens()
+    assert not second["stopped_early"]
+    assert [second["by_kind"][k]["index_entries_removed"] for k in tokens.KINDS] == [0, 2, 2]
+    assert [redis_client.zcard(index[k]) for k in tokens.KINDS] == [1, 1, 1]
+    assert tokens.verify("password_reset", live["password_reset"]) == "2"
+    assert tokens.verify("email_verification", live["email_verification"]) == "12"
+    assert tokens.verify_otp(22, live["otp"]) == tokens.OtpResult.OK
