@@ -9,8 +9,7 @@ import time
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactSort
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from flows.cleanup import (
     cleanup_abandoned_sessions,
@@ -23,12 +22,16 @@ from lib.config import get_settings
 from tests.builders import count_rows, make_audit_log, make_cart, make_user_session
 
 
-def _latest_artifact(key: str) -> list[dict]:
+def _run_artifact(key: str, state) -> list[dict]:
+    """The rows of artifact ``key`` published by the flow run of ``state`` (not merely the newest under the key)."""
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            )
         )
-    assert found, f"no artifact {key}"
+    assert len(found) == 1, f"{len(found)} artifacts {key} for run {run_id}"
     return found[0].data if isinstance(found[0].data, list) else json.loads(found[0].data)
 
 
@@ -41,11 +44,12 @@ def test_cart_flow_removes_stale_carts_once_and_publishes_its_summary(pg):
     assert first["removed"] == {"empty_carts": 1, "carts_with_items": 1, "cart_items": 2}
     assert first["batches"] >= 2 and first["age_histogram"] == {31: 2}
     assert count_rows(pg, "carts") == 1 and count_rows(pg, "cart_items") == 1
-    second = cleanup_expired_carts(batch_size=1)
+    second_state = cleanup_expired_carts(batch_size=1, return_state=True)
+    second = second_state.result()
     assert sum(second["removed"].values()) == 0
-    rows = _latest_artifact("cleanup-expired-carts-summary")
+    rows = _run_artifact("cleanup-expired-carts-summary", second_state)
     assert {r["kind"]: r["removed"] for r in rows} == {"empty_carts": 0, "carts_with_items": 0, "cart_items": 0}
-    hist = _latest_artifact("cleanup-expired-carts-age-histogram")
+    hist = _run_artifact("cleanup-expired-carts-age-histogram", second_state)
     assert [r["age_days"] for r in hist][:2] == ["0-29", "30-44"]
 
 
@@ -109,10 +113,11 @@ def test_audit_log_and_session_flows_remove_old_rows_once(pg):
     make_user_session(pg, inactive_days=31)
     assert cleanup_old_audit_logs(batch_size=2)["removed"] == {"audit_logs": 3}
     assert cleanup_abandoned_sessions(inactive_days=30)["removed"] == {"user_sessions": 1}
-    assert cleanup_old_audit_logs()["removed"] == {"audit_logs": 0}
+    audit_again = cleanup_old_audit_logs(return_state=True)
+    assert audit_again.result()["removed"] == {"audit_logs": 0}
     assert cleanup_abandoned_sessions(inactive_days=30)["removed"] == {"user_sessions": 0}
     assert count_rows(pg, "audit_logs") == 1 and count_rows(pg, "user_sessions") == 1
-    rows = _latest_artifact("cleanup-old-audit-logs-summary")
+    rows = _run_artifact("cleanup-old-audit-logs-summary", audit_again)
     assert rows[0]["kind"] == "audit_logs" and "longest_batch_ms" in rows[0]
 
 
@@ -128,9 +133,10 @@ def test_token_flow_cleans_up_per_kind_and_a_second_run_removes_nothing(redis_cl
     assert first["by_kind"]["password_reset"]["keys_removed"] == 0
     assert tokens.verify("password_reset", live) == "1"
     assert tokens.verify_otp(2, dead) == tokens.OtpResult.MISSING
-    second = cleanup_expired_tokens()
+    second_state = cleanup_expired_tokens(return_state=True)
+    second = second_state.result()
     assert all(v == 0 for k, v in second["removed"].items() if not k.endswith("_kept"))
-    rows = _latest_artifact("cleanup-expired-tokens-summary")
+    rows = _run_artifact("cleanup-expired-tokens-summary", second_state)
     assert [r["kind"] for r in rows] == list(tokens.KINDS)
 
 
