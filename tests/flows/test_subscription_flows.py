@@ -110,7 +110,7 @@ def test_nightly_run_past_its_soft_limit_orders_nothing_and_the_next_run_orders_
     assert rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1 ORDER BY 1") == [(s, 1) for s in subs]
 
 
-def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop: threading.Event) -> None:
+def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop: threading.Event, seen: dict) -> None:
     """Hold a row lock until the nightly run waits on it, then until its soft limit has passed, then let go."""
     with pg.connect() as conn, conn.begin():
         conn.execute(text(sql))
@@ -118,8 +118,13 @@ def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop:
         waiting = (
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
-        with pg.connect() as probe:
-            while not stop.is_set() and not probe.execute(text(waiting)).scalar():
+        # Autocommit: within one transaction pg_stat_activity is a snapshot and would never change.
+        with pg.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
+            give_up = time.monotonic() + 60  # never hang the suite: the test then fails on `seen`
+            while not stop.is_set() and time.monotonic() < give_up:
+                if probe.execute(text(waiting)).scalar():
+                    seen["waiting_at"] = time.monotonic()
+                    break
                 time.sleep(0.02)
         # The run computed its deadline before it claimed the batch that now waits: at most soft_limit from here.
         stop.wait(soft_limit + 0.3)
@@ -131,19 +136,21 @@ def test_nightly_run_stops_claiming_at_the_soft_limit_mid_night_and_the_next_run
     product = make_product(pg, stock=10)
     subs = [make_subscription(pg, product_id=product, due=TODAY) for _ in range(5)]
     monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", soft_limit)
-    held, stop = threading.Event(), threading.Event()
+    held, stop, seen = threading.Event(), threading.Event(), {}
     # The first batch waits for its product's row lock until the soft limit has passed.
     holder = threading.Thread(
         target=_hold_row_lock,
-        args=(pg, f"SELECT 1 FROM products WHERE id = {product} FOR UPDATE", soft_limit, held, stop),
+        args=(pg, f"SELECT 1 FROM products WHERE id = {product} FOR UPDATE", soft_limit, held, stop, seen),
     )
     holder.start()
     try:
         assert held.wait(10)
+        started = time.monotonic()
         stats = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=1, send_confirmations=False)
     finally:
         stop.set()
         holder.join(30)
+    assert seen.get("waiting_at", float("inf")) - started < soft_limit, "the run reached no batch within its soft limit"
     assert stats["stopped_early"] and (stats["created"], stats["batches"]) == (2, 1)
     assert rows(pg, "SELECT subscription_id FROM orders ORDER BY 1") == [(s,) for s in subs[:2]]  # oldest first
     monkeypatch.undo()
