@@ -119,11 +119,15 @@ def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_ba
 def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is_duplicated(
     pg, smtp, api, prefect_server, spawn
 ):
-    """SIGTERM to a worker mid-run: the run crashes, the automation reschedules it once, a new worker finishes it."""
+    """SIGTERM to a worker mid-run: the run crashes, the automation reschedules it once; killed again it stays
+    Crashed and operations are emailed; rescheduled by hand, a new worker finishes it with no order twice."""
     import signal
     import time
 
+    from prefect.states import Crashed, Scheduled
+
     from deployments.automations import ZOMBIE_AFTER, create_automations
+    from lib.config import get_settings
 
     create_automations()
     subs = _seed_night(pg, due=1500)
@@ -172,7 +176,49 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
         "subscriptions",
         "--run-once",
     )
-    finished = wait_for_run(run_id, timeout=120, proc=second)
-    assert finished.state_type.value == "COMPLETED", second.tail()
+    # The rescheduled run dies mid-run too.
+    deadline = time.monotonic() + 120
+    while count_rows(pg, "orders") < done_before + 20:
+        assert time.monotonic() < deadline, second.tail()
+        time.sleep(0.2)
+    second.stop(signal.SIGTERM)
+    assert count_rows(pg, "orders") < len(subs), "the rescheduled run finished before its worker was stopped"
+    # Marked Crashed through the API as the zombie automation does (without force); the heartbeat path to Crashed
+    # is the first crash above, and waiting ZOMBIE_AFTER again would show nothing new.
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Crashed(message="No heartbeat: the worker running this flow is gone."))
+    # The automations saw this second Crashed event: the crashed-twice alert reaches operations ...
+    deadline = time.monotonic() + 60
+    while not [m for m in smtp.messages if f"run {rescheduled.name} is Crashed" in m.message["Subject"]]:
+        assert time.monotonic() < deadline, "no crashed-twice email"
+        time.sleep(0.5)
+    assert [m.rcpt_tos for m in smtp.messages] == [[get_settings().ops_email]]
+    # ... and the reschedule automation does not act again: watched for three times (at least 10 s) as long as it
+    # took to act on the first crash.
+    with get_client(sync_client=True) as client:
+        history = client.read_flow_run_states(run_id)
+        first_crash = next(st.timestamp for st in history if st.type.value == "CRASHED")
+        first_reschedule = next(st.timestamp for st in history if st.name == "Rescheduled")
+        watch_until = time.monotonic() + max(10.0, 3 * (first_reschedule - first_crash).total_seconds())
+        while time.monotonic() < watch_until:
+            crashed = client.read_flow_run(run_id)
+            assert (crashed.state_type.value, crashed.state_name) == ("CRASHED", "Crashed"), crashed.state_name
+            time.sleep(0.5)
+        # Operations reschedule it by hand; a third worker finishes the night.
+        client.set_flow_run_state(run_id, Scheduled(message="rescheduled by hand after the crashed-twice alert"))
+    third = spawn(
+        "worker-3",
+        "-m",
+        "prefect",
+        "worker",
+        "start",
+        "--pool",
+        "indostar",
+        "--work-queue",
+        "subscriptions",
+        "--run-once",
+    )
+    finished = wait_for_run(run_id, timeout=120, proc=third)
+    assert finished.state_type.value == "COMPLETED", third.tail()
     assert finished.run_count >= 2
     assert _orders_per_subscription(pg) == dict.fromkeys(subs, 1)

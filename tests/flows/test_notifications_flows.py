@@ -1,16 +1,19 @@
 """Notification flows end to end: real SMTP server and SMS gateway on loopback, real delivery log."""
 
 import datetime as dt
+import time
+from collections import Counter
 
 import pytest
 from prefect import flow
 from sqlalchemy import select, text
 
 from flows import notifications as nf
+from lib.config import get_settings
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
-from lib.notify.messages import OrderConfirmationRequest, RenewalReminderRequest
+from lib.notify.messages import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
 from tests.builders import make_customer, make_order, make_product, make_subscription
 
 
@@ -250,6 +253,95 @@ def test_replay_delivers_dead_letter_once_after_fix(services):
     assert msg.message["Message-ID"] == dead.payload["message_id"]
     with pytest.raises(InvalidInputError):
         nf.replay_dead_letters()
+
+
+@flow
+def bulk_emails(recipients: list[str], prefix: str) -> dict:
+    """Test harness: plain emails through the bulk path, one request each, keyed <prefix>-<n>."""
+    requests = [EmailRequest(to, f"Window {i}", "stored body", key=f"{prefix}-{i}") for i, to in enumerate(recipients)]
+    return nf.send_in_batches(requests, "bulk-emails")
+
+
+def test_replay_takes_dead_letters_last_updated_in_since_until_only(services, pg):
+    """replay-dead-letters(since, until) resends, once each, the dead emails and SMS (a 400 and a retries-exhausted
+    503) last updated in [since, until): a row at `since` goes, rows before it or at `until` stay dead."""
+    smtp, gateway = services
+    names = ["before", "at-since", "inside", "at-until"]
+    for name in names:
+        smtp.handler.rcpt_replies[f"{name}@example.in"] = "550 5.1.1 mailbox unavailable"
+    with pytest.raises(PermanentError):
+        bulk_emails([f"{n}@example.in" for n in names], "window")
+    gateway.fail_next(400)
+    with pytest.raises(PermanentError):
+        nf.send_sms("9876500101", "rejected once", idempotency_key="window-sms-400")
+    gateway.fail_next(503, 503, 503, 503)
+    with pytest.raises(PermanentError):
+        nf.send_sms("9876500102", "retries exhausted", idempotency_key="window-sms-503")
+    nf.send_email("sent@example.in", "Already sent", "body", idempotency_key="window-sent")
+    assert [r.status for r in rows(idempotency_key="window-sms-503")] == ["dead"]
+    assert rows(idempotency_key="window-sms-503")[0].attempts == 4
+
+    since = dt.datetime(2026, 11, 27, 0, 0, tzinfo=dt.UTC)
+    until = since + dt.timedelta(hours=6)
+    updated = {
+        "window-0": since - dt.timedelta(microseconds=1),
+        "window-1": since,
+        "window-2": since + dt.timedelta(hours=1),
+        "window-3": until,
+        "window-sms-400": since + dt.timedelta(hours=2),
+        "window-sms-503": until - dt.timedelta(microseconds=1),
+        "window-sent": since + dt.timedelta(hours=3),
+    }
+    with pg.begin() as conn:
+        for key, at in updated.items():
+            conn.execute(
+                text("UPDATE notifications SET updated_at = :t WHERE idempotency_key = :k"), {"t": at, "k": key}
+            )
+    smtp.handler.reset()
+    gateway.reset()
+
+    result = nf.replay_dead_letters(since=since, until=until)
+    assert (result["replayed"], result["sent"], result["dead"]) == (4, 4, 0)
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == ["at-since@example.in", "inside@example.in"]
+    assert Counter(r.data()["sms"][0]["to"][0] for r in gateway.delivered) == {"919876500101": 1, "919876500102": 1}
+    status = {r.idempotency_key: (r.status, r.attempts) for r in rows()}
+    assert status["window-0"] == status["window-3"] == ("dead", 1)
+    assert status["window-sms-503"] == ("sent", 5) and status["window-sms-400"] == ("sent", 2)
+    assert status["window-sent"] == ("sent", 1)
+    assert nf.replay_dead_letters(since=since, until=until)["replayed"] == 0
+    assert len(smtp.messages) == 2 and len(gateway.requests) == 2
+
+
+@flow
+def bulk_confirmations_paced(order_ids: list[int], pause_after_first: float) -> dict:
+    """Test harness: the bulk path when the requests after the first come later than the soft limit
+    (as the nightly run's confirmation pages do after a long night)."""
+
+    def requests():
+        for i in range(0, len(order_ids), 2):
+            if i == 2:
+                time.sleep(pause_after_first)
+            yield OrderConfirmationRequest(tuple(order_ids[i : i + 2]))
+
+    return nf.send_in_batches(requests(), "bulk-confirmations")
+
+
+def test_bulk_path_defers_requests_past_the_soft_limit_and_the_rerun_sends_each_once(services, pg, monkeypatch):
+    """Requests reached after the soft limit are deferred unrecorded without failing the run; the rerun sends
+    every message once, the ones already sent included."""
+    smtp, gateway = services
+    ids = [make_order(pg, customer_id=make_customer(pg, phone=f"98765001{i:02d}")) for i in range(6)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", 0.3)
+    first = bulk_confirmations_paced(ids, pause_after_first=0.5)
+    assert (first["deferred_batches"], first["sent"], first["pending"]) == (2, 4, 0)
+    assert len(smtp.messages) == 2 and len(gateway.requests) == 2
+    assert {r.idempotency_key.split(":")[1] for r in rows()} == {str(i) for i in ids[:2]}  # deferred: not recorded
+    monkeypatch.undo()
+    second = bulk_confirmations(ids)
+    assert (second["deferred_batches"], second["sent"]) == (0, 12)
+    assert Counter(m.rcpt_tos[0] for m in smtp.messages) == {rows_email(i): 1 for i in ids}
+    assert sorted(Counter(r.data()["sms"][0]["to"][0] for r in gateway.delivered).values()) == [1] * 6
+    assert {r.status for r in rows()} == {"sent"} and len(rows()) == 12
 
 
 @flow

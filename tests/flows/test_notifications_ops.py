@@ -1,6 +1,8 @@
 """Operations around the notification flows: provider limits, the credentials block, artifacts, masked logs."""
 
 import logging
+import threading
+import time
 
 import pytest
 from prefect import get_client
@@ -10,6 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from flows import notifications as nf
 from flows import providers
 from lib.config import get_settings
+from lib.db import session_scope
 from lib.errors import PermanentError
 from tests.builders import make_customer, make_order
 
@@ -38,6 +41,44 @@ def test_sends_go_through_provider_limits_when_they_exist(pg, smtp, sms_gateway,
     with get_client(sync_client=True) as api:
         smtp_limit = api.read_global_concurrency_limit_by_name(providers.SMTP_LIMIT)
     assert smtp_limit.active_slots == 0  # the session's slot was given back
+
+
+def _status(key: str) -> str | None:
+    from sqlalchemy import text
+
+    with session_scope() as s:
+        return s.execute(text("SELECT status FROM notifications WHERE idempotency_key = :k"), {"k": key}).scalar()
+
+
+def test_an_email_send_waits_while_both_smtp_provider_slots_are_held(pg, smtp, provider_limits):
+    """With both smtp-provider slots taken elsewhere, a send waits without claiming or sending its message;
+    once they are released it takes a slot, delivers the message once and gives the slot back."""
+    from prefect.concurrency.sync import concurrency
+
+    held, seen = threading.Event(), {}
+
+    def other_sessions() -> None:
+        with concurrency(providers.SMTP_LIMIT, occupy=2):
+            held.set()
+            deadline = time.monotonic() + 30
+            while _status("held-1") is None and time.monotonic() < deadline:  # the run has recorded it
+                time.sleep(0.05)
+            time.sleep(1.5)  # ample for one email on loopback, were the send not waiting for a slot
+            with get_client(sync_client=True) as api:
+                slots = api.read_global_concurrency_limit_by_name(providers.SMTP_LIMIT).active_slots
+            seen.update(status=_status("held-1"), delivered=len(smtp.messages), slots=slots)
+
+    holder = threading.Thread(target=other_sessions)
+    holder.start()
+    try:
+        assert held.wait(30)
+        result = nf.send_email("asha@example.in", "Held", "body", idempotency_key="held-1")
+    finally:
+        holder.join(60)
+    assert seen == {"status": "pending", "delivered": 0, "slots": 2}
+    assert result["sent"] == 1 and [m.message["Subject"] for m in smtp.messages] == ["Held"]
+    with get_client(sync_client=True) as api:
+        assert api.read_global_concurrency_limit_by_name(providers.SMTP_LIMIT).active_slots == 0
 
 
 def test_missing_limits_pass_through(pg, smtp):

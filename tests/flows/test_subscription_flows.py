@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import json
 import re
+import threading
+import time
 
 import pytest
 from sqlalchemy import text
@@ -16,9 +18,15 @@ from flows.subscriptions import (
     process_single_subscription,
     remind_upcoming_deliveries,
 )
+from lib.config import get_settings
 from lib.errors import InvalidInputError, NotFoundError, RejectedError
 from lib.razorpay import SignatureError, sign
 from tests.builders import make_customer, make_product, make_subscription
+from tests.unit.test_razorpay_signature import (
+    RAW_CHARGE,
+    RAW_CHARGE_SIGNATURE,
+    RAW_CHARGE_SIGNATURE_OTHER_SECRET,
+)
 
 # Within the run-date bound (35 days back) whenever the suite runs: the flows refuse dates far from today.
 TODAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
@@ -81,6 +89,75 @@ def test_nightly_flow_twice_creates_nothing_the_second_time(pg):
     assert process_due_subscriptions(run_date=TODAY, send_confirmations=False)["created"] == 3
     assert process_due_subscriptions(run_date=TODAY, send_confirmations=False)["created"] == 0
     assert count(pg, "orders") == 3
+
+
+def test_nightly_run_past_its_soft_limit_orders_nothing_and_the_next_run_orders_everything_once(pg, monkeypatch):
+    """A run whose soft limit is already spent claims no batch, says stopped_early, and the next run orders all once."""
+    subs = [make_subscription(pg, due=TODAY) for _ in range(3)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", 1e-6)
+    state = process_due_subscriptions(run_date=TODAY, send_confirmations=False, return_state=True)
+    stats = state.result()
+    assert stats["stopped_early"] and (stats["created"], stats["batches"]) == (0, 0)
+    assert count(pg, "orders") == count(pg, "subscription_outcomes") == 0
+    assert rows(pg, "SELECT DISTINCT next_delivery_date FROM subscriptions") == [(TODAY,)]
+    assert (
+        "stopped early at the soft limit"
+        in run_artifact("process-due-subscriptions", state.state_details.flow_run_id).data
+    )
+    monkeypatch.undo()
+    again = process_due_subscriptions(run_date=TODAY, send_confirmations=False)
+    assert not again["stopped_early"] and again["created"] == 3
+    assert rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1 ORDER BY 1") == [(s, 1) for s in subs]
+
+
+def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop: threading.Event, seen: dict) -> None:
+    """Hold a row lock until the nightly run waits on it, then until its soft limit has passed, then let go."""
+    with pg.connect() as conn, conn.begin():
+        conn.execute(text(sql))
+        held.set()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        # Autocommit: within one transaction pg_stat_activity is a snapshot and would never change.
+        with pg.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
+            give_up = time.monotonic() + 60  # never hang the suite: the test then fails on `seen`
+            while not stop.is_set() and time.monotonic() < give_up:
+                if probe.execute(text(waiting)).scalar():
+                    seen["waiting_at"] = time.monotonic()
+                    break
+                time.sleep(0.02)
+        # The run computed its deadline before it claimed the batch that now waits: at most soft_limit from here.
+        stop.wait(soft_limit + 0.3)
+
+
+def test_nightly_run_stops_claiming_at_the_soft_limit_mid_night_and_the_next_run_finishes_once(pg, monkeypatch):
+    """A batch running at the soft limit completes, no batch is claimed after it, the next run does the rest once."""
+    soft_limit = 2.0
+    product = make_product(pg, stock=10)
+    subs = [make_subscription(pg, product_id=product, due=TODAY) for _ in range(5)]
+    monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", soft_limit)
+    held, stop, seen = threading.Event(), threading.Event(), {}
+    # The first batch waits for its product's row lock until the soft limit has passed.
+    holder = threading.Thread(
+        target=_hold_row_lock,
+        args=(pg, f"SELECT 1 FROM products WHERE id = {product} FOR UPDATE", soft_limit, held, stop, seen),
+    )
+    holder.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        stats = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=1, send_confirmations=False)
+    finally:
+        stop.set()
+        holder.join(30)
+    assert seen.get("waiting_at", float("inf")) - started < soft_limit, "the run reached no batch within its soft limit"
+    assert stats["stopped_early"] and (stats["created"], stats["batches"]) == (2, 1)
+    assert rows(pg, "SELECT subscription_id FROM orders ORDER BY 1") == [(s,) for s in subs[:2]]  # oldest first
+    monkeypatch.undo()
+    again = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=1, send_confirmations=False)
+    assert not again["stopped_early"] and again["created"] == 3
+    assert rows(pg, "SELECT subscription_id, count(*) FROM orders GROUP BY 1 ORDER BY 1") == [(s, 1) for s in subs]
+    assert rows(pg, "SELECT stock FROM products") == [(5,)]
 
 
 def test_dry_run_reports_and_writes_nothing(pg):
@@ -292,6 +369,27 @@ def test_forged_or_malformed_webhook_writes_nothing(pg, body, signature, error):
         handle_razorpay_event(body=body, signature=sig, event_id="evt_bad")
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert count(pg, "orders") == count(pg, "webhook_events") == 0
+
+
+def test_webhook_checks_the_raw_body_against_an_independently_computed_signature(pg, smtp, sms_gateway):
+    """OpenSSL's digest of the raw body (odd spacing, key order, UTF-8) is applied; the same JSON re-serialised,
+    or signed under another secret, is refused with nothing written."""
+    make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_VEC1", stock=5)
+    raw = RAW_CHARGE.decode()
+    doc = json.loads(raw)
+    refused = [
+        (json.dumps(doc), RAW_CHARGE_SIGNATURE),
+        (json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":")), RAW_CHARGE_SIGNATURE),
+        (raw, RAW_CHARGE_SIGNATURE_OTHER_SECRET),
+    ]
+    for body, signature in refused:
+        with pytest.raises(SignatureError, match="does not match"):
+            handle_razorpay_event(body=body, signature=signature, event_id="evt_vec1")
+    assert count(pg, "webhook_events") == count(pg, "orders") == 0
+    out = handle_razorpay_event(body=raw, signature=RAW_CHARGE_SIGNATURE, event_id="evt_vec1")
+    assert out["status"] == "applied" and out["order_created"]
+    assert rows(pg, "SELECT razorpay_payment_id, status FROM orders") == [("pay_VEC1", "paid")]
+    assert event_row(pg, "evt_vec1")[0] == "applied"
 
 
 def test_over_long_event_id_is_refused_before_any_write(pg):
