@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import task_run
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt
 
 from flows.common import IdempotencyKey, PositiveId, final_attempt, flow_options, publish_markdown, task_options
 from flows.providers import SMS_LIMIT, SMTP_LIMIT, provider_rate, provider_session, sms_config, smtp_config
@@ -181,35 +181,42 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[i : i + size])
 
 
-def send_in_batches(requests: Iterable[MessageRequest], flow_name: str) -> dict[str, Any]:
+def send_in_batches(
+    requests: Iterable[MessageRequest], flow_name: str, deadline: float | None = None
+) -> dict[str, Any]:
     """The bulk form: record batches concurrently, deliver each as soon as it is recorded, stop at the soft limit.
 
-    Requests not started by the soft limit are left for the next run (their keys make it
-    safe); the run still fails if a message is dead.
+    ``deadline`` (a ``time.time()`` value) defaults to FLOW_SOFT_LIMIT_SECONDS from now; the
+    nightly run passes its own, so its confirmations share the night's limit. A batch reached
+    after it is still recorded (pending) but not sent: `resend-stuck-messages` sends it within
+    the quarter hour, once. The run fails if a message is dead.
     """
-    started, soft_limit = time.monotonic(), get_settings().flow_soft_limit_seconds
-    recording, deferred = [], 0
+    deadline = deadline if deadline is not None else time.time() + get_settings().flow_soft_limit_seconds
+    recording, deferring = [], []
     for request in requests:
-        if time.monotonic() - started > soft_limit:
-            deferred += 1
-            continue
-        recording.append(record_messages.submit(request))
+        (recording if time.time() < deadline else deferring).append(record_messages.submit(request))
     total, deliveries = MessageBatch(), []
     for future in recording:
         batch = future.result()
         deliveries += submit_deliveries(batch)
         total.extend(batch)
     totals = await_deliveries(deliveries)
+    for future in deferring:
+        total.extend(future.result())
+    if deferring:
+        get_run_logger().warning(
+            "soft limit reached: %d batch(es) recorded and left pending for resend-stuck-messages", len(deferring)
+        )
     if total.missing:
         get_run_logger().warning("%d id(s) name no row and were skipped: %s", len(total.missing), total.missing[:20])
     extra = {
         "missing": len(total.missing),
         "opted_out": total.opted_out,
         "no_address": total.no_address,
-        "deferred_batches": deferred,
+        "deferred_batches": len(deferring),
     } | totals
     counts = report_messages(total.keys(), flow_name, extra)
-    return raise_if_undelivered(flow_name, counts | {"deferred": deferred})
+    return raise_if_undelivered(flow_name, counts | {"deferred": len(deferring)})
 
 
 # --- flows: plain and templated ----------------------------------------------------------------
@@ -351,7 +358,7 @@ def replay_dead_letters(
 
 
 @flow(**flow_options("resend-stuck-messages"))
-def resend_stuck_messages(older_than_minutes: PositiveInt = 15) -> dict[str, Any]:
+def resend_stuck_messages(older_than_minutes: NonNegativeInt = 15) -> dict[str, Any]:
     """Finish messages a stopped worker or a failed run left behind (at most one resend each)."""
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=older_than_minutes)
     found = find_stuck_messages(cutoff)

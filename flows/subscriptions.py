@@ -81,11 +81,15 @@ def _confirmation_requests(run: str, counter: list[int]) -> Iterator[OrderConfir
         after = page[-1]
 
 
-def _confirm(run: str, stats: dict[str, Any]) -> JobError | None:
-    """Send the run's confirmations; a dead or undelivered one is returned (after the rest went), not raised."""
+def _confirm(run: str, stats: dict[str, Any], deadline: float | None = None) -> JobError | None:
+    """Send the run's confirmations; a dead or undelivered one is returned (after the rest went), not raised.
+
+    Past ``deadline`` (the night's soft limit) they are recorded and left to resend-stuck-messages.
+    """
     counter = [0]
     try:
-        stats["confirmations"] = send_in_batches(_confirmation_requests(run, counter), "order-confirmations")
+        requests = _confirmation_requests(run, counter)
+        stats["confirmations"] = send_in_batches(requests, "order-confirmations", deadline)
     except JobError as exc:
         stats["confirmations_failed"] = str(exc)
         return exc
@@ -123,12 +127,22 @@ def publish_night_summary(
 
 
 def _finish(
-    key: str, run: str, lanes: list[subs.LaneResult], run_date: dt.date, paid: dict[str, int], confirm: bool
+    key: str,
+    run: str,
+    lanes: list[subs.LaneResult],
+    run_date: dt.date,
+    paid: dict[str, int],
+    confirm: bool,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Confirm what the run created, publish its summary, then fail if a confirmation could not go."""
+    """Confirm what the run created, publish its summary, then fail if a confirmation could not go.
+
+    The run's created orders are read from its outcome rows, so a rescheduled run (same id)
+    confirms what its crashed first attempt created, even when it creates nothing itself.
+    """
     groups, stats = _night_stats(lanes, run_date, dry_run=False)
     stats["payments_attached"] = paid
-    failure = _confirm(run, stats) if confirm and stats["created"] else None
+    failure = _confirm(run, stats, deadline) if confirm else None
     publish_night_summary(key, groups, [ms for lane in lanes for ms in lane.batch_ms], stats, run_date)
     if failure is not None:
         raise failure
@@ -172,7 +186,7 @@ def process_due_subscriptions(
         ]
         lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
-    return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations)
+    return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
 
 
 # --- scale-out: the night's lanes as flow runs on several workers ---------------------------------

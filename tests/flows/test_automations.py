@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prefect.client.orchestration import get_client
 
 from deployments import automations
 from deployments.blocks import BLOCK_NAME, IndostarOpsEmail
 from lib.config import get_settings
+
+
+@pytest.fixture(autouse=True)
+def _remove_our_automations():
+    """Automations live on the session-wide harness server: remove ours after each test, or they would act on
+    other tests' runs (a crashed run rescheduled, a failed run emailed)."""
+    yield
+    with get_client(sync_client=True) as client:
+        for a in client.read_automations():
+            if a.name.startswith(automations.PREFIX):
+                client.delete_automation(a.id)
 
 
 def _ours() -> dict[str, list]:

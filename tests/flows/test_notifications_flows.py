@@ -327,16 +327,18 @@ def bulk_confirmations_paced(order_ids: list[int], pause_after_first: float) -> 
 
 
 def test_bulk_path_defers_requests_past_the_soft_limit_and_the_rerun_sends_each_once(services, pg, monkeypatch):
-    """Requests reached after the soft limit are deferred unrecorded without failing the run; the rerun sends
-    every message once, the ones already sent included."""
+    """Requests reached after the soft limit are recorded but not sent, without failing the run; the stuck-message
+    sweep (or a rerun) sends every message once, the ones already sent untouched."""
     smtp, gateway = services
     ids = [make_order(pg, customer_id=make_customer(pg, phone=f"98765001{i:02d}")) for i in range(6)]
     monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", 0.3)
     first = bulk_confirmations_paced(ids, pause_after_first=0.5)
-    assert (first["deferred_batches"], first["sent"], first["pending"]) == (2, 4, 0)
+    assert (first["deferred_batches"], first["sent"], first["pending"]) == (2, 4, 8)
     assert len(smtp.messages) == 2 and len(gateway.requests) == 2
-    assert {r.idempotency_key.split(":")[1] for r in rows()} == {str(i) for i in ids[:2]}  # deferred: not recorded
+    assert {r.idempotency_key.split(":")[1] for r in rows(status="pending")} == {str(i) for i in ids[2:]}
     monkeypatch.undo()
+    swept = nf.resend_stuck_messages(older_than_minutes=0)  # what the every-10-minutes deployment does
+    assert (swept["found"], swept["sent"]) == (8, 8)
     second = bulk_confirmations(ids)
     assert (second["deferred_batches"], second["sent"]) == (0, 12)
     assert Counter(m.rcpt_tos[0] for m in smtp.messages) == {rows_email(i): 1 for i in ids}
