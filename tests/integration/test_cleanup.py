@@ -121,3 +121,33 @@ def test_a_cart_locked_by_a_shopper_is_skipped_not_waited_on(pg):
     assert batch.removed == {"empty_carts": 1}
     assert _cart_ids(pg) == {locked}
     assert other not in _cart_ids(pg)
+
+
+def test_cart_items_are_counted_exactly_over_many_quick_batches(pg):
+    """Back-to-back one-cart batches report each cart's own items, however PostgreSQL accumulates its counters."""
+    for items in (1, 2, 3, 1, 2):
+        make_cart(pg, age_days=40, items=items)
+    stats = _purge_all_carts(batch_size=1)
+    assert stats.removed == {"empty_carts": 0, "carts_with_items": 5, "cart_items": 9}
+    assert count_rows(pg, "cart_items") == 0
+
+
+def test_cart_items_deleted_earlier_in_the_same_transaction_are_not_counted(pg):
+    """A batch counts only the items its own carts took with them, not other deletes in its transaction."""
+    fresh = make_cart(pg, age_days=1, items=2)
+    make_cart(pg, age_days=40, items=3)
+    with session_scope() as s:
+        s.execute(text("DELETE FROM cart_items WHERE cart_id = :c"), {"c": fresh})
+        batch = cleanup.cart_batch(s, "carts_with_items", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
+    assert batch.removed == {"carts_with_items": 1, "cart_items": 3}
+
+
+def test_cart_items_are_counted_when_track_counts_is_off(pg):
+    """With PostgreSQL's row counters off (track_counts), the batch counts the items itself."""
+    make_cart(pg, age_days=40, items=3)
+    make_cart(pg, age_days=40, items=1)
+    with session_scope() as s:
+        s.execute(text("SET LOCAL track_counts = off"))
+        batch = cleanup.cart_batch(s, "carts_with_items", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
+    assert batch.removed == {"carts_with_items": 2, "cart_items": 4}
+    assert count_rows(pg, "carts") == 0
