@@ -184,6 +184,11 @@ _COUNT_ITEMS = "(SELECT count(*) FROM cart_items WHERE cart_id = ANY(ARRAY(SELEC
 # so the statement counts the items itself (the subquery only runs in that case).
 _ITEMS_IF_UNTRACKED = f"CASE WHEN current_setting('track_counts')::bool THEN NULL ELSE {_COUNT_ITEMS} END"
 _ITEMS_DELETED = text("SELECT pg_stat_get_xact_tuples_deleted('cart_items'::regclass)")
+# A batch's commit does not wait for its WAL flush (one per batch, ~2 ms each on a quiet
+# disk, about 5 % of the pass at 1M carts). A crash can only lose the last fraction of a
+# second of committed batches: PostgreSQL recovers to a consistent earlier point, those
+# carts (items with them) come back, and the next run deletes them again.
+_NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
 
 
 def cart_batch(
@@ -260,9 +265,13 @@ def purge_carts(
     dry_run: bool = False,
 ) -> PassStats:
     """One phase of the stale-cart cleanup, batch after batch, each in its own transaction."""
-    return run_batches(
-        scope, lambda s, after: cart_batch(s, phase, cutoff, now, after, batch_size, dry_run), batch_size, limits
-    )
+
+    def step(session: Session, after: int) -> Batch:
+        if not dry_run:
+            session.execute(_NO_FLUSH_WAIT)
+        return cart_batch(session, phase, cutoff, now, after, batch_size, dry_run)
+
+    return run_batches(scope, step, batch_size, limits)
 
 
 def purge_aged(

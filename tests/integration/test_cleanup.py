@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import text
@@ -150,4 +151,24 @@ def test_cart_items_are_counted_when_track_counts_is_off(pg):
         s.execute(text("SET LOCAL track_counts = off"))
         batch = cleanup.cart_batch(s, "carts_with_items", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
     assert batch.removed == {"carts_with_items": 2, "cart_items": 4}
+    assert count_rows(pg, "carts") == 0
+
+
+def test_cart_batches_commit_without_waiting_for_the_wal_flush_and_dry_runs_change_nothing(pg):
+    """Each deleting cart batch runs with synchronous_commit off; a dry run leaves the setting alone."""
+    make_cart(pg, age_days=40)
+    seen: list[str] = []
+
+    @contextmanager
+    def recording_scope():
+        with session_scope() as s:
+            yield s
+            seen.append(s.execute(text("SELECT current_setting('synchronous_commit')")).scalar_one())
+
+    cutoff = cleanup.cutoff_for(_now(), 30)
+    cleanup.purge_carts(recording_scope, "empty_carts", cutoff, _now(), 10, Limits(), dry_run=True)
+    cleanup.purge_carts(recording_scope, "empty_carts", cutoff, _now(), 10, Limits())
+    with pg.connect() as conn:
+        default = conn.execute(text("SELECT current_setting('synchronous_commit')")).scalar_one()
+    assert seen == [default, "off"]
     assert count_rows(pg, "carts") == 0
