@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -29,6 +31,12 @@ def _purge_all_carts(days: int = 30, batch_size: int = 100, limits: Limits | Non
             break
         stats = stats.merge(cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits_left, dry_run))
     return stats
+
+
+def _fresh_scalar(pg, sql: str):
+    """One value read in a transaction of its own (pg_stat_activity is read once per transaction)."""
+    with pg.connect() as conn:
+        return conn.execute(text(sql)).scalar_one()
 
 
 def _cart_ids(pg) -> set[int]:
@@ -172,3 +180,38 @@ def test_cart_batches_commit_without_waiting_for_the_wal_flush_and_dry_runs_chan
         default = conn.execute(text("SELECT current_setting('synchronous_commit')")).scalar_one()
     assert seen == [default, "off"]
     assert count_rows(pg, "carts") == 0
+
+
+def test_a_cart_updated_while_its_batch_runs_stays_and_is_not_counted(pg, monkeypatch):
+    """A stale cart updated by someone between the batch's snapshot and its lock stays for the next run, uncounted."""
+    first, touched, last = (make_cart(pg, age_days=40) for _ in range(3))
+    # Pause the batch's scan at `touched` (before it locks that row) until the test lets it go.
+    hook = f"(c.id <> {touched} OR pg_advisory_xact_lock_shared(4242)::text = '') AND "
+    monkeypatch.setattr(
+        cleanup, "_CART_SQL", cleanup._CART_SQL.replace("WHERE c.updated_at", f"WHERE {hook}c.updated_at")
+    )
+    result: list[cleanup.Batch] = []
+    with pg.connect() as gate:
+        gate.execute(text("SELECT pg_advisory_lock(4242)"))
+
+        def run_batch() -> None:
+            with session_scope() as s:
+                result.append(cleanup.cart_batch(s, "empty_carts", cleanup.cutoff_for(_now(), 30), _now(), 0, 10))
+
+        worker = threading.Thread(target=run_batch)
+        worker.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' AND datname = current_database()"
+        deadline = time.monotonic() + 10
+        while not _fresh_scalar(pg, waiting):
+            assert time.monotonic() < deadline, "the batch never reached the paused cart"
+            time.sleep(0.02)
+        with pg.begin() as shopper:  # a change that leaves updated_at alone, so the cart is still stale
+            shopper.execute(text("UPDATE carts SET created_at = created_at WHERE id = :i"), {"i": touched})
+        gate.execute(text("SELECT pg_advisory_unlock(4242)"))
+        gate.commit()
+        worker.join(timeout=30)
+    (batch,) = result
+    assert batch.claimed == 3 and batch.last_id == last
+    assert batch.removed == {"empty_carts": 2} and sum(batch.ages.values()) == 2
+    assert _cart_ids(pg) == {touched}
+    assert first not in _cart_ids(pg)
