@@ -151,8 +151,8 @@ def test_cart_items_deleted_earlier_in_the_same_transaction_are_not_counted(pg):
     assert batch.removed == {"carts_with_items": 1, "cart_items": 3}
 
 
-def test_cart_items_are_counted_when_track_counts_is_off(pg):
-    """With PostgreSQL's row counters off (track_counts), the batch counts the items itself."""
+def test_carts_and_items_are_counted_when_track_counts_is_off(pg):
+    """With PostgreSQL's row counters off (track_counts) a batch still reports exactly the carts and items removed."""
     make_cart(pg, age_days=40, items=3)
     make_cart(pg, age_days=40, items=1)
     with session_scope() as s:
@@ -162,7 +162,7 @@ def test_cart_items_are_counted_when_track_counts_is_off(pg):
     assert count_rows(pg, "carts") == 0
 
 
-def test_cart_batches_commit_without_waiting_for_the_wal_flush_and_dry_runs_change_nothing(pg):
+def test_cart_batches_commit_without_waiting_for_the_wal_flush_and_dry_runs_leave_that_alone(pg):
     """Each deleting cart batch runs with synchronous_commit off; a dry run leaves the setting alone."""
     make_cart(pg, age_days=40)
     seen: list[str] = []
