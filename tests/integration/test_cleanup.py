@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import text
@@ -28,6 +31,12 @@ def _purge_all_carts(days: int = 30, batch_size: int = 100, limits: Limits | Non
             break
         stats = stats.merge(cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits_left, dry_run))
     return stats
+
+
+def _fresh_scalar(pg, sql: str):
+    """One value read in a transaction of its own (pg_stat_activity is read once per transaction)."""
+    with pg.connect() as conn:
+        return conn.execute(text(sql)).scalar_one()
 
 
 def _cart_ids(pg) -> set[int]:
@@ -121,3 +130,88 @@ def test_a_cart_locked_by_a_shopper_is_skipped_not_waited_on(pg):
     assert batch.removed == {"empty_carts": 1}
     assert _cart_ids(pg) == {locked}
     assert other not in _cart_ids(pg)
+
+
+def test_cart_items_are_counted_exactly_over_many_quick_batches(pg):
+    """Back-to-back one-cart batches report each cart's own items, however PostgreSQL accumulates its counters."""
+    for items in (1, 2, 3, 1, 2):
+        make_cart(pg, age_days=40, items=items)
+    stats = _purge_all_carts(batch_size=1)
+    assert stats.removed == {"empty_carts": 0, "carts_with_items": 5, "cart_items": 9}
+    assert count_rows(pg, "cart_items") == 0
+
+
+def test_cart_items_deleted_earlier_in_the_same_transaction_are_not_counted(pg):
+    """A batch counts only the items its own carts took with them, not other deletes in its transaction."""
+    fresh = make_cart(pg, age_days=1, items=2)
+    make_cart(pg, age_days=40, items=3)
+    with session_scope() as s:
+        s.execute(text("DELETE FROM cart_items WHERE cart_id = :c"), {"c": fresh})
+        batch = cleanup.cart_batch(s, "carts_with_items", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
+    assert batch.removed == {"carts_with_items": 1, "cart_items": 3}
+
+
+def test_carts_and_items_are_counted_when_track_counts_is_off(pg):
+    """With PostgreSQL's row counters off (track_counts) a batch still reports exactly the carts and items removed."""
+    make_cart(pg, age_days=40, items=3)
+    make_cart(pg, age_days=40, items=1)
+    with session_scope() as s:
+        s.execute(text("SET LOCAL track_counts = off"))
+        batch = cleanup.cart_batch(s, "carts_with_items", cleanup.cutoff_for(_now(), 30), _now(), 0, 10)
+    assert batch.removed == {"carts_with_items": 2, "cart_items": 4}
+    assert count_rows(pg, "carts") == 0
+
+
+def test_cart_batches_commit_without_waiting_for_the_wal_flush_and_dry_runs_leave_that_alone(pg):
+    """Each deleting cart batch runs with synchronous_commit off; a dry run leaves the setting alone."""
+    make_cart(pg, age_days=40)
+    seen: list[str] = []
+
+    @contextmanager
+    def recording_scope():
+        with session_scope() as s:
+            yield s
+            seen.append(s.execute(text("SELECT current_setting('synchronous_commit')")).scalar_one())
+
+    cutoff = cleanup.cutoff_for(_now(), 30)
+    cleanup.purge_carts(recording_scope, "empty_carts", cutoff, _now(), 10, Limits(), dry_run=True)
+    cleanup.purge_carts(recording_scope, "empty_carts", cutoff, _now(), 10, Limits())
+    with pg.connect() as conn:
+        default = conn.execute(text("SELECT current_setting('synchronous_commit')")).scalar_one()
+    assert seen == [default, "off"]
+    assert count_rows(pg, "carts") == 0
+
+
+def test_a_cart_updated_while_its_batch_runs_stays_and_is_not_counted(pg, monkeypatch):
+    """A stale cart updated by someone between the batch's snapshot and its lock stays for the next run, uncounted."""
+    first, touched, last = (make_cart(pg, age_days=40) for _ in range(3))
+    # Pause the batch's scan at `touched` (before it locks that row) until the test lets it go.
+    hook = f"(c.id <> {touched} OR pg_advisory_xact_lock_shared(4242)::text = '') AND "
+    monkeypatch.setattr(
+        cleanup, "_CART_SQL", cleanup._CART_SQL.replace("WHERE c.updated_at", f"WHERE {hook}c.updated_at")
+    )
+    result: list[cleanup.Batch] = []
+    with pg.connect() as gate:
+        gate.execute(text("SELECT pg_advisory_lock(4242)"))
+
+        def run_batch() -> None:
+            with session_scope() as s:
+                result.append(cleanup.cart_batch(s, "empty_carts", cleanup.cutoff_for(_now(), 30), _now(), 0, 10))
+
+        worker = threading.Thread(target=run_batch)
+        worker.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' AND datname = current_database()"
+        deadline = time.monotonic() + 10
+        while not _fresh_scalar(pg, waiting):
+            assert time.monotonic() < deadline, "the batch never reached the paused cart"
+            time.sleep(0.02)
+        with pg.begin() as shopper:  # a change that leaves updated_at alone, so the cart is still stale
+            shopper.execute(text("UPDATE carts SET created_at = created_at WHERE id = :i"), {"i": touched})
+        gate.execute(text("SELECT pg_advisory_unlock(4242)"))
+        gate.commit()
+        worker.join(timeout=30)
+    (batch,) = result
+    assert batch.claimed == 3 and batch.last_id == last
+    assert batch.removed == {"empty_carts": 2} and sum(batch.ages.values()) == 2
+    assert _cart_ids(pg) == {touched}
+    assert first not in _cart_ids(pg)
