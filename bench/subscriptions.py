@@ -343,10 +343,10 @@ class Probe:
 # --- where the flow's time goes ----------------------------------------------------------------
 
 _SQL_HEAD = re.compile(
-    r"^\s*(?:(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?P<table>\w+)|(?P<select>SELECT|WITH)\b.*?\bFROM\s+(?P<from>\w+)"
-    r"|(?P<word>\w+(?:\s+LOCAL)?))",
-    re.IGNORECASE | re.DOTALL,
+    r"^\s*(?:(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?P<table>\w+)|(?P<word>\w+(?:\s+LOCAL)?))", re.I
 )
+_PARENS = re.compile(r"\([^()]*\)")
+_FROM = re.compile(r"\bFROM\s+(\w+)", re.I)
 
 
 def statement_class(sql: str) -> str:
@@ -356,9 +356,14 @@ def statement_class(sql: str) -> str:
         return "other"
     if m["verb"]:
         return f"{m['verb'].split()[0].lower()} {m['table'].lower()}"
-    if m["select"]:
-        return f"{m['select'].lower()} {m['from'].lower()}"
-    return m["word"].lower()
+    word = m["word"].lower()
+    if word in ("select", "with"):
+        outer = sql
+        while (inner := _PARENS.sub(" ", outer)) != outer:  # drop subqueries: the outer FROM names the table
+            outer = inner
+        found = _FROM.search(outer)
+        return f"{word} {found[1].lower()}" if found else word
+    return word
 
 
 class Split:
