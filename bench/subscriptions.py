@@ -7,7 +7,8 @@ Seeds N due subscriptions over --products products once into a template database
 (mixed frequencies and quantities, due on the run date or 1-3 days overdue, stock
 such that a few percent are out of stock, plus N/2 rows that are not due: future or
 paused/cancelled, and --history: orders, items and outcomes of earlier nights, so the
-order tables are not empty as in production), VACUUM ANALYZEd as autovacuum would.
+order tables are not empty as in production); the tables holding rows are VACUUM
+ANALYZEd as autovacuum would (empty ones never are, as after a migration).
 Every measured run gets a fresh copy of it (CREATE DATABASE ... TEMPLATE, then
 CHECKPOINT; not timed). A warm-up flow run (small data) precedes the measurements.
 
@@ -22,8 +23,9 @@ CHECKPOINT; not timed). A warm-up flow run (small data) precedes the measurement
   tasks of one product are chained so that the oldest due is still served first
   (--skip-old-design leaves it out).
 - first night: (b) again on the same N with --history 0 (empty orders, items and
-  outcomes, as on the night after the first deployment); its ratio to (b) with history
-  is ``first_night.ratio`` (--no-first-night leaves it out).
+  outcomes, never analyzed, as on the night after the first deployment); its ratio to
+  (b) with history is ``first_night.ratio`` (--no-first-night leaves it out;
+  --first-night-stats none: no table analyzed at all, as right after a restore).
 
 --n takes several sizes (comma-separated); (a), (b) and the first night run for each,
 interleaved repeat by repeat (a, b, first night, a, b, ...) so that a change in the
@@ -140,9 +142,22 @@ def _rows(n: int, products: int, run_date: dt.date, rng_seed: int, extra: float)
 
 
 def build_template(
-    base_url: str, name: str, n: int, products: int, run_date: dt.date, extra: float, history: float
+    base_url: str,
+    name: str,
+    n: int,
+    products: int,
+    run_date: dt.date,
+    extra: float,
+    history: float,
+    stats: str = "autovacuum",
 ) -> Dataset:
-    """A migrated database holding the data set, vacuumed and analyzed; no connection left open."""
+    """A migrated database holding the data set; no connection left open.
+
+    ``stats``: "autovacuum" vacuums and analyzes the tables that hold rows, as autovacuum
+    would after the load (it never visits a table nobody wrote to, so empty order tables
+    stay never analyzed, as after `indostar-jobs migrate`); "none" leaves every table as
+    loaded, with no statistics (a restore or import the first night follows at once).
+    """
     from deployments.dev.seed import copy_rows
     from lib import db
 
@@ -198,7 +213,11 @@ def build_template(
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
             info["history_orders"] = conn.execute(text("SELECT count(*) FROM orders")).scalar_one()
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
+            tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))
+            for table in sorted(tables.scalars()) if stats == "autovacuum" else ():
+                if conn.execute(text(f'SELECT EXISTS (SELECT FROM "{table}")')).scalar():
+                    conn.execute(text(f'VACUUM ANALYZE "{table}"'))
+            info["analyzed"] = stats
     finally:
         engine.dispose()
     info.update(due=n, not_due=len(subs) - n, products=products, seed_seconds=round(time.perf_counter() - started, 2))
@@ -647,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-first-night", dest="first_night", action="store_false", help="leave out the --history 0 runs of (b)"
     )
+    parser.add_argument(
+        "--first-night-stats",
+        choices=("autovacuum", "none"),
+        default="autovacuum",
+        help="statistics of the first night's data: of the loaded tables (default), or none at all",
+    )
     parser.add_argument("--split", action="store_true", help="add an instrumented flow run per N: where time goes")
     parser.add_argument(
         "--sweep",
@@ -684,21 +709,21 @@ def main(argv: list[str] | None = None) -> int:
     get_settings.cache_clear()
     db.reset_engine()
     s = get_settings()
-    sizes: dict[str, tuple[int, float]] = {}
+    sizes: dict[str, tuple[int, float, str]] = {}
     for n in args.n:
-        sizes[str(n)] = (n, args.history)
+        sizes[str(n)] = (n, args.history, "autovacuum")
         if args.first_night:
-            sizes[f"{n}-first-night"] = (n, 0.0)
+            sizes[f"{n}-first-night"] = (n, 0.0, args.first_night_stats)
     if len(args.n) == 1:
-        sizes["quarter"] = (max(1, args.n[0] // 4), args.history)
-    sizes["old"] = (min(args.old_n, args.n[0]), args.history)  # also the warm-up's data
+        sizes["quarter"] = (max(1, args.n[0] // 4), args.history, "autovacuum")
+    sizes["old"] = (min(args.old_n, args.n[0]), args.history, "autovacuum")  # also the warm-up's data
     datasets: dict[str, Dataset] = {}
     started = time.perf_counter()
     try:
-        for key, (n, history) in sizes.items():
+        for key, (n, history, stats) in sizes.items():
             log.info("seeding %s: %d due subscriptions over %d products, history %s", key, n, args.products, history)
             datasets[key] = build_template(
-                base, f"{BENCH_DB}_tpl_{key.replace('-', '_')}", n, args.products, args.run_date, 0.5, history
+                base, f"{BENCH_DB}_tpl_{key.replace('-', '_')}", n, args.products, args.run_date, 0.5, history, stats
             )
         from prefect.testing.utilities import prefect_test_harness
 

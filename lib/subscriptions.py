@@ -99,21 +99,27 @@ _EXISTING_ORDER = (
 )
 
 
-def pg_array(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal (``{1,NULL,"a b"}``) of ints, dates or text, passed as one parameter.
+def pg_array(values: Iterable[int | dt.date]) -> str:
+    """A PostgreSQL array literal (``{1,2,3}``) of ints or dates, passed as one text parameter.
 
     psycopg2 sends a Python list as ARRAY[...] with one literal per element: for the
     thousand-row arrays of a batch that costs milliseconds per array to build and as much
     again for the server to parse, several times the work the statement then does.
     """
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def pg_text_array(values: Iterable[object]) -> str:
+    """Like pg_array, for text or values that may be None (NULL): every element quoted."""
     parts = []
     for v in values:
         if v is None:
             parts.append("NULL")
-        elif isinstance(v, str):
-            parts.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"')
-        else:
-            parts.append(str(v))
+            continue
+        element = str(v)
+        if '"' in element or "\\" in element:
+            element = element.replace("\\", "\\\\").replace('"', '\\"')
+        parts.append(f'"{element}"')
     return "{" + ",".join(parts) + "}"
 
 
@@ -343,9 +349,9 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], run_date: dt.
             "run_id": run_id,
             "sids": pg_array(o.subscription_id for o in outcomes),
             "days": pg_array(o.delivery_date for o in outcomes),
-            "outcomes": pg_array(o.outcome for o in outcomes),
-            "reasons": pg_array(o.reason for o in outcomes),
-            "orders": pg_array(o.order_id for o in outcomes),
+            "outcomes": pg_text_array(o.outcome for o in outcomes),
+            "reasons": pg_text_array(o.reason for o in outcomes),
+            "orders": pg_text_array(o.order_id for o in outcomes),
         },
     )
 
@@ -589,6 +595,7 @@ def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
     tally = Tally()
     cursor: tuple[dt.date, int] = (dt.date.min, 0)
     batches = 0
+    session.execute(_BATCH_SETTINGS)  # the same index walk as a claim, whatever the statistics say
     while True:
         rows = session.execute(
             text(
