@@ -367,9 +367,8 @@ def _short_error(exc: BaseException) -> str:
 # that: it takes the lane filter (product_id % n = i) for 50 times more selective than it is,
 # and with no statistics (a first deployment) everything for rare, so it reckons that LIMIT
 # will not be met and reads and sorts the whole remaining due range in every claim (measured
-# 0.5-1.3 s a claim at 1M due, against 5-15 ms for the walk in index order); it also
-# hash-joins the stock update against a products table that each batch's updates bloat.
-# JIT compiling then costs ~100 ms a statement that runs in a few milliseconds.
+# 0.5-1.3 s a claim at 1M due, against 5-15 ms for the walk in index order). JIT compiling,
+# set off by those estimates, cost ~100 ms a claim that runs in a few milliseconds.
 _BATCH_SETTINGS = text(
     "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
     "set_config('jit', 'off', true)"
