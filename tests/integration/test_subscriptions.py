@@ -425,3 +425,47 @@ def test_the_lane_tally_equals_the_pandas_summary(pg):
     got = tally.frame()
     assert got.to_dict("records") == expected.to_dict("records")
     assert subs.Tally().frame().empty and list(subs.Tally().frame().columns) == subs.SUMMARY_COLUMNS
+
+
+def test_out_of_stock_rows_are_not_claimed_again_by_the_same_run(pg):
+    """A retried lane skips rows its run already decided (they stay due); a new run claims them again."""
+    product = make_product(pg, stock=0)
+    short = {make_subscription(pg, product_id=product, due=TODAY) for _ in range(3)}
+    run_id = str(uuid.uuid4())
+    run_night(run_id=run_id)
+    with session_scope() as s:
+        again = subs.claim_due(s, TODAY, 10, run_id)
+    with session_scope() as s:
+        next_run = subs.claim_due(s, TODAY, 10, str(uuid.uuid4()))
+    assert again == [] and {d.id for d in next_run} == short
+
+
+def test_a_claim_walks_the_due_index_in_order_even_when_the_estimates_say_otherwise(pg):
+    """With the lane filter misjudged and the cursor deep in the range, the claim still reads the due index in order."""
+    _seed_many(pg, 40_000, products=40, stock=10**6)
+    with pg.begin() as c:  # most active subscriptions are not due tonight
+        c.execute(
+            text(
+                "INSERT INTO subscriptions (customer_id, product_id, quantity, frequency, next_delivery_date, "
+                "anchor_day) SELECT 1 + g % 1000, 1 + g % 40, 1, 'monthly', :d + 1 + g % 60, 28 "
+                "FROM generate_series(1, 120000) g"
+            ),
+            {"d": TODAY},
+        )
+        c.execute(text("ANALYZE subscriptions"))
+    seen: list[tuple[str, dict]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "FOR UPDATE OF s SKIP LOCKED" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(pg, "before_cursor_execute", capture)
+    try:
+        with session_scope() as s:
+            subs.process_batch(s, TODAY, 1000, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000))
+            raw = s.connection().connection.dbapi_connection.cursor()
+            raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
+            plan = "\n".join(r[0] for r in raw.fetchall())
+    finally:
+        event.remove(pg, "before_cursor_execute", capture)
+    assert "Index Scan using ix_subscriptions_due" in plan and "Sort" not in plan, plan
