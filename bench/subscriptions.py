@@ -1,12 +1,14 @@
 """Benchmark of the nightly subscription run: set-based SQL reference, the flow, one task per row.
 
     python -m bench.subscriptions --n 100000
+    python -m bench.subscriptions --n 100000,1000000 --repeats 3 --sweep '' --skip-old-design
 
 Seeds N due subscriptions over --products products once into a template database
 (mixed frequencies and quantities, due on the run date or 1-3 days overdue, stock
 such that a few percent are out of stock, plus N/2 rows that are not due: future or
 paused/cancelled, and --history: orders, items and outcomes of earlier nights, so the
-order tables are not empty as in production), VACUUM ANALYZEd as autovacuum would.
+order tables are not empty as in production); the tables holding rows are VACUUM
+ANALYZEd as autovacuum would (empty ones never are, as after a migration).
 Every measured run gets a fresh copy of it (CREATE DATABASE ... TEMPLATE, then
 CHECKPOINT; not timed). A warm-up flow run (small data) precedes the measurements.
 
@@ -18,7 +20,18 @@ CHECKPOINT; not timed). A warm-up flow run (small data) precedes the measurement
   sweep over a few batch sizes and concurrencies (one run each).
 - (c) old design: one Prefect task run per subscription (process_batch with
   only_ids=[id] in its own transaction) at --old-n, extrapolated linearly to N;
-  tasks of one product are chained so that the oldest due is still served first.
+  tasks of one product are chained so that the oldest due is still served first
+  (--skip-old-design leaves it out).
+- first night: (b) again on the same N with --history 0 (empty orders, items and
+  outcomes, never analyzed, as on the night after the first deployment); its ratio to
+  (b) with history is ``first_night.ratio`` (--no-first-night leaves it out;
+  --first-night-stats none: no table analyzed at all, as right after a restore).
+
+--n takes several sizes (comma-separated); (a), (b) and the first night run for each,
+interleaved repeat by repeat (a, b, first night, a, b, ...) so that a change in the
+machine's load hits every variant alike; ``ratios.b_over_a`` is keyed by N. --split adds
+one untimed, instrumented flow run per N that says where the flow's time goes
+(statement classes, Python inside a batch, commit, lane bookkeeping, Prefect).
 
 Each run must leave the same orders (subscription, delivery date), the same stock
 per product and the same next_delivery_date per subscription as the reference on
@@ -38,17 +51,24 @@ import json
 import logging
 import os
 import random
+import re
 import statistics
 import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
+
+# Set before lib reads its settings (lib is imported lazily below): the bench runs on dev
+# defaults, which an unset INDOSTAR_ENV (production) refuses.
+os.environ.setdefault("INDOSTAR_ENV", "dev")
 
 BENCH_DB = "indostar_bench_subs"
 DEFAULT_RUN_DATE = dt.date(2025, 1, 31)  # a month end: exercises the anchor-day rule
@@ -122,9 +142,22 @@ def _rows(n: int, products: int, run_date: dt.date, rng_seed: int, extra: float)
 
 
 def build_template(
-    base_url: str, name: str, n: int, products: int, run_date: dt.date, extra: float, history: float
+    base_url: str,
+    name: str,
+    n: int,
+    products: int,
+    run_date: dt.date,
+    extra: float,
+    history: float,
+    stats: str = "autovacuum",
 ) -> Dataset:
-    """A migrated database holding the data set, vacuumed and analyzed; no connection left open."""
+    """A migrated database holding the data set; no connection left open.
+
+    ``stats``: "autovacuum" vacuums and analyzes the tables that hold rows, as autovacuum
+    would after the load (it never visits a table nobody wrote to, so empty order tables
+    stay never analyzed, as after `indostar-jobs migrate`); "none" leaves every table as
+    loaded, with no statistics (a restore or import the first night follows at once).
+    """
     from deployments.dev.seed import copy_rows
     from lib import db
 
@@ -180,7 +213,11 @@ def build_template(
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"))
             info["history_orders"] = conn.execute(text("SELECT count(*) FROM orders")).scalar_one()
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
+            tables = conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))
+            for table in sorted(tables.scalars()) if stats == "autovacuum" else ():
+                if conn.execute(text(f'SELECT EXISTS (SELECT FROM "{table}")')).scalar():
+                    conn.execute(text(f'VACUUM ANALYZE "{table}"'))
+            info["analyzed"] = stats
     finally:
         engine.dispose()
     info.update(due=n, not_due=len(subs) - n, products=products, seed_seconds=round(time.perf_counter() - started, 2))
@@ -320,6 +357,119 @@ class Probe:
     def lock_wait_share(self) -> float | None:
         waiting, active = self.lock_samples
         return round(waiting / active, 3) if active else None
+
+
+# --- where the flow's time goes ----------------------------------------------------------------
+
+_SQL_HEAD = re.compile(
+    r"^\s*(?:(?P<verb>INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(?P<table>\w+)|(?P<word>\w+(?:\s+LOCAL)?))", re.I
+)
+_PARENS = re.compile(r"\([^()]*\)")
+_FROM = re.compile(r"\bFROM\s+(\w+)", re.I)
+
+
+def statement_class(sql: str) -> str:
+    """'insert orders', 'update products', 'select subscriptions', 'savepoint', ... for a statement."""
+    m = _SQL_HEAD.match(sql)
+    if m is None:
+        return "other"
+    if m["verb"]:
+        return f"{m['verb'].split()[0].lower()} {m['table'].lower()}"
+    word = m["word"].lower()
+    if word in ("select", "with"):
+        outer = sql
+        while (inner := _PARENS.sub(" ", outer)) != outer:  # drop subqueries: the outer FROM names the table
+            outer = inner
+        found = _FROM.search(outer)
+        return f"{word} {found[1].lower()}" if found else word
+    return word
+
+
+class Split:
+    """Thread-seconds by statement class, Python inside a batch, commit, lane bookkeeping, Prefect.
+
+    Engine events time every statement as the client sees it (parameter adaptation, round
+    trip, server work); lib.subscriptions.process_batch and run_lane are wrapped to time the
+    batch and the lane. With several lanes the figures are thread-seconds, so they add up to
+    the lanes' total, not to the wall time.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.lane_walls: list[float] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[key] += seconds
+            self.counts[key] += 1
+
+    @contextmanager
+    def attached(self, engine: Engine) -> Iterator[Split]:
+        from lib import subscriptions as subs
+
+        def before(conn, cursor, statement, parameters, context, executemany) -> None:
+            self._local.t = time.perf_counter()
+
+        def after(conn, cursor, statement, parameters, context, executemany) -> None:
+            elapsed = time.perf_counter() - self._local.t
+            self._add("sql: " + statement_class(statement), elapsed)
+            self._local.sql = getattr(self._local, "sql", 0.0) + elapsed
+
+        def process_batch(*args: Any, **kwargs: Any) -> Any:
+            self._local.sql, started = 0.0, time.perf_counter()
+            try:
+                return batch(*args, **kwargs)
+            finally:
+                self._add("python inside process_batch", time.perf_counter() - started - self._local.sql)
+                self._add("process_batch", time.perf_counter() - started)
+
+        def run_lane(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            result = lane(*args, **kwargs)
+            elapsed = time.perf_counter() - started
+            self._add("lane", elapsed)
+            with self._lock:
+                self.lane_walls.append(elapsed)
+            self._add("batches", sum(result.batch_ms) / 1000)
+            with self._lock:
+                self.counts["batch"] += result.batches
+            return result
+
+        batch, lane = subs.process_batch, subs.run_lane
+        event.listen(engine, "before_cursor_execute", before)
+        event.listen(engine, "after_cursor_execute", after)
+        subs.process_batch, subs.run_lane = process_batch, run_lane
+        try:
+            yield self
+        finally:
+            subs.process_batch, subs.run_lane = batch, lane
+            event.remove(engine, "before_cursor_execute", before)
+            event.remove(engine, "after_cursor_execute", after)
+
+    def report(self, wall: float) -> dict[str, Any]:
+        """Thread-seconds per part; ``prefect_and_report_s``: the flow's wall time outside its slowest lane."""
+        s, n = self.seconds, self.counts
+        sql = {k[5:]: (round(v, 3), n[k]) for k, v in sorted(s.items(), key=lambda kv: -kv[1]) if k.startswith("sql: ")}
+        lanes = n["lane"]
+        return {
+            "flow_wall_s": round(wall, 3),
+            "lanes": lanes,
+            "batches": n["batch"],
+            "lane_thread_s": round(s["lane"], 3),
+            "lane_wall_max_s": round(max(self.lane_walls, default=0.0), 3),
+            "prefect_and_report_s": round(wall - max(self.lane_walls, default=0.0), 3),
+            "parts_thread_s": {
+                "sql statements": round(sum(v for v, _ in sql.values()), 3),
+                "python inside process_batch": round(s["python inside process_batch"], 3),
+                "commit and session": round(s["batches"] - s["process_batch"], 3),
+                "lane bookkeeping between batches": round(s["lane"] - s["batches"], 3),
+            },
+            "sql_thread_s_and_count": sql,
+            "statements_per_batch": round(sum(c for _, c in sql.values()) / max(n["batch"], 1), 1),
+        }
 
 
 # --- (a) the reference: the whole night in one transaction of set-based SQL -------------------
@@ -498,17 +648,35 @@ def _pg_settings(engine: Engine) -> dict[str, str]:
     return dict(map(tuple, rows))
 
 
+def _sizes(value: str) -> list[int]:
+    sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+    if not sizes or sizes[0] <= 0:
+        raise argparse.ArgumentTypeError(f"--n needs positive sizes, got {value!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=100_000, help="due subscriptions")
+    parser.add_argument("--n", type=_sizes, default=[100_000], help="due subscriptions; several: 100000,1000000")
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of (a) and (b); the median is reported")
     parser.add_argument("--old-n", type=int, default=2000, help="due subscriptions for the one-task-per-row design")
     parser.add_argument("--old-workers", type=int, default=4, help="task runner threads of the old design")
+    parser.add_argument("--skip-old-design", action="store_true", help="leave out (c), one task run per row")
+    parser.add_argument(
+        "--no-first-night", dest="first_night", action="store_false", help="leave out the --history 0 runs of (b)"
+    )
+    parser.add_argument(
+        "--first-night-stats",
+        choices=("autovacuum", "none"),
+        default="autovacuum",
+        help="statistics of the first night's data: of the loaded tables (default), or none at all",
+    )
+    parser.add_argument("--split", action="store_true", help="add an instrumented flow run per N: where time goes")
     parser.add_argument(
         "--sweep",
         default="500x1,1000x1,2000x1,1000x2,1000x4,2000x4",
-        help="extra (b) runs, BATCHxCONCURRENCY, comma-separated ('' for none)",
+        help="extra (b) runs at the largest N, BATCHxCONCURRENCY, comma-separated ('' for none)",
     )
     parser.add_argument("--run-date", type=dt.date.fromisoformat, default=DEFAULT_RUN_DATE)
     parser.add_argument(
@@ -519,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the databases (for EXPLAIN afterwards)")
     args = parser.parse_args(argv)
+    if args.history == 0:
+        args.first_night = False  # the measured night already is the first one
 
     os.environ.update(
         {
@@ -539,14 +709,21 @@ def main(argv: list[str] | None = None) -> int:
     get_settings.cache_clear()
     db.reset_engine()
     s = get_settings()
-    sizes = {"n": args.n, "quarter": max(1, args.n // 4), "old": min(args.old_n, args.n)}
+    sizes: dict[str, tuple[int, float, str]] = {}
+    for n in args.n:
+        sizes[str(n)] = (n, args.history, "autovacuum")
+        if args.first_night:
+            sizes[f"{n}-first-night"] = (n, 0.0, args.first_night_stats)
+    if len(args.n) == 1:
+        sizes["quarter"] = (max(1, args.n[0] // 4), args.history, "autovacuum")
+    sizes["old"] = (min(args.old_n, args.n[0]), args.history, "autovacuum")  # also the warm-up's data
     datasets: dict[str, Dataset] = {}
     started = time.perf_counter()
     try:
-        for key, n in sizes.items():
-            log.info("seeding %s: %d due subscriptions over %d products", key, n, args.products)
+        for key, (n, history, stats) in sizes.items():
+            log.info("seeding %s: %d due subscriptions over %d products, history %s", key, n, args.products, history)
             datasets[key] = build_template(
-                base, f"{BENCH_DB}_tpl_{key}", n, args.products, args.run_date, 0.5, args.history
+                base, f"{BENCH_DB}_tpl_{key.replace('-', '_')}", n, args.products, args.run_date, 0.5, history, stats
             )
         from prefect.testing.utilities import prefect_test_harness
 
@@ -567,143 +744,231 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _stats(n: int, probes: list[Probe]) -> dict[str, Any]:
+    secs = [p.seconds for p in probes]
+    med = statistics.median(secs)
+    out: dict[str, Any] = {
+        "n": n,
+        "seconds": [round(x, 3) for x in secs],
+        "median_seconds": round(med, 3),
+        "subs_per_s": round(n / med),
+        "rss_peak_delta_mib": round(max(p.rss_peak_delta for p in probes) / 2**20, 1),
+    }
+    if probes[0].lock_url:
+        out["lock_wait_share"] = [p.lock_wait_share for p in probes]
+    return out
+
+
 def _measure(args, base: str, url: str, datasets: dict[str, Dataset], batch: int, conc: int) -> dict[str, Any]:
     from lib import db
 
-    n, run_date = args.n, args.run_date
+    run_date = args.run_date
     problems: list[str] = []
     refs: dict[str, State] = {}
+    loads: list[list[float]] = []
 
     def once(label: str, ds_key: str, fn: Callable[[], Any], trace: bool = False, locks: bool = False) -> Probe:
         ds = datasets[ds_key]
         restore(base, ds)
+        loads.append(_load())
         with Probe(trace=trace, lock_url=url if locks else None) as probe:
             fn()
         state = snapshot(db.get_engine())
         if ds_key not in refs:
             refs[ds_key] = state  # the first run on each data set is the reference (a)
         for p in differences(state, refs[ds_key]):
-            problems.append(f"{label} (N={ds.n}): {p}")
+            problems.append(f"{label} (N={ds.n}, data {ds_key}): {p}")
         log.info(
-            "%-34s N=%-7d %7.2f s  rss +%5.1f MiB%s%s",
+            "%-34s N=%-7d %7.2f s  rss +%5.1f MiB%s%s  load %s",
             label,
             ds.n,
             probe.seconds,
             probe.rss_peak_delta / 2**20,
             f"  heap peak {probe.heap_peak / 2**20:.1f} MiB" if probe.heap_peak is not None else "",
             f"  lock-wait share {probe.lock_wait_share}" if locks else "",
+            loads[-1],
         )
         return probe
 
-    def variant(label: str, ds_key: str, fn: Callable[[], Any], repeats: int, locks: bool = False) -> dict[str, Any]:
-        probes = [once(label, ds_key, fn, locks=locks) for _ in range(repeats)]
-        secs = [p.seconds for p in probes]
-        med = statistics.median(secs)
-        out = {
-            "n": datasets[ds_key].n,
-            "seconds": [round(x, 3) for x in secs],
-            "median_seconds": round(med, 3),
-            "subs_per_s": round(datasets[ds_key].n / med),
-            "rss_peak_delta_mib": round(max(p.rss_peak_delta for p in probes) / 2**20, 1),
-        }
-        if locks:
-            out["lock_wait_share"] = [p.lock_wait_share for p in probes]
-        return out
+    def reference() -> None:
+        run_reference(run_date)
+
+    def default_flow() -> None:
+        run_flow(run_date, None, None)
 
     out: dict[str, Any] = {
-        "n": n,
+        "n": args.n,
         "products": args.products,
         "run_date": run_date.isoformat(),
         "cpus": os.cpu_count(),
         "data": {k: d.info for k, d in datasets.items()},
         "defaults": {"batch_size": batch, "max_concurrency": conc},
+        "repeats": args.repeats,
     }
     restore(base, datasets["old"])
-    run_flow(run_date, None, None)  # warm-up: imports, first flow run against the harness; not measured
-    a = variant("(a) reference SQL", "n", lambda: run_reference(run_date), args.repeats)
-    b = variant(f"(b) flow {batch}x{conc}", "n", lambda: run_flow(run_date, None, None), args.repeats, locks=True)
-    restore(base, datasets["n"])
-    out["prefix_rule_would_differ_on"] = prefix_rule_differences(run_date)
+    default_flow()  # warm-up: imports, first flow run against the harness; not measured
 
-    # Memory, in untimed runs with tracemalloc on (it slows allocation-heavy code down).
-    a["heap_peak_mib"] = round(
-        once("(a) reference SQL, traced", "n", lambda: run_reference(run_date), trace=True).heap_peak / 2**20, 2
-    )
-    b["heap_peak_mib"] = round(
-        once(f"(b) flow {batch}x{conc}, traced", "n", lambda: run_flow(run_date, None, None), trace=True).heap_peak
-        / 2**20,
-        2,
-    )
-    once("(a) reference SQL", "quarter", lambda: run_reference(run_date))
-    q = once(f"(b) flow {batch}x{conc}, traced", "quarter", lambda: run_flow(run_date, None, None), trace=True)
+    by_n: dict[str, dict[str, Any]] = {}
+    first_night: dict[str, dict[str, Any]] = {}
+    for n in args.n:
+        key, fkey = str(n), f"{n}-first-night"
+        a: list[Probe] = []
+        b: list[Probe] = []
+        f: list[Probe] = []
+        if args.first_night:
+            once("(a) reference SQL, first night", fkey, reference)  # the first night's data reference
+        for _ in range(args.repeats):  # interleaved, so that a change of load hits every variant alike
+            a.append(once("(a) reference SQL", key, reference))
+            b.append(once(f"(b) flow {batch}x{conc}", key, default_flow, locks=True))
+            if args.first_night:
+                f.append(once(f"(b) flow {batch}x{conc}, first night", fkey, default_flow))
+        sa, sb = _stats(n, a), _stats(n, b)
+        sb["heap_peak_mib"] = round(
+            once(f"(b) flow {batch}x{conc}, traced", key, default_flow, trace=True).heap_peak / 2**20, 2
+        )
+        by_n[key] = {
+            "a_reference": sa,
+            "b_flow": sb,
+            "b_over_a": round(sb["median_seconds"] / sa["median_seconds"], 2),
+            "b_over_a_per_repeat": [round(y.seconds / x.seconds, 2) for x, y in zip(a, b, strict=True)],
+        }
+        if args.first_night:
+            sf = _stats(n, f)
+            first_night[key] = {
+                "history_orders": datasets[key].info["history_orders"],
+                "b_flow_with_history": sb["median_seconds"],
+                "b_flow_first_night": sf,
+                "ratio": round(sf["median_seconds"] / sb["median_seconds"], 2),
+                "ratio_per_repeat": [round(y.seconds / x.seconds, 2) for x, y in zip(b, f, strict=True)],
+            }
+        if args.split:
+            split = Split()
+            restore(base, datasets[key])
+            loads.append(_load())
+            with split.attached(db.get_engine()):
+                started = time.perf_counter()
+                default_flow()
+                wall = time.perf_counter() - started
+            by_n[key]["split"] = split.report(wall)
+            log.info("split at N=%d: %s", n, json.dumps(by_n[key]["split"]))
+
+    largest = str(args.n[-1])
+    a_big, b_big = by_n[largest]["a_reference"], by_n[largest]["b_flow"]
+    prefix_ds = datasets[largest]
+    restore(base, prefix_ds)
+    out["prefix_rule_would_differ_on"] = prefix_rule_differences(run_date)
+    # Memory of (a), in an untimed run with tracemalloc on (it slows allocation-heavy code down).
+    traced = once("(a) reference SQL, traced", largest, reference, trace=True)
+    a_big["heap_peak_mib"] = round(traced.heap_peak / 2**20, 2)
+    heap = {k: v["b_flow"]["heap_peak_mib"] for k, v in by_n.items()}
+    rss = {k: v["b_flow"]["rss_peak_delta_mib"] for k, v in by_n.items()}
+    if "quarter" in datasets:
+        once("(a) reference SQL", "quarter", reference)
+        q = once(f"(b) flow {batch}x{conc}, traced", "quarter", default_flow, trace=True)
+        qn = str(datasets["quarter"].n)
+        heap[qn], rss[qn] = round(q.heap_peak / 2**20, 2), round(q.rss_peak_delta / 2**20, 1)
     out["memory"] = {
         "measure": "tracemalloc peak of the Python heap during an untimed run (C buffers of libpq not included); "
         "rss_peak_delta_mib: peak RSS growth sampled every 20 ms from /proc/self/statm",
-        "flow_heap_peak_mib": {str(n): b["heap_peak_mib"], str(datasets["quarter"].n): round(q.heap_peak / 2**20, 2)},
-        "flow_rss_peak_delta_mib": {
-            str(n): b["rss_peak_delta_mib"],
-            str(datasets["quarter"].n): round(q.rss_peak_delta / 2**20, 1),
-        },
+        "flow_heap_peak_mib": dict(sorted(heap.items(), key=lambda kv: int(kv[0]))),
+        "flow_rss_peak_delta_mib": dict(sorted(rss.items(), key=lambda kv: int(kv[0]))),
     }
 
     sweep = []
     for spec in filter(None, (x.strip() for x in args.sweep.split(","))):
         bs, cc = (int(v) for v in spec.split("x"))
-        r = variant(f"(b) flow {bs}x{cc}", "n", lambda bs=bs, cc=cc: run_flow(run_date, bs, cc), 1, locks=True)
-        sweep.append({"batch_size": bs, "max_concurrency": cc, **r})
-    sweep.append({"batch_size": batch, "max_concurrency": conc, **b})
+        probe = once(f"(b) flow {bs}x{cc}", largest, lambda bs=bs, cc=cc: run_flow(run_date, bs, cc), locks=True)
+        sweep.append({"batch_size": bs, "max_concurrency": cc, **_stats(int(largest), [probe])})
+    sweep.append({"batch_size": batch, "max_concurrency": conc, **b_big})
     out["sweep"] = sorted(sweep, key=lambda r: r["median_seconds"])
 
-    old_flow = old_design_flow(args.old_workers)
-    once("(a) reference SQL", "old", lambda: run_reference(run_date))
-    c = variant(f"(c) task per row, {args.old_workers} threads", "old", lambda: old_flow(run_date), 1)
-    c.update(
-        workers=args.old_workers,
-        extrapolated=c["n"] < n,
-        extrapolated_seconds_for_n=round(c["median_seconds"] * n / c["n"], 1),
+    out["variants"] = {"a_reference": a_big, "b_flow": b_big}
+    out["by_n"] = by_n
+    out["ratios"] = {"b_over_a": {k: v["b_over_a"] for k, v in by_n.items()}}
+    if args.first_night:
+        out["first_night"] = {"ratio": {k: v["ratio"] for k, v in first_night.items()}, "by_n": first_night}
+        out["ratios"]["first_night"] = out["first_night"]["ratio"]
+    if not args.skip_old_design:
+        old_flow = old_design_flow(args.old_workers)
+        once("(a) reference SQL", "old", reference)
+        probe = once(f"(c) task per row, {args.old_workers} threads", "old", lambda: old_flow(run_date))
+        c = _stats(datasets["old"].n, [probe])
+        c.update(
+            workers=args.old_workers,
+            extrapolated=c["n"] < int(largest),
+            extrapolated_seconds_for_n=round(c["median_seconds"] * int(largest) / c["n"], 1),
+        )
+        out["variants"]["c_task_per_row"] = c
+        out["ratios"]["c_over_b"] = round(c["extrapolated_seconds_for_n"] / b_big["median_seconds"], 1)
+    out["target_met"] = all(r <= 1.5 for r in out["ratios"]["b_over_a"].values()) and all(
+        r <= 1.2 for r in out["ratios"].get("first_night", {}).values()
     )
-    c["subs_per_s"] = round(c["n"] / c["median_seconds"])
-    out["variants"] = {"a_reference": a, "b_flow": b, "c_task_per_row": c}
-    out["ratios"] = {
-        "b_over_a": round(b["median_seconds"] / a["median_seconds"], 2),
-        "c_over_b": round(c["extrapolated_seconds_for_n"] / b["median_seconds"], 1),
-    }
-    out["target_met"] = out["ratios"]["b_over_a"] <= 2.0
+    out["load_average_1m_before_each_run"] = {"min": min(x[0] for x in loads), "max": max(x[0] for x in loads)}
     out["problems"] = problems
     return out
 
 
 def _print(r: dict[str, Any]) -> None:
     v = r["variants"]
-    rows: list[tuple[str, dict[str, Any], str]] = [
-        ("(a) reference: one transaction of SQL", v["a_reference"], ""),
-        (
-            f"(b) process-due-subscriptions {r['defaults']['batch_size']}x{r['defaults']['max_concurrency']}",
-            v["b_flow"],
-            f"b/a {r['ratios']['b_over_a']}",
-        ),
-        (
-            f"(c) one task per row ({v['c_task_per_row']['workers']} threads)",
-            v["c_task_per_row"],
-            f"c/b {r['ratios']['c_over_b']} (measured at N={v['c_task_per_row']['n']}, extrapolated)",
-        ),
-    ]
     err = sys.stderr
+    largest = str(r["n"][-1])
     print(
-        f"\nN = {r['n']:,} due subscriptions over {r['products']} products, run date {r['run_date']}, "
-        f"{r['cpus']} CPUs, PostgreSQL {r['pg'].get('server_version')}",
+        f"\nN = {', '.join(f'{n:,}' for n in r['n'])} due subscriptions over {r['products']} products, "
+        f"run date {r['run_date']}, {r['cpus']} CPUs, PostgreSQL {r['pg'].get('server_version')}, "
+        f"medians of {r['repeats']}, load average (1 min) {r['load_average_1m_before_each_run']}",
         file=err,
     )
-    print(f"{'variant':<46} {'seconds':>9} {'subs/s':>8} {'heap MiB':>9} {'RSS+ MiB':>9}  note", file=err)
+    print(f"{'variant':<46} {'N':>9} {'seconds':>9} {'subs/s':>8} {'heap MiB':>9} {'RSS+ MiB':>9}  note", file=err)
+    rows: list[tuple[str, dict[str, Any], str]] = []
+    for key, x in r["by_n"].items():
+        rows.append(("(a) reference: one transaction of SQL", x["a_reference"], ""))
+        rows.append(
+            (
+                f"(b) process-due-subscriptions {r['defaults']['batch_size']}x{r['defaults']['max_concurrency']}",
+                x["b_flow"],
+                f"b/a {x['b_over_a']}",
+            )
+        )
+        if key in r.get("first_night", {}).get("by_n", {}):
+            fn = r["first_night"]["by_n"][key]
+            rows.append(("(b) the same, first night (--history 0)", fn["b_flow_first_night"], f"ratio {fn['ratio']}"))
+    if "c_task_per_row" in v:
+        c = v["c_task_per_row"]
+        rows.append(
+            (
+                f"(c) one task per row ({c['workers']} threads)",
+                c,
+                f"c/b {r['ratios']['c_over_b']} (measured at N={c['n']}, extrapolated to N={largest})",
+            )
+        )
     for label, x, note in rows:
         secs = x.get("extrapolated_seconds_for_n", x["median_seconds"])
+        n = int(largest) if "extrapolated_seconds_for_n" in x else x["n"]
         heap = x.get("heap_peak_mib")
         print(
-            f"{label:<46} {secs:>9.2f} {x['subs_per_s']:>8} {heap if heap is not None else '-':>9} "
+            f"{label:<46} {n:>9} {secs:>9.2f} {x['subs_per_s']:>8} {heap if heap is not None else '-':>9} "
             f"{x['rss_peak_delta_mib']:>9}  {note}",
             file=err,
         )
     print(f"\nflow heap peak by N: {r['memory']['flow_heap_peak_mib']} MiB (tracemalloc)", file=err)
+    for key, x in r["by_n"].items():
+        if "split" in x:
+            sp = x["split"]
+            print(
+                f"\nsplit at N={key} (one instrumented run, thread-seconds over {sp['lanes']} lanes, "
+                f"{sp['batches']} batches, {sp['statements_per_batch']} statements per batch): "
+                f"flow {sp['flow_wall_s']} s, slowest lane {sp['lane_wall_max_s']} s, "
+                f"Prefect and report {sp['prefect_and_report_s']} s",
+                file=err,
+            )
+            for part, secs in sp["parts_thread_s"].items():
+                print(f"  {part:<40} {secs:>9.2f}", file=err)
+            for cls, (secs, count) in sp["sql_thread_s_and_count"].items():
+                print(f"    {cls:<38} {secs:>9.2f}  ({count} statements)", file=err)
     print(f"\n{'batch x concurrency':<22} {'seconds':>9} {'subs/s':>8} {'lock-wait share':>16}", file=err)
     for x in r["sweep"]:
         print(

@@ -39,6 +39,10 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+# Set before lib reads its settings (lib is imported lazily below; spawned workers inherit
+# it): the bench runs on dev defaults, which an unset INDOSTAR_ENV (production) refuses.
+os.environ.setdefault("INDOSTAR_ENV", "dev")
+
 TEMPLATE_DB = "indostar_bench_workers_template"
 BENCH_DB = "indostar_bench_workers"
 RUN_DATE = dt.date(2025, 1, 31)

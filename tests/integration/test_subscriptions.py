@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from lib import subscriptions as subs
 from lib.db import session_scope
@@ -303,3 +303,169 @@ def test_lanes_of_one_run_serve_the_oldest_due_first_per_product(pg):
     with pg.connect() as c:
         ordered = set(c.execute(text("SELECT subscription_id FROM orders")).scalars())
     assert ordered == {s.id for s in expected}
+
+
+def test_a_row_locked_while_the_lane_passes_is_picked_up_before_the_lane_ends(pg):
+    """A due row another transaction holds is skipped, then claimed by the lane's last pass from the start."""
+    product = make_product(pg, stock=100)
+    held = make_subscription(pg, product_id=product, due=TODAY - dt.timedelta(days=2))
+    rest = [make_subscription(pg, product_id=product, due=TODAY) for _ in range(7)]
+    blocker = pg.connect()
+    blocker.begin()
+    blocker.execute(text("SELECT 1 FROM subscriptions WHERE id = :i FOR UPDATE"), {"i": held})
+    calls = 0
+
+    def factory():
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first batch has walked past the held row: let it go
+            blocker.rollback()
+            blocker.close()
+        return session_scope()
+
+    lane = subs.run_lane(factory, TODAY, 3, str(uuid.uuid4()))
+    with pg.connect() as c:
+        ordered = set(c.execute(text("SELECT subscription_id FROM orders")).scalars())
+    assert ordered == {held, *rest}
+    assert subs.headline(lane.groups)["created"] == 8
+
+
+def test_claims_go_on_from_the_last_row_claimed(pg):
+    """With ``after``, a claim returns only rows after that (date, id) key, still oldest first."""
+    ids = [make_subscription(pg, due=TODAY - dt.timedelta(days=d)) for d in (3, 2, 1, 0)]
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:
+        first = subs.claim_due(s, TODAY, 2, run_id)
+    with session_scope() as s:
+        rest = subs.claim_due(s, TODAY, 10, run_id, after=(first[-1].next_delivery_date, first[-1].id))
+    assert [d.id for d in first] == ids[:2]
+    assert [d.id for d in rest] == ids[2:]
+
+
+def test_the_claim_probes_outcomes_by_subscription_never_by_run_id(pg):
+    """Even when statistics make a new run id look rare, the claim does not scan the run-id index per row."""
+    _seed_many(pg, 2000, products=20, stock=0)  # all out of stock: every row stays due after its outcome
+    with pg.begin() as c:  # earlier nights: a few run ids, all in the statistics
+        c.execute(
+            text(
+                "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, run_id) "
+                "SELECT id, next_delivery_date - 30, next_delivery_date - 30, 'out_of_stock', 'night-' || id % 20 "
+                "FROM subscriptions"
+            )
+        )
+        c.execute(text("ANALYZE subscription_outcomes"))
+    seen: list[tuple[str, dict]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "FOR UPDATE OF s SKIP LOCKED" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(pg, "before_cursor_execute", capture)
+    try:
+        run_night(batch_size=500)
+    finally:
+        event.remove(pg, "before_cursor_execute", capture)
+    with pg.connect() as c:
+        raw = c.connection.dbapi_connection.cursor()
+        raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
+        plan = "\n".join(r[0] for r in raw.fetchall())
+    assert "ix_subscription_outcomes_run_order" not in plan, plan
+    assert "uq_subscription_outcomes_subscription_id_run_id_delivery_date" in plan, plan
+
+
+def test_a_batch_plans_index_walks_without_jit(pg):
+    """The batch transaction keeps the planner to index access and off JIT; the next transaction is back to normal."""
+    make_subscription(pg, due=TODAY)
+    settings = ("jit", "enable_seqscan", "enable_bitmapscan")
+    with session_scope() as s:
+        subs.process_batch(s, TODAY, 10, str(uuid.uuid4()))
+        assert [s.execute(text(f"SHOW {g}")).scalar() for g in settings] == ["off"] * 3
+    with session_scope() as s:
+        assert [s.execute(text(f"SHOW {g}")).scalar() for g in settings] == ["on"] * 3
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ([1, 2, 3], "bigint[]"),
+        ([dt.date(2025, 1, 31), dt.date(2024, 2, 29)], "date[]"),
+        ([1, None, 3], "bigint[]"),
+        (["needs 2, 1 in stock", 'a "quoted" \\ word', None, "", "{braces}", "NULL"], "text[]"),
+        ([], "text[]"),
+    ],
+)
+def test_array_parameters_round_trip_through_postgresql(pg, values, kind):
+    """Array literals of ints, dates and text (commas, quotes, backslashes, braces, NULL) read back unchanged."""
+    plain = all(isinstance(v, int | dt.date) for v in values)
+    literal = subs.pg_array(values) if plain else subs.pg_text_array(values)
+    with pg.connect() as c:
+        back = c.execute(text(f"SELECT CAST(:a AS {kind})"), {"a": literal}).scalar()
+    assert back == values
+
+
+def test_the_lane_tally_equals_the_pandas_summary(pg):
+    """Tally builds the same table as summarize(), for outcomes added in several batches."""
+    outcomes = [
+        subs.Outcome(
+            i,
+            i % 3,
+            ("weekly", "monthly")[i % 2],
+            TODAY,
+            ("created", "out_of_stock")[i % 5 == 0],
+            None,
+            None,
+            i % 4,
+            100 * i,
+        )
+        for i in range(1, 200)
+    ]
+    tally = subs.Tally(outcomes[:50])
+    tally.add(outcomes[50:])
+    expected = subs.summarize(outcomes)
+    got = tally.frame()
+    assert got.to_dict("records") == expected.to_dict("records")
+    assert subs.Tally().frame().empty and list(subs.Tally().frame().columns) == subs.SUMMARY_COLUMNS
+
+
+def test_out_of_stock_rows_are_not_claimed_again_by_the_same_run(pg):
+    """A retried lane skips rows its run already decided (they stay due); a new run claims them again."""
+    product = make_product(pg, stock=0)
+    short = {make_subscription(pg, product_id=product, due=TODAY) for _ in range(3)}
+    run_id = str(uuid.uuid4())
+    run_night(run_id=run_id)
+    with session_scope() as s:
+        again = subs.claim_due(s, TODAY, 10, run_id)
+    with session_scope() as s:
+        next_run = subs.claim_due(s, TODAY, 10, str(uuid.uuid4()))
+    assert again == [] and {d.id for d in next_run} == short
+
+
+def test_a_claim_walks_the_due_index_in_order_even_when_the_estimates_say_otherwise(pg):
+    """With the lane filter misjudged and the cursor deep in the range, the claim still reads the due index in order."""
+    _seed_many(pg, 40_000, products=40, stock=10**6)
+    with pg.begin() as c:  # most active subscriptions are not due tonight
+        c.execute(
+            text(
+                "INSERT INTO subscriptions (customer_id, product_id, quantity, frequency, next_delivery_date, "
+                "anchor_day) SELECT 1 + g % 1000, 1 + g % 40, 1, 'monthly', :d + 1 + g % 60, 28 "
+                "FROM generate_series(1, 120000) g"
+            ),
+            {"d": TODAY},
+        )
+        c.execute(text("ANALYZE subscriptions"))
+    seen: list[tuple[str, dict]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "FOR UPDATE OF s SKIP LOCKED" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(pg, "before_cursor_execute", capture)
+    try:
+        with session_scope() as s:
+            subs.process_batch(s, TODAY, 1000, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000))
+            raw = s.connection().connection.dbapi_connection.cursor()
+            raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
+            plan = "\n".join(r[0] for r in raw.fetchall())
+    finally:
+        event.remove(pg, "before_cursor_execute", capture)
+    assert "Index Scan using ix_subscriptions_due" in plan and "Sort" not in plan, plan
