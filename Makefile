@@ -30,6 +30,7 @@ test: $(VENV)/.synced
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: export INDOSTAR_ENV := dev
 bench: $(VENV)/.synced

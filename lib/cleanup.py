@@ -81,10 +81,10 @@ class PassStats:
             stopped_early=self.stopped_early or other.stopped_early,
             ages=dict(self.ages),
         )
-        for k, v in other.removed.items():
-            out.removed[k] = out.removed.get(k, 0) + v
-        for k, v in other.ages.items():
-            out.ages[k] = out.ages.get(k, 0) + v
+        for kind, n in other.removed.items():
+            out.removed[kind] = out.removed.get(kind, 0) + n
+        for age, n in other.ages.items():
+            out.ages[age] = out.ages.get(age, 0) + n
         return out
 
 
@@ -349,7 +349,7 @@ def age_histogram(ages: Mapping[int, int], bins: Iterable[int] = AGE_BINS) -> pd
         counts = pd.Series(0, index=labels, dtype="int64")
     else:
         buckets = pd.cut(series.index.to_numpy(), bins=[*edges, float("inf")], right=False, labels=labels)
-        counts = series.groupby(buckets, observed=False).sum().reindex(labels, fill_value=0)
+        counts = series.groupby(buckets, observed=False).sum().reindex(labels, fill_value=0)  # type: ignore[call-overload]
     return pd.DataFrame({"age_days": labels, "removed": counts.to_numpy().astype(int)})
 
 

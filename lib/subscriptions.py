@@ -21,8 +21,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import Row, text
@@ -175,7 +177,7 @@ def claim_due(
     return [DueSub(*r) for r in rows]
 
 
-def _lock_products(session: Session, product_ids: Iterable[int]) -> dict[int, Row]:
+def _lock_products(session: Session, product_ids: Iterable[int]) -> dict[int, Row[Any]]:
     """Lock the batch's products, with their stock and price, in id order."""
     # Id order everywhere, so two batches never wait on each other in a cycle.
     rows = session.execute(
@@ -267,7 +269,7 @@ def _decide(
     served: Sequence[DueSub],
     short: Sequence[DueSub],
     order_ids: dict[int, int],
-    products: dict[int, Row],
+    products: dict[int, Row[Any]],
 ) -> tuple[list[Outcome], list[DueSub]]:
     """The batch's outcomes (created, order already existed, out of stock) and the rows that move on."""
     outcomes: list[Outcome] = []
@@ -537,7 +539,7 @@ class LaneResult:
 
 
 def run_lane(
-    session_factory,
+    session_factory: Callable[[], AbstractContextManager[Session]],
     run_date: dt.date,
     batch_size: int,
     run_id: str,
@@ -575,7 +577,7 @@ def run_lane(
             return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, False)
 
 
-def load_subscription(session: Session, subscription_id: int) -> Row:
+def load_subscription(session: Session, subscription_id: int) -> Row[Any]:
     row = session.execute(
         text("SELECT id, status, next_delivery_date FROM subscriptions WHERE id = :id"), {"id": subscription_id}
     ).first()
