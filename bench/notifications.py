@@ -16,7 +16,8 @@ process so the server does not share the client's GIL; it counts what it accepts
 - per-task: the old design, one Prefect task run per email with its own SMTP session,
   at a smaller N (--task-n) and extrapolated.
 
-Runs against a temporary Prefect API (prefect_test_harness) and a database of its own
+Runs against a temporary Prefect API (prefect_test_harness; flows without heartbeats, which
+would add up to a second of thread joining to each flow's end) and a database of its own
 (indostar_bench_notify, made by the migrations and dropped at the end). Prints a table
 and a JSON document. The client-to-SMTP latency of deployments/client.py with served
 deployments is not measured here: bench/notify_latency.py measures it.
@@ -245,9 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"n": args.n, "batch_size": get_settings().notification_batch_size}
     try:
         with SmtpSink(port) as sink:
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
             from prefect.testing.utilities import prefect_test_harness
 
-            with prefect_test_harness(server_startup_timeout=120):
+            # The flows run in this process: no heartbeat to send (Prefect 3.9 would otherwise add up
+            # to 1 s to each flow's end, joining its heartbeat thread: not part of the sending path).
+            with (
+                temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+                prefect_test_harness(server_startup_timeout=120),
+            ):
                 results |= _measure(args, sink, port)
     finally:
         db.reset_engine()

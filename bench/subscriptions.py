@@ -609,7 +609,7 @@ def old_design_flow(workers: int) -> Callable[[dt.date], dict[str, int]]:
     def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> str:
         """One subscription, one transaction."""
         with session_scope() as session:
-            result = subs.process_batch(session, run_date, 1, run_id, only_ids=[subscription_id])
+            result = subs.process_batch(session, subs.Due(run_date, run_id, only_ids=[subscription_id]), 1)
         return result.outcomes[0].outcome if result.outcomes else "none"
 
     @flow(name="bench-one-task-per-subscription", task_runner=ThreadPoolTaskRunner(max_workers=workers))

@@ -31,6 +31,7 @@ uses the server's PREFECT_UI_URL, with PUBLIC_UI_URL as the fallback.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 from uuid import UUID
 
 from prefect.automations import ChangeFlowRunState, EventTrigger, Posture, SendNotification
@@ -67,57 +68,63 @@ def email_body() -> str:
     )
 
 
+def _on_deployment_runs(
+    name: str,
+    description: str,
+    event: str,
+    actions: list[Any],
+    *,
+    threshold: int = 1,
+    within: dt.timedelta = dt.timedelta(0),
+    per_run: bool = False,
+) -> AutomationCore:
+    """A reactive automation on a flow-run event of deployment runs (counted per run if ``per_run``)."""
+    return AutomationCore(
+        name=name,
+        description=description,
+        trigger=EventTrigger(
+            expect={event},
+            match=ANY_FLOW_RUN,
+            match_related=OF_A_DEPLOYMENT,
+            for_each={"prefect.resource.id"} if per_run else set(),
+            posture=Posture.Reactive,
+            threshold=threshold,
+            within=within,
+        ),
+        actions=actions,
+    )
+
+
 def definitions(block_id: UUID) -> list[AutomationCore]:
     """Every automation we keep on the server, as data (the block id is the alert email block)."""
     subject = "[indostar-jobs] {{ flow.name }} run {{ flow_run.name }} is {{ flow_run.state.name }}"
     send = SendNotification(block_document_id=block_id, subject=subject, body=email_body())
+    reschedule = ChangeFlowRunState(
+        state=StateType.SCHEDULED, name="Rescheduled", message="Crashed: rescheduled once by automation " + RESCHEDULE
+    )
     return [
-        AutomationCore(
-            name=RESCHEDULE,
-            description="A crashed deployment run is set back to Scheduled, once per run within 24 h.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"},
-                match=ANY_FLOW_RUN,
-                match_related=OF_A_DEPLOYMENT,
-                for_each={"prefect.resource.id"},
-                posture=Posture.Reactive,
-                threshold=1,
-                within=RESCHEDULE_WINDOW,
-            ),
-            actions=[
-                ChangeFlowRunState(
-                    state=StateType.SCHEDULED,
-                    name="Rescheduled",
-                    message="Crashed: rescheduled once by automation " + RESCHEDULE,
-                )
-            ],
+        _on_deployment_runs(
+            RESCHEDULE,
+            "A crashed deployment run is set back to Scheduled, once per run within 24 h.",
+            "prefect.flow-run.Crashed",
+            [reschedule],
+            within=RESCHEDULE_WINDOW,
+            per_run=True,
         ),
-        AutomationCore(
-            name=EMAIL_FAILED,
-            description="A failed deployment run emails the operations address with its link.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Failed"},
-                match=ANY_FLOW_RUN,
-                match_related=OF_A_DEPLOYMENT,
-                posture=Posture.Reactive,
-                threshold=1,
-                within=dt.timedelta(0),
-            ),
-            actions=[send],
+        _on_deployment_runs(
+            EMAIL_FAILED,
+            "A failed deployment run emails the operations address with its link.",
+            "prefect.flow-run.Failed",
+            [send],
         ),
-        AutomationCore(
-            name=EMAIL_CRASHED_TWICE,
-            description="A deployment run that crashed a second time (after its one reschedule) emails operations.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"},
-                match=ANY_FLOW_RUN,
-                match_related=OF_A_DEPLOYMENT,
-                for_each={"prefect.resource.id"},
-                posture=Posture.Reactive,
-                threshold=2,
-                within=RESCHEDULE_WINDOW,
-            ),
-            actions=[send],
+        _on_deployment_runs(
+            EMAIL_CRASHED_TWICE,
+            "A deployment run that crashed a second time (after its one reschedule) emails operations.",
+            "prefect.flow-run.Crashed",
+            [send],
+            threshold=2,
+            within=RESCHEDULE_WINDOW,
+            per_run=True,
         ),
         AutomationCore(
             name=MARK_ZOMBIES,

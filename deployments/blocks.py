@@ -17,6 +17,15 @@ from prefect.blocks.abstract import NotificationBlock, NotificationError
 from pydantic import Field, SecretStr
 
 BLOCK_NAME = "indostar-ops-email"
+# The block's fields that are SmtpConfig's under another name (the password is a SecretStr here).
+_CONFIG_FIELDS = {
+    "smtp_host": "host",
+    "smtp_port": "port",
+    "security": "security",
+    "timeout": "timeout",
+    "username": "username",
+    "sender": "sender",
+}
 
 
 class IndostarOpsEmail(NotificationBlock):
@@ -39,30 +48,19 @@ class IndostarOpsEmail(NotificationBlock):
     def from_settings(cls) -> IndostarOpsEmail:
         """The block as lib.config settings describe it (SMTP_* and OPS_EMAIL)."""
         from lib.config import get_settings
+        from lib.notify.email_channel import SmtpConfig
 
         s = get_settings()
-        return cls(
-            smtp_host=s.smtp_host,
-            smtp_port=s.smtp_port,
-            security=s.smtp_security,
-            timeout=s.smtp_timeout,
-            username=s.smtp_username,
-            password=s.smtp_password,
-            sender=s.smtp_from,
-            to=[s.ops_email],
-        )
+        config = SmtpConfig.from_settings(s)
+        fields = {ours: getattr(config, theirs) for ours, theirs in _CONFIG_FIELDS.items()}
+        return cls(**fields, password=config.password, to=[s.ops_email])
 
     def _send(self, body: str, subject: str | None) -> None:
         from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
 
+        password = self.password.get_secret_value() if self.password else None
         config = SmtpConfig(
-            host=self.smtp_host,
-            port=self.smtp_port,
-            security=self.security,
-            timeout=self.timeout,
-            username=self.username,
-            password=self.password.get_secret_value() if self.password else None,
-            sender=self.sender,
+            **{theirs: getattr(self, ours) for ours, theirs in _CONFIG_FIELDS.items()}, password=password
         )
         with SmtpSession(config) as smtp:
             for to in self.to:

@@ -8,6 +8,7 @@ a traceback. Prefect is imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -51,15 +52,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
                 "the database already has customers; seed fills an empty database (pass --append to add more)"
             )
 
-    counts = seed.SeedCounts(
-        customers=args.customers,
-        products=args.products,
-        subscriptions=args.subscriptions,
-        carts=args.carts,
-        tokens=args.tokens,
-        audit_logs=args.audit_logs,
-        sessions=args.sessions,
-    )
+    counts = seed.SeedCounts(**{f.name: getattr(args, f.name) for f in dataclasses.fields(seed.SeedCounts)})
     steps = ["customers", "products", "subscriptions", "carts", "audit_logs", "sessions", "tokens"]
     started = time.perf_counter()
     with Progress(transient=False) as bar:

@@ -35,18 +35,7 @@ from lib import db
 from lib.config import get_settings
 from lib.errors import TransientError
 from lib.notify import delivery_log as dlog
-from lib.notify.messages import (
-    EmailRequest,
-    LinkRequest,
-    MessageRequest,
-    OrderConfirmationRequest,
-    OrderShippedRequest,
-    OtpRequest,
-    PaymentFailedRequest,
-    RenewalReminderRequest,
-    SmsRequest,
-    TemplatedRequest,
-)
+from lib.notify import messages as req
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +103,7 @@ def background_options(name: str) -> dict[str, Any]:
     }
 
 
-def send_now(request: MessageRequest) -> dict[str, Any]:
+def send_now(request: req.MessageRequest) -> dict[str, Any]:
     """Record and deliver one request's messages inside the running task; fail if any is dead or undelivered."""
     with db.session_scope() as s:
         batch = request.build(s)
@@ -141,13 +130,13 @@ def send_email_task(
     to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Send one email (plain text, optional HTML), once per idempotency key."""
-    return send_now(EmailRequest(to, subject, body, html, idempotency_key))
+    return send_now(req.EmailRequest(to, subject, body, html, idempotency_key))
 
 
 @task(**background_options("send-sms-task"))
 def send_sms_task(phone: str, text: str, idempotency_key: str | None = None) -> dict[str, Any]:
     """Send one free-text SMS, once per idempotency key."""
-    return send_now(SmsRequest(phone, text, idempotency_key))
+    return send_now(req.SmsRequest(phone, text, idempotency_key))
 
 
 @task(**background_options("send-templated-email-task"))
@@ -155,7 +144,7 @@ def send_templated_email_task(
     template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Render a template and email it once."""
-    return send_now(TemplatedRequest("email", template, context, to, idempotency_key))
+    return send_now(req.TemplatedRequest("email", template, context, to, idempotency_key))
 
 
 @task(**background_options("send-templated-sms-task"))
@@ -163,13 +152,13 @@ def send_templated_sms_task(
     template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Render a template's DLT-registered SMS text and send it once."""
-    return send_now(TemplatedRequest("sms", template, context, phone, idempotency_key))
+    return send_now(req.TemplatedRequest("sms", template, context, phone, idempotency_key))
 
 
 @task(**background_options("send-order-confirmation-task"))
 def send_order_confirmation_task(order_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
     """Email and SMS the confirmation of one order."""
-    return send_now(OrderConfirmationRequest((order_id,), idempotency_key, require_all=True))
+    return send_now(req.OrderConfirmationRequest((order_id,), idempotency_key, require_all=True))
 
 
 @task(**background_options("send-order-shipped-task"))
@@ -177,7 +166,7 @@ def send_order_shipped_task(
     order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None
 ) -> dict[str, Any]:
     """Email and SMS that an order has shipped."""
-    return send_now(OrderShippedRequest(order_id, tracking_number, carrier, idempotency_key))
+    return send_now(req.OrderShippedRequest(order_id, tracking_number, carrier, idempotency_key))
 
 
 @task(**background_options("send-payment-failed-task"))
@@ -188,7 +177,7 @@ def send_payment_failed_task(
     idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Tell a customer a payment failed, for an order or a subscription's cycle."""
-    return send_now(PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key))
+    return send_now(req.PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key))
 
 
 @task(**background_options("send-subscription-renewal-reminder-task"))
@@ -197,25 +186,25 @@ def send_subscription_renewal_reminder_task(
 ) -> dict[str, Any]:
     """Remind a customer of a coming delivery (default: the subscription's next one), opt-ins honoured."""
     items = ((subscription_id, delivery_date),)
-    return send_now(RenewalReminderRequest(items, idempotency_key, require_all=True))  # type: ignore[arg-type]
+    return send_now(req.RenewalReminderRequest(items, idempotency_key, require_all=True))  # type: ignore[arg-type]
 
 
 @task(**background_options("send-otp-task"))
 def send_otp_task(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> dict[str, Any]:
     """Issue a one-time code and send it by SMS; the code exists only inside this task run."""
-    return send_now(OtpRequest(customer_id, purpose, idempotency_key))
+    return send_now(req.OtpRequest(customer_id, purpose, idempotency_key))
 
 
 @task(**background_options("send-password-reset-task"))
 def send_password_reset_task(customer_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
     """Issue a password-reset token and email its link; the token exists only inside this task run."""
-    return send_now(LinkRequest("password_reset", customer_id, idempotency_key))
+    return send_now(req.LinkRequest("password_reset", customer_id, idempotency_key))
 
 
 @task(**background_options("send-email-verification-task"))
 def send_email_verification_task(customer_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
     """Issue an email-verification token and email its link; the token exists only inside this task run."""
-    return send_now(LinkRequest("email_verification", customer_id, idempotency_key))
+    return send_now(req.LinkRequest("email_verification", customer_id, idempotency_key))
 
 
 BACKGROUND_TASKS = (

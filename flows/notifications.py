@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ from lib.notify.messages import (
     TemplatedRequest,
     positive_id,
 )
+
+RECORD_AHEAD = 2
 
 # --- tasks: one side effect each -------------------------------------------------------------
 
@@ -192,14 +195,26 @@ def send_in_batches(
     the quarter hour, once. The run fails if a message is dead.
     """
     deadline = deadline if deadline is not None else time.time() + get_settings().flow_soft_limit_seconds
-    recording, deferring = [], []
-    for request in requests:
-        (recording if time.time() < deadline else deferring).append(record_messages.submit(request))
     total, deliveries = MessageBatch(), []
-    for future in recording:
-        batch = future.result()
-        deliveries += submit_deliveries(batch)
+    recording: deque[PrefectFuture[MessageBatch]] = deque()
+    deferring = []
+
+    def deliver_next() -> None:
+        batch = recording.popleft().result()
+        deliveries.extend(submit_deliveries(batch))
         total.extend(batch)
+
+    for request in requests:
+        if time.time() >= deadline:
+            deferring.append(record_messages.submit(request))
+            continue
+        recording.append(record_messages.submit(request))
+        # A couple of batches recorded ahead, no more: deliveries start at once instead of queueing
+        # behind the recording of the whole night in the task runner.
+        if len(recording) > RECORD_AHEAD:
+            deliver_next()
+    while recording:
+        deliver_next()
     totals = await_deliveries(deliveries)
     for future in deferring:
         total.extend(future.result())

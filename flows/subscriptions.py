@@ -351,7 +351,7 @@ def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.La
         row = subs.load_subscription(session, subscription_id)
         if row.status != "active":
             raise InvalidInputError(f"subscription {subscription_id} is {row.status}, not active: nothing to do")
-        result = subs.process_batch(session, run_date, 1, run_id, only_ids=[subscription_id])
+        result = subs.process_batch(session, subs.Due(run_date, run_id, only_ids=[subscription_id]), 1)
     return subs.LaneResult(subs.summarize(result.outcomes), [], 1, int(result.isolated), False)
 
 

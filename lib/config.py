@@ -13,7 +13,7 @@ the variable. Settings that are fine to default anywhere are plain fields.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def production(self) -> bool:
         return self.indostar_env == "production"
+
+    def group(self, prefix: str, *names: str) -> dict[str, Any]:
+        """``{name: self.<prefix><name>}``: the settings of one client, under the names its config uses."""
+        return {name: getattr(self, prefix + name) for name in names}
 
     def webhook_secret(self) -> str:
         """RAZORPAY_WEBHOOK_SECRET, refused in production while it is the public dev default."""

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -84,32 +84,34 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def ensure_database(url: str) -> bool:
-    """Create the database named in ``url`` if it does not exist; True if created."""
+@contextmanager
+def _maintenance(url: str) -> Iterator[tuple[Connection, str]]:
+    """An autocommit connection to the server's ``postgres`` database, and the name of ``url``'s database."""
     target = make_url(url)
     admin = build_engine(target.set(database="postgres").render_as_string(False), 1)
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": target.database}).scalar()
-            if exists:
-                return False
-            conn.execute(text(f'CREATE DATABASE "{target.database}"'))
-            log.info("created database %s", target.database)
-            return True
+            yield conn, str(target.database)
     except OperationalError as exc:
         raise unavailable(url, exc) from exc
     finally:
         admin.dispose()
 
 
+def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it does not exist; True if created."""
+    with _maintenance(url) as (conn, name):
+        if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar():
+            return False
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        log.info("created database %s", name)
+        return True
+
+
 def drop_database(url: str) -> None:
-    target = make_url(url)
-    admin = build_engine(target.set(database="postgres").render_as_string(False), 1)
-    try:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    """Drop the database named in ``url`` if it exists, closing its connections."""
+    with _maintenance(url) as (conn, name):
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def alembic_config(url: str) -> Config:  # alembic is imported lazily: it is slow to import

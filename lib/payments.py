@@ -36,7 +36,7 @@ from sqlalchemy import Row, text
 from sqlalchemy.orm import Session
 
 from lib.razorpay import HANDLED, Charge, RazorpayEvent
-from lib.subscriptions import process_batch
+from lib.subscriptions import Due, process_batch
 
 CURRENCY = "INR"
 
@@ -336,7 +336,7 @@ def _apply_charge(session: Session, ev: RazorpayEvent, charge: Charge, today: dt
         _upsert_payment(session, ev, charge, sub.id, cycle, "awaiting_cycle", None, None)
         reason = f"payment {charge.payment_id} awaits the {cycle} delivery (not due yet)"
         return EventResult(**result, status="awaiting_cycle", reason=reason)
-    batch = process_batch(session, today, 1, _decision_id(session, ev), only_ids=[sub.id])
+    batch = process_batch(session, Due(today, _decision_id(session, ev), only_ids=[sub.id]), 1)
     made = [o for o in batch.outcomes if o.order_id is not None]
     if not made:
         why = batch.outcomes[0].reason if batch.outcomes else "it was not due"

@@ -133,41 +133,38 @@ def outcomes_per_day(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 # ---- queries over our tables (the caller owns the transaction) ----------------------------
 
 
+_NOTIFICATIONS_SINCE = (
+    "SELECT channel, status, count(*) AS n FROM notifications WHERE created_at >= :since "
+    "GROUP BY channel, status ORDER BY channel, status"
+)
+_DEAD_LETTERS_SINCE = (
+    "SELECT channel, coalesce(template, '-') AS template, last_error, count(*) AS n, "
+    "max(updated_at) AS latest FROM notifications WHERE status = 'dead' AND updated_at >= :since "
+    "GROUP BY channel, template, last_error"
+)
+_OUTCOMES_SINCE = (
+    "SELECT run_date, outcome, count(DISTINCT subscription_id) AS n FROM subscription_outcomes "
+    "WHERE run_date >= :since GROUP BY run_date, outcome ORDER BY run_date, outcome"
+)
+
+
+def _since_rows(session: Session, sql: str, since: dt.date) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in session.execute(text(sql), {"since": since})]
+
+
 def notification_rows(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
     """Messages created since ``since``, counted by channel and status."""
-    result = session.execute(
-        text(
-            "SELECT channel, status, count(*) AS n FROM notifications WHERE created_at >= :since "
-            "GROUP BY channel, status ORDER BY channel, status"
-        ),
-        {"since": since},
-    )
-    return [dict(r._mapping) for r in result]
+    return _since_rows(session, _NOTIFICATIONS_SINCE, since)
 
 
 def dead_letter_rows(session: Session, since: dt.datetime) -> list[dict[str, Any]]:
     """Dead letters touched since ``since``, grouped by channel, template and error."""
-    result = session.execute(
-        text(
-            "SELECT channel, coalesce(template, '-') AS template, last_error, count(*) AS n, "
-            "max(updated_at) AS latest FROM notifications WHERE status = 'dead' AND updated_at >= :since "
-            "GROUP BY channel, template, last_error"
-        ),
-        {"since": since},
-    )
-    return [dict(r._mapping) for r in result]
+    return _since_rows(session, _DEAD_LETTERS_SINCE, since)
 
 
 def outcome_rows(session: Session, since: dt.date) -> list[dict[str, Any]]:
     """Subscriptions decided per run date and outcome since ``since`` (twin runs counted once)."""
-    result = session.execute(
-        text(
-            "SELECT run_date, outcome, count(DISTINCT subscription_id) AS n FROM subscription_outcomes "
-            "WHERE run_date >= :since GROUP BY run_date, outcome ORDER BY run_date, outcome"
-        ),
-        {"since": since},
-    )
-    return [dict(r._mapping) for r in result]
+    return _since_rows(session, _OUTCOMES_SINCE, since)
 
 
 # ---- rendering -------------------------------------------------------------------------------

@@ -51,6 +51,16 @@ class DueSub:
     anchor_day: int
     existing_order_id: int | None = None  # this cycle already has an order (e.g. the webhook made it)
 
+    def decided(
+        self, outcome: str, reason: str | None = None, order_id: int | None = None, unit_price: int | None = None
+    ) -> Outcome:
+        """This cycle's outcome; ``unit_price`` (paise) is given for an order created now: it counts units, revenue."""
+        units = self.quantity if unit_price is not None else 0
+        revenue = (unit_price or 0) * units
+        return Outcome(
+            self.id, self.product_id, self.frequency, self.next_delivery_date, outcome, reason, order_id, units, revenue
+        )
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -125,24 +135,31 @@ def pg_text_array(values: Iterable[object]) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def claim_due(
-    session: Session,
-    run_date: dt.date,
-    limit: int,
-    run_id: str,
-    only_ids: Sequence[int] | None = None,
-    lane: tuple[int, int] | None = None,
-    after: tuple[dt.date, int] | None = None,
-) -> list[DueSub]:
-    """Lock up to ``limit`` due active subscriptions this run has not decided yet, oldest first.
+@dataclass(frozen=True)
+class Due:
+    """Which due subscriptions a claim may take: due by ``run_date``, not yet decided by ``run_id``.
 
-    ``lane=(i, n)`` keeps to products with ``product_id % n == i``: lanes of one run then
-    lock disjoint products and never queue behind each other, and every subscription of
-    a product still goes through one lane in due order (oldest first). ``after`` is the
-    (next_delivery_date, id) of the last row the caller claimed: the claim goes on from
-    there instead of walking again over every row decided so far. Each row carries the
-    id of the order its cycle already has, if any.
+    ``only_ids`` keeps to those ids. ``lane=(i, n)`` keeps to products with
+    ``product_id % n == i``: lanes of one run then lock disjoint products and never queue
+    behind each other, and every subscription of a product still goes through one lane in
+    due order (oldest first). ``after`` is the (next_delivery_date, id) of the last row the
+    caller claimed: the claim goes on from there instead of walking again over every row
+    decided so far.
     """
+
+    run_date: dt.date
+    run_id: str
+    only_ids: Sequence[int] | None = None
+    lane: tuple[int, int] | None = None
+    after: tuple[dt.date, int] | None = None
+
+
+def claim_due(session: Session, due: Due, limit: int) -> list[DueSub]:
+    """Lock up to ``limit`` of the ``due`` subscriptions, oldest first.
+
+    Each row carries the id of the order its cycle already has, if any.
+    """
+    only_ids, lane, after = due.only_ids, due.lane, due.after
     where = "s.id = ANY(:only_ids) AND " if only_ids is not None else ""
     if lane is not None:
         where += "s.product_id % :lanes = :lane AND "
@@ -164,9 +181,9 @@ def claim_due(
             "ORDER BY s.next_delivery_date, s.id LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
         ),
         {
-            "run_date": run_date,
+            "run_date": due.run_date,
             "limit": limit,
-            "run_id": run_id,
+            "run_id": due.run_id,
             "only_ids": list(only_ids or []),
             "lane": lane[0] if lane else 0,
             "lanes": lane[1] if lane else 1,
@@ -276,39 +293,16 @@ def _decide(
     moved: list[DueSub] = []
     for s in served:
         if s.id in order_ids:
-            revenue = products[s.product_id].price_paise * s.quantity
-            outcomes.append(
-                Outcome(
-                    s.id,
-                    s.product_id,
-                    s.frequency,
-                    s.next_delivery_date,
-                    "created",
-                    None,
-                    order_ids[s.id],
-                    s.quantity,
-                    revenue,
-                )
-            )
+            outcomes.append(s.decided("created", None, order_ids[s.id], products[s.product_id].price_paise))
             moved.append(s)
     for s in subs:
         if s.existing_order_id is not None:
-            outcomes.append(
-                Outcome(
-                    s.id,
-                    s.product_id,
-                    s.frequency,
-                    s.next_delivery_date,
-                    "created",
-                    "order already existed",
-                    s.existing_order_id,
-                )
-            )
+            outcomes.append(s.decided("created", "order already existed", s.existing_order_id))
             moved.append(s)
     for s in short:
         have = products[s.product_id].stock
         reason = f"needs {s.quantity}, {have} in stock before this batch"
-        outcomes.append(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock", reason))
+        outcomes.append(s.decided("out_of_stock", reason))
     return outcomes, moved
 
 
@@ -377,19 +371,12 @@ _BATCH_SETTINGS = text(
 )
 
 
-def process_batch(
-    session: Session,
-    run_date: dt.date,
-    batch_size: int,
-    run_id: str,
-    only_ids: Sequence[int] | None = None,
-    lane: tuple[int, int] | None = None,
-    after: tuple[dt.date, int] | None = None,
-) -> BatchResult:
-    """Claim and process one batch in the caller's transaction (``after``: see claim_due)."""
+def process_batch(session: Session, due: Due, batch_size: int) -> BatchResult:
+    """Claim up to ``batch_size`` of the ``due`` subscriptions and process them in the caller's transaction."""
+    run_date, run_id = due.run_date, due.run_id
     try:
         session.execute(_BATCH_SETTINGS)
-        subs = claim_due(session, run_date, batch_size, run_id, only_ids, lane, after)
+        subs = claim_due(session, due, batch_size)
         if not subs:
             return BatchResult(0)
         last = (subs[-1].next_delivery_date, subs[-1].id)
@@ -417,7 +404,7 @@ def _row_by_row(session: Session, subs: Sequence[DueSub], run_date: dt.date, run
         except DBAPIError as exc:
             reason = _short_error(exc)
             log.error("subscription %d failed alone: %s", sub.id, reason)
-            failed = Outcome(sub.id, sub.product_id, sub.frequency, sub.next_delivery_date, "failed", reason)
+            failed = sub.decided("failed", reason)
             with session.begin_nested():
                 record_outcomes(session, [failed], run_date, run_id)
             outcomes.append(failed)
@@ -564,7 +551,7 @@ def run_lane(
             return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, True)
         started = time.perf_counter()
         with session_factory() as session:
-            result = process_batch(session, run_date, batch_size, run_id, lane=lane, after=after)
+            result = process_batch(session, Due(run_date, run_id, lane=lane, after=after), batch_size)
         if result.claimed:
             batch_ms.append((time.perf_counter() - started) * 1000)
             tally.add(result.outcomes)
@@ -617,21 +604,8 @@ def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
                 stock.setdefault(r.product_id, r.stock)
         served, short, stock_left = allocate([s for s in subs if s.existing_order_id is None], stock)
         stock.update(stock_left)
-        tally.add(
-            Outcome(
-                s.id,
-                s.product_id,
-                s.frequency,
-                s.next_delivery_date,
-                "created",
-                None,
-                None,
-                s.quantity,
-                (price[s.product_id] or 0) * s.quantity,
-            )
-            for s in served
-        )
-        tally.add(Outcome(s.id, s.product_id, s.frequency, s.next_delivery_date, "out_of_stock") for s in short)
+        tally.add(s.decided("created", unit_price=price[s.product_id] or 0) for s in served)
+        tally.add(s.decided("out_of_stock") for s in short)
         cursor = (subs[-1].next_delivery_date, subs[-1].id)
 
 

@@ -484,22 +484,32 @@ def _scan_batches(r: Client, pattern: str, count: int, type_: str | None) -> Ite
             return
 
 
+def _script_over_scan(
+    r: Client, source: str, pattern: str, type_: str, count: int, limits: Limits, stats: PassStats, args: list[Any]
+) -> Iterator[tuple[dict[str, int], float]]:
+    """Run a Lua script on each SCAN batch of keys; yields its counts and milliseconds until done or limits stop it."""
+    script = r.register_script(source)
+    for keys in _scan_batches(r, pattern, count, type_):
+        if limits.reached(stats.batches):
+            stats.stopped_early = True
+            return
+        started = time.perf_counter()
+        counts = _pairs(script(keys=keys, args=args))
+        yield counts, (time.perf_counter() - started) * 1000
+
+
 def purge_dangling_user_entries(
     *, client: Client | None = None, dry_run: bool = False, count: int = 1000, limits: Limits | None = None
 ) -> PassStats:
     """Drop per-user index entries whose token key is gone; counts ``{kind}_user_index`` per kind."""
     r = _client(client)
-    limits = limits or Limits()
     stats = PassStats()
     with _answering(r):
-        script = r.register_script(_PURGE_USERS)
-        for keys in _scan_batches(r, f"{_prefix()}tokuser:*", count, "set"):
-            if limits.reached(stats.batches):
-                stats.stopped_early = True
-                break
-            started = time.perf_counter()
-            counts = _pairs(script(keys=keys, args=[_prefix(), int(dry_run)]))
-            stats.add({f"{k}_user_index": n for k, n in counts.items()}, (time.perf_counter() - started) * 1000)
+        passes = _script_over_scan(
+            r, _PURGE_USERS, f"{_prefix()}tokuser:*", "set", count, limits or Limits(), stats, [_prefix(), int(dry_run)]
+        )
+        for counts, ms in passes:
+            stats.add({f"{k}_user_index": n for k, n in counts.items()}, ms)
     return stats
 
 
@@ -513,20 +523,17 @@ def purge_ttl_lost_keys(
 ) -> PassStats:
     """SCAN token keys; delete those without a TTL whose own expiry passed (counted per kind), restore the rest."""
     r = _client(client)
-    limits = limits or Limits()
     at = now_ms() if now is None else now
     stats = PassStats()
     with _answering(r):
-        script = r.register_script(_PURGE_TTL_LOST)
-        for keys in _scan_batches(r, f"{_prefix()}tok:*", count, "hash"):
-            if limits.reached(stats.batches):
-                stats.stopped_early = True
-                break
-            started = time.perf_counter()
-            counts = _pairs(script(keys=keys, args=[_prefix(), at, int(dry_run)]))
+        args = [_prefix(), at, int(dry_run)]
+        passes = _script_over_scan(
+            r, _PURGE_TTL_LOST, f"{_prefix()}tok:*", "hash", count, limits or Limits(), stats, args
+        )
+        for counts, ms in passes:
             removed: dict[str, int] = {}
             for name, n in counts.items():
                 kind, what = name.split("|", 1)
                 removed[kind if what == "expired" else f"{kind}_ttl_restored"] = n
-            stats.add(removed, (time.perf_counter() - started) * 1000)
+            stats.add(removed, ms)
     return stats

@@ -138,9 +138,15 @@ def sms_gateway(sms_gateway_session):
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (it is slow to start)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # Flows called in-process need no heartbeat (no worker to lose), and Prefect 3.9's heartbeat
+    # thread sleeps in whole seconds: joining it adds up to 1 s to the end of every flow run.
+    with (
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
         yield
         _drain_prefect_logs()
 

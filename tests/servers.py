@@ -43,6 +43,9 @@ class SMSGateway:
     hold_at: int | None = None
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Bumped by reset(): a request still sleeping out a delay from an earlier test is not logged
+    # into the next test's list when it finally wakes.
+    generation: int = 0
 
     def fail_next(self, *statuses: int, delay: float = 0.0) -> None:
         for status in statuses:
@@ -59,6 +62,7 @@ class SMSGateway:
             self.error_body = None
             self.arrived = 0
             self.hold_at = None
+            self.generation += 1
             self.release.set()
         self.release = threading.Event()
 
@@ -81,13 +85,15 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
                 state.arrived += 1
                 msg_id = f"gw-{state.counter}"
                 held = state.hold_at is not None and state.arrived == state.hold_at
+                generation = state.generation
             if held:
                 state.release.wait(30)
             if delay:
                 time.sleep(delay)
             req.status = status
             with state.lock:
-                state.requests.append(req)
+                if generation == state.generation:
+                    state.requests.append(req)
             payload = (
                 {"type": "success", "message": msg_id, "sid": msg_id, "request_id": msg_id}
                 if status < 300

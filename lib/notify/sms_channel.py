@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SmsConfig:
+    """Which gateway and how to call it (the SMS_* settings); ``production`` refuses the ``log`` provider."""
+
     provider: Literal["log", "msg91", "twilio"]
     base_url: str
     api_key: str | None = None
@@ -47,12 +49,9 @@ class SmsConfig:
     @classmethod
     def from_settings(cls, s: Settings) -> SmsConfig:
         return cls(
-            provider=s.sms_provider,
+            **s.group("sms_", "provider", "account_sid", "sender_id", "timeout"),
             base_url=s.sms_base_url.rstrip("/"),
             api_key=s.sms_api_key.get_secret_value() if s.sms_api_key else None,
-            account_sid=s.sms_account_sid,
-            sender_id=s.sms_sender_id,
-            timeout=s.sms_timeout,
             production=s.production,
         )
 

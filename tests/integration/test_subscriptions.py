@@ -335,9 +335,9 @@ def test_claims_go_on_from_the_last_row_claimed(pg):
     ids = [make_subscription(pg, due=TODAY - dt.timedelta(days=d)) for d in (3, 2, 1, 0)]
     run_id = str(uuid.uuid4())
     with session_scope() as s:
-        first = subs.claim_due(s, TODAY, 2, run_id)
+        first = subs.claim_due(s, subs.Due(TODAY, run_id), 2)
     with session_scope() as s:
-        rest = subs.claim_due(s, TODAY, 10, run_id, after=(first[-1].next_delivery_date, first[-1].id))
+        rest = subs.claim_due(s, subs.Due(TODAY, run_id, after=(first[-1].next_delivery_date, first[-1].id)), 10)
     assert [d.id for d in first] == ids[:2]
     assert [d.id for d in rest] == ids[2:]
 
@@ -378,7 +378,7 @@ def test_a_batch_plans_index_walks_without_jit(pg):
     make_subscription(pg, due=TODAY)
     settings = ("jit", "enable_seqscan", "enable_bitmapscan")
     with session_scope() as s:
-        subs.process_batch(s, TODAY, 10, str(uuid.uuid4()))
+        subs.process_batch(s, subs.Due(TODAY, str(uuid.uuid4())), 10)
         assert [s.execute(text(f"SHOW {g}")).scalar() for g in settings] == ["off"] * 3
     with session_scope() as s:
         assert [s.execute(text(f"SHOW {g}")).scalar() for g in settings] == ["on"] * 3
@@ -434,9 +434,9 @@ def test_out_of_stock_rows_are_not_claimed_again_by_the_same_run(pg):
     run_id = str(uuid.uuid4())
     run_night(run_id=run_id)
     with session_scope() as s:
-        again = subs.claim_due(s, TODAY, 10, run_id)
+        again = subs.claim_due(s, subs.Due(TODAY, run_id), 10)
     with session_scope() as s:
-        next_run = subs.claim_due(s, TODAY, 10, str(uuid.uuid4()))
+        next_run = subs.claim_due(s, subs.Due(TODAY, str(uuid.uuid4())), 10)
     assert again == [] and {d.id for d in next_run} == short
 
 
@@ -462,7 +462,7 @@ def test_a_claim_walks_the_due_index_in_order_even_when_the_estimates_say_otherw
     event.listen(pg, "before_cursor_execute", capture)
     try:
         with session_scope() as s:
-            subs.process_batch(s, TODAY, 1000, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000))
+            subs.process_batch(s, subs.Due(TODAY, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000)), 1000)
             raw = s.connection().connection.dbapi_connection.cursor()
             raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
             plan = "\n".join(r[0] for r in raw.fetchall())

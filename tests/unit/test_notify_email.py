@@ -2,10 +2,14 @@
 
 import email
 import email.policy
+import io
 import smtplib
+from email.generator import BytesGenerator
+
+import pytest
 
 from lib.errors import PermanentError, TransientError
-from lib.notify.email_channel import build_message, classify
+from lib.notify.email_channel import build_message, classify, wire_bytes
 
 
 def test_message_has_message_id_and_plain_text_alternative():
@@ -25,6 +29,30 @@ def test_text_only_message_is_single_part():
     msg = build_message("orders@indostar.example", "a@example.in", "Hi", "plain body")
     assert msg.get_content_type() == "text/plain"
     assert msg["Message-ID"]
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "Hello 1",
+        "  two  spaces  ",
+        "trailing ",
+        "=?utf-8?q?x?=",
+        "a" * 73,
+        "a " * 40,
+        "₹1,299 paid",
+        "tab\there",
+        "x" * 200,
+    ],
+)
+@pytest.mark.parametrize("html", [None, "<p>hi</p>"])
+def test_wire_bytes_are_what_smtplib_send_message_writes(subject, html):
+    """Our flattening (short ASCII headers written directly) sends the bytes smtplib's own send_message would."""
+    msg = build_message("IndoStar Naturals <orders@indostar.example>", "a@example.in", subject, "body é", html)
+    smtplib_way = io.BytesIO()
+    BytesGenerator(smtplib_way).flatten(msg, linesep="\r\n")  # as smtplib.SMTP.send_message does
+    assert wire_bytes(msg) == smtplib_way.getvalue()
+    assert b"\r\n" in wire_bytes(msg) and b"\n" not in wire_bytes(msg).replace(b"\r\n", b"")
 
 
 def test_smtp_5xx_is_permanent_and_4xx_transient():
