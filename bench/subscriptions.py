@@ -700,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     from lib import db
+    from lib import subscriptions as subs
     from lib.config import get_settings
 
     get_settings.cache_clear()
@@ -708,7 +709,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
     db.reset_engine()
-    s = get_settings()
     sizes: dict[str, tuple[int, float, str]] = {}
     for n in args.n:
         sizes[str(n)] = (n, args.history, "autovacuum")
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.testing.utilities import prefect_test_harness
 
         with prefect_test_harness(server_startup_timeout=120):
-            results = _measure(args, base, url, datasets, s.subscription_batch_size, s.subscription_max_concurrency)
+            results = _measure(args, base, url, datasets, subs.BATCH_SIZE, subs.LANES)
             time.sleep(3)  # let the harness record the last task runs before it shuts down
         results["pg"] = _pg_settings(db.get_engine())
     finally:

@@ -165,19 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.two_workers", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000, help="due subscriptions")
     p.add_argument("--products", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=None, help="default SUBSCRIPTION_BATCH_SIZE")
-    p.add_argument("--lanes", type=int, default=None, help="lanes per process; default SUBSCRIPTION_MAX_CONCURRENCY")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the nightly run's batch_size (1000)")
+    p.add_argument("--lanes", type=int, default=None, help="lanes per process (default 4, as the nightly run)")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
     p.add_argument("--short-stock", action="store_true", help="keep the data set's shortages (invariants only)")
     args = p.parse_args(argv)
 
     from bench.subscriptions import build_template, differences, snapshot
+    from lib import subscriptions as subs
     from lib.config import get_settings
     from lib.db import build_engine
 
     s = get_settings()
-    batch_size = args.batch_size or s.subscription_batch_size
-    lanes = args.lanes or s.subscription_max_concurrency
+    batch_size = args.batch_size or subs.BATCH_SIZE
+    lanes = args.lanes or subs.LANES
     base = s.database_url
     ds = build_template(base, TEMPLATE_DB, args.n, args.products, RUN_DATE, extra=0.5, history=0.0)
     if not args.short_stock:

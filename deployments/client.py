@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol
 from uuid import UUID
 
-from lib.errors import InvalidInputError
+from lib.errors import InvalidInputError, positive_int
 
 DEPLOYMENT = "default"
 BACKEND_TAG = "backend"  # the same tag flows.hooks looks for (kept here: the client imports no flow code)
@@ -97,12 +97,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
-def _positive(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
 def _keyed(prefix: str, key: str | None) -> str | None:
     return f"{prefix}:{key}" if key else None
 
@@ -143,7 +137,7 @@ def send_templated_sms(template: str, context: dict[str, Any], phone: str, idemp
 @deployment_call
 def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> Call:
     """Start send-order-confirmation (email + SMS); one run per order unless a key says otherwise."""
-    _positive(order_id, "order_id")
+    positive_int(order_id, "order_id")
     params: dict[str, Any] = {"order_id": order_id} | ({"idempotency_key": idempotency_key} if idempotency_key else {})
     return Call("send-order-confirmation", params, idempotency_key or f"order-confirmation:{order_id}")
 
@@ -151,7 +145,7 @@ def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -
 @deployment_call
 def send_order_shipped(order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None) -> Call:
     """Start send-order-shipped; one run per order and tracking number."""
-    _positive(order_id, "order_id")
+    positive_int(order_id, "order_id")
     params = {"order_id": order_id, "tracking_number": tracking_number, "carrier": carrier}
     return Call("send-order-shipped", params, idempotency_key or f"order-shipped:{order_id}:{tracking_number}")
 
@@ -178,7 +172,7 @@ def send_subscription_renewal_reminder(
     subscription_id: int, delivery_date: dt.date | str, idempotency_key: str | None = None
 ) -> Call:
     """Start send-subscription-renewal-reminder; one run per subscription and delivery date."""
-    _positive(subscription_id, "subscription_id")
+    positive_int(subscription_id, "subscription_id")
     day = delivery_date.isoformat() if isinstance(delivery_date, dt.date) else str(delivery_date)
     params = {"subscription_id": subscription_id, "delivery_date": day}
     return Call(
@@ -192,7 +186,7 @@ def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | No
 
     Without a key every call sends a new code; pass your request id to make a retried call safe.
     """
-    _positive(customer_id, "customer_id")
+    positive_int(customer_id, "customer_id")
     params = {"customer_id": customer_id, "purpose": purpose, "idempotency_key": idempotency_key}
     return Call("send-otp", params, _keyed(f"otp:{customer_id}:{purpose}", idempotency_key))
 
@@ -200,7 +194,7 @@ def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | No
 @deployment_call
 def send_password_reset(customer_id: int, idempotency_key: str | None = None) -> Call:
     """Start send-password-reset: the run issues the token and emails the link."""
-    _positive(customer_id, "customer_id")
+    positive_int(customer_id, "customer_id")
     params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
     return Call("send-password-reset", params, _keyed(f"password-reset:{customer_id}", idempotency_key))
 
@@ -208,7 +202,7 @@ def send_password_reset(customer_id: int, idempotency_key: str | None = None) ->
 @deployment_call
 def send_email_verification(customer_id: int, idempotency_key: str | None = None) -> Call:
     """Start send-email-verification: the run issues the token and emails the link."""
-    _positive(customer_id, "customer_id")
+    positive_int(customer_id, "customer_id")
     params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
     return Call("send-email-verification", params, _keyed(f"email-verification:{customer_id}", idempotency_key))
 
@@ -232,7 +226,7 @@ def replay_dead_letters(
 @deployment_call
 def process_single_subscription(subscription_id: int, idempotency_key: str | None = None) -> Call:
     """Start process-single-subscription now (e.g. after a customer reactivates); unkeyed calls start a new run."""
-    _positive(subscription_id, "subscription_id")
+    positive_int(subscription_id, "subscription_id")
     return Call("process-single-subscription", {"subscription_id": subscription_id}, idempotency_key)
 
 

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import NonNegativeInt, PositiveInt
 
 from flows.common import flow_options, publish_markdown, publish_table, run_id, scheduled_date, task_options
 from flows.notifications import send_in_batches, send_messages
@@ -29,7 +30,7 @@ from lib import night_report, payments, razorpay
 from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
-from lib.errors import InvalidInputError, JobError, PermanentError, RejectedError
+from lib.errors import InvalidInputError, JobError, PermanentError, RejectedError, positive_int
 from lib.notify.messages import OrderConfirmationRequest, PaymentFailedRequest, RenewalReminderRequest
 from lib.schedule import check_run_date
 
@@ -54,8 +55,7 @@ def process_lane(
 def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> subs.LaneResult:
     """Compute what a run would do, read-only."""
     with session_scope() as session:
-        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-        return subs.dry_run(session, run_date, batch_size)
+        return subs.read_only_dry_run(session, run_date, batch_size)
 
 
 @task(**task_options("list-created-orders"))
@@ -152,12 +152,12 @@ def _finish(
 @flow(**flow_options("process-due-subscriptions", task_runner=ThreadPoolTaskRunner(max_workers=16)))
 def process_due_subscriptions(
     run_date: dt.date | None = None,
-    batch_size: int | None = None,
-    max_concurrency: int | None = None,
+    batch_size: PositiveInt = subs.BATCH_SIZE,
+    max_concurrency: PositiveInt = subs.LANES,
     dry_run: bool = False,
     send_confirmations: bool = True,
     allow_any_date: bool = False,
-    worker_runs: int = 0,
+    worker_runs: NonNegativeInt = 0,
 ) -> dict[str, Any]:
     """Turn every due active subscription into one order, in concurrent set-based batches; then confirm them.
 
@@ -168,8 +168,6 @@ def process_due_subscriptions(
     """
     s = get_settings()
     run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date or dry_run)
-    batch_size = s.subscription_batch_size if batch_size is None else batch_size
-    max_concurrency = s.subscription_max_concurrency if max_concurrency is None else max_concurrency
     subs.validate_knobs(batch_size, max_concurrency)
     _check_worker_runs(worker_runs, max_concurrency)
     if dry_run:
@@ -195,21 +193,6 @@ LANES_DEPLOYMENT = "process-subscription-lanes/default"
 LANE_RUN_POLL_SECONDS = 2.0
 # A lane run still waiting for a worker after this long is cancelled and its lanes run in the nightly run.
 LANE_RUN_START_SECONDS = 300.0
-# Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
-# Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
-_RUN_OUTCOMES_SQL = """
-SELECT o.outcome, s.frequency, s.product_id, count(*) AS subscriptions,
-       CAST(coalesce(sum(i.units), 0) AS bigint) AS units,
-       CAST(coalesce(sum(i.revenue_paise), 0) AS bigint) AS revenue_paise
-FROM subscription_outcomes o
-JOIN subscriptions s ON s.id = o.subscription_id
-LEFT JOIN LATERAL (
-    SELECT sum(quantity) AS units, sum(quantity * unit_price_paise) AS revenue_paise
-    FROM order_items WHERE order_id = o.order_id
-) i ON o.outcome = 'created' AND o.reason IS NULL
-WHERE o.run_id = :run_id
-GROUP BY o.outcome, s.frequency, s.product_id
-"""
 
 
 class LaneRunError(PermanentError):
@@ -224,11 +207,8 @@ def _check_worker_runs(worker_runs: int, lanes: int) -> None:
 @task(**task_options("summarize-run-outcomes"))
 def summarize_run_outcomes(run_id: str) -> pd.DataFrame:
     """The outcomes this run recorded, by outcome, frequency and product, read from the database."""
-    from sqlalchemy import text
-
     with session_scope() as session:
-        rows = session.execute(text(_RUN_OUTCOMES_SQL), {"run_id": run_id}).all()
-    return subs.summarize([], pd.DataFrame([tuple(r) for r in rows], columns=subs.SUMMARY_COLUMNS))
+        return subs.run_outcomes(session, run_id)
 
 
 def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UUID]]:
@@ -312,12 +292,11 @@ def process_subscription_lanes(
     lanes: list[int],
     lane_count: int,
     run_id: str,
-    batch_size: int | None = None,
+    batch_size: PositiveInt = subs.BATCH_SIZE,
     stop_claiming_at: dt.datetime | None = None,
 ) -> State:
     """Run some lanes of one night for process-due-subscriptions, on whichever worker picks this up."""
     s = get_settings()
-    batch_size = s.subscription_batch_size if batch_size is None else batch_size
     subs.validate_knobs(batch_size, lane_count)
     if not lanes or len(set(lanes)) != len(lanes) or not all(0 <= i < lane_count for i in lanes):
         raise InvalidInputError(f"lanes must be distinct numbers in 0..{lane_count - 1}, got {lanes}")
@@ -360,8 +339,7 @@ def process_single_subscription(
     subscription_id: int, run_date: dt.date | None = None, send_confirmation: bool = True, allow_any_date: bool = False
 ) -> dict[str, Any]:
     """Process one subscription now, with the nightly rules; unknown or inactive ids fail."""
-    if subscription_id <= 0:
-        raise InvalidInputError(f"subscription_id must be a positive id, got {subscription_id}")
+    positive_int(subscription_id, "subscription_id")
     run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date)
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
@@ -372,17 +350,8 @@ def process_single_subscription(
 @task(**task_options("list-reminders-due"))
 def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[int, str]]:
     """One page of active subscriptions delivering on ``day``."""
-    from sqlalchemy import text
-
     with session_scope() as session:
-        rows = session.execute(
-            text(
-                "SELECT id FROM subscriptions WHERE status = 'active' AND next_delivery_date = :d "
-                "AND id > :a ORDER BY id LIMIT :n"
-            ),
-            {"d": day, "a": after_id, "n": limit},
-        ).scalars()
-        return [(sid, day.isoformat()) for sid in rows]
+        return [(sid, day.isoformat()) for sid in subs.reminders_due(session, day, after_id, limit)]
 
 
 def _reminder_requests(day: dt.date, counter: list[int]) -> Iterator[RenewalReminderRequest]:

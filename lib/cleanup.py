@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from lib.errors import InvalidInputError
+from lib.errors import InvalidInputError, positive_int
 
 if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.tokens (send time) imports this module
     import pandas as pd
@@ -108,9 +108,7 @@ class Limits:
 
 def check_positive(name: str, value: int) -> int:
     """Reject a day count or batch size <= 0 before anything is deleted."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"{name} must be a whole number > 0, got {value!r}; nothing was deleted")
-    return value
+    return positive_int(value, name, "; nothing was deleted")
 
 
 def cutoff_for(reference: dt.datetime, days: int, name: str = "days") -> dt.datetime:

@@ -65,8 +65,6 @@ class Settings(BaseSettings):
 
     razorpay_webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
 
-    subscription_batch_size: int = Field(default=1000, ge=1)
-    subscription_max_concurrency: int = Field(default=4, ge=1)
     notification_batch_size: int = Field(default=200, ge=1)
     # true: every `sent` mark waits for the disk (survives a PostgreSQL crash, costs a WAL flush per message).
     notification_durable_marks: bool = False

@@ -38,6 +38,17 @@ class InvalidInputError(PermanentError, ValueError):
     """A flow parameter or payload is malformed; rejected before anything is written."""
 
 
+def positive_int(value: object, name: str, after: str = "") -> int:
+    """``value`` if it is a whole number in 1..2**63-1 (bools refused), else InvalidInputError naming it.
+
+    The one check for ids, day counts, batch sizes and lane counts; ``after`` ends the
+    message (e.g. "; nothing was deleted").
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise InvalidInputError(f"{name} must be a whole number > 0, got {value!r}{after}")
+    return value
+
+
 class NotFoundError(PermanentError, LookupError):
     """An id that names no row."""
 

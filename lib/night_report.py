@@ -63,15 +63,20 @@ def _products(groups: pd.DataFrame, names: Mapping[int, str], ids: Sequence[int]
     rows = []
     for pid in ids:
         g = created[created["product_id"] == pid]
+        units = int(g["units"].sum())
         rows.append(
-            {
-                "product": names.get(pid, f"#{pid}"),
-                "subscriptions": int(g["subscriptions"].sum()),
-                "units": int(g["units"].sum()),
-                "revenue": format_inr(int(g["revenue_paise"].sum())),
-            }
+            (
+                (-units, pid),
+                {
+                    "product": names.get(pid, f"#{pid}"),
+                    "subscriptions": int(g["subscriptions"].sum()),
+                    "units": units,
+                    "revenue": format_inr(int(g["revenue_paise"].sum())),
+                },
+            )
         )
-    return rows
+    # Most units first, as top_product_ids chose them (``ids`` may come in any order).
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def headline(stats: Mapping[str, Any], run_date: dt.date, dry_run: bool) -> str:
@@ -107,7 +112,7 @@ def render(
             md.table(_by(groups, "frequency", FREQUENCY_ORDER), ["frequency", "subscriptions", "units", "revenue"]),
         ),
         md.section(
-            "Top products (orders created)",
+            "Top products (by units ordered)",
             md.table(_products(groups, names, list(names)), ["product", "subscriptions", "units", "revenue"]),
         ),
     ]

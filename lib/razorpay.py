@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lib.errors import InvalidInputError, SignatureError
+from lib.errors import InvalidInputError, SignatureError, positive_int
 
 MAX_ID = 64
 MAX_REASON = 300
@@ -106,17 +106,13 @@ def _notes_id(notes: dict[str, Any], name: str) -> int | None:
     value = notes.get(name)
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise InvalidInputError(f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}")
     try:
-        number = int(value)
-    except (TypeError, ValueError):
+        # Razorpay notes are strings: "42" is an id, "4.2", "abc" and true are not.
+        return positive_int(int(value) if isinstance(value, str) and value.isdigit() else value, name)
+    except InvalidInputError:
         raise InvalidInputError(
             f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}"
         ) from None
-    if number <= 0 or number >= 2**63:
-        raise InvalidInputError(f"payment.entity.notes.{name} must be a positive integer id, got {_describe(value)}")
-    return number
 
 
 def parse_event(body: bytes, event_id: Any) -> RazorpayEvent:

@@ -31,12 +31,14 @@ from sqlalchemy import Row, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from lib.errors import InvalidInputError, NotFoundError, TransientError
+from lib.errors import NotFoundError, TransientError, positive_int
 from lib.schedule import next_after
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ["outcome", "frequency", "product_id"]
+BATCH_SIZE = 1000  # subscriptions per transaction: the nightly run's default batch_size
+LANES = 4  # batches claimed side by side: its default max_concurrency
 SUMMARY_COLUMNS = [*SUMMARY_KEYS, "subscriptions", "units", "revenue_paise"]
 
 
@@ -98,10 +100,9 @@ def allocate(subs: Sequence[DueSub], stock: dict[int, int]) -> tuple[list[DueSub
 
 
 def validate_knobs(batch_size: int, max_concurrency: int = 1) -> None:
-    if batch_size <= 0:
-        raise InvalidInputError(f"batch_size must be > 0, got {batch_size}")
-    if max_concurrency <= 0:
-        raise InvalidInputError(f"max_concurrency must be > 0, got {max_concurrency}")
+    """Refuse a batch size or lane count that is not a whole number > 0."""
+    positive_int(batch_size, "batch_size")
+    positive_int(max_concurrency, "max_concurrency")
 
 
 _COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day"
@@ -620,3 +621,46 @@ def created_order_ids(session: Session, run_id: str, after_id: int, limit: int) 
             {"r": run_id, "after": after_id, "n": limit},
         ).scalars()
     )
+
+
+# Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
+# Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
+_RUN_OUTCOMES = text(
+    """
+SELECT o.outcome, s.frequency, s.product_id, count(*) AS subscriptions,
+       CAST(coalesce(sum(i.units), 0) AS bigint) AS units,
+       CAST(coalesce(sum(i.revenue_paise), 0) AS bigint) AS revenue_paise
+FROM subscription_outcomes o
+JOIN subscriptions s ON s.id = o.subscription_id
+LEFT JOIN LATERAL (
+    SELECT sum(quantity) AS units, sum(quantity * unit_price_paise) AS revenue_paise
+    FROM order_items WHERE order_id = o.order_id
+) i ON o.outcome = 'created' AND o.reason IS NULL
+WHERE o.run_id = :run_id
+GROUP BY o.outcome, s.frequency, s.product_id
+"""
+)
+
+
+def run_outcomes(session: Session, run_id: str) -> pd.DataFrame:
+    """The outcomes a run recorded (its lanes and lane runs included), as ``summarize`` groups them."""
+    rows = session.execute(_RUN_OUTCOMES, {"run_id": run_id}).all()
+    return summarize([], pd.DataFrame([tuple(r) for r in rows], columns=SUMMARY_COLUMNS))
+
+
+def reminders_due(session: Session, day: dt.date, after_id: int, limit: int) -> list[int]:
+    """One id page of the active subscriptions delivering on ``day``."""
+    rows = session.execute(
+        text(
+            "SELECT id FROM subscriptions WHERE status = 'active' AND next_delivery_date = :d "
+            "AND id > :a ORDER BY id LIMIT :n"
+        ),
+        {"d": day, "a": after_id, "n": limit},
+    ).scalars()
+    return list(rows)
+
+
+def read_only_dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
+    """``dry_run`` in one REPEATABLE READ snapshot, so the whole report sees one state of the tables."""
+    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    return dry_run(session, run_date, batch_size)

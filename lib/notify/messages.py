@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lib.errors import InvalidInputError, NotFoundError, PermanentError
+from lib.errors import InvalidInputError, NotFoundError, PermanentError, positive_int
 from lib.models import Customer, Order, Product, Subscription
 from lib.notify.address import check_header, normalize_phone, validate_email
 from lib.notify.delivery_log import Message
@@ -72,11 +72,7 @@ class MessageRequest(Protocol):
 # ---- shared checks -----------------------------------------------------------------------------
 
 
-def positive_id(value: Any, what: str) -> int:
-    """A positive integer id (bools refused); InvalidInputError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
-        raise InvalidInputError(f"{what} must be a positive integer id, got {value!r}")
-    return value
+positive_id = positive_int  # ids of orders, customers, subscriptions, notifications
 
 
 def check_key(key: str | None) -> str | None:

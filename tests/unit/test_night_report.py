@@ -38,6 +38,12 @@ def test_tables_per_dimension_with_names_and_indian_grouping():
     assert "| batch p50 ms | batch p95 ms |" in text
 
 
+def test_top_products_are_listed_most_units_first_whatever_order_the_names_came_in():
+    """Names come from an unordered query; the table still lists the product with most units first."""
+    text = night_report.render(GROUPS, {"created": 4}, {8: "Neem Soap", 7: "Amla Juice 500 ml"}, [], dt.date(2026, 11, 28))
+    assert text.index("| Amla Juice 500 ml |") < text.index("| Neem Soap |")
+
+
 def test_an_empty_night_still_renders():
     """A night with nothing due renders its headline and says none in each table."""
     empty = pd.DataFrame(columns=GROUPS.columns)
