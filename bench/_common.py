@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: database URLs, percentiles, demo orders, waiting on subprocesses.
+"""Helpers the benchmarks share: database URLs, percentiles, demo orders, waiting on subprocesses, CPU seconds
+of processes and of PostgreSQL backends, a Prefect API for flows run in the bench process.
 
 Benchmarks import from here (and from lib/, flows/, deployments/), never from tests/.
 """
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import text
@@ -75,3 +77,48 @@ def wait_for(what: str, ok: Callable[[], Any], timeout: float, *procs: Proc, int
             raise TimeoutError(f"{what} not within {timeout:.0f} s\n{tails}")
         time.sleep(interval)
     return time.perf_counter() - started
+
+
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far; None if /proc does not show it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(engine: Engine) -> dict[int, float] | None:
+    """CPU seconds so far of each backend connected to the engine's database; None if /proc does not show them.
+
+    Only backends alive at the call are seen: a caller that wants all the CPU of a run reads
+    before and after, and keeps its connections open in between.
+    """
+    with engine.connect() as conn:
+        own = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        pids = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = :t"),
+            {"t": "client backend"},
+        ).scalars()
+        out = {pid: cpu for pid in pids if (cpu := proc_cpu(pid)) is not None}
+    # Our own backend is alive: when /proc does not show it, the server runs on another
+    # machine (or as a user we may not read); any other pid missing exited since the query.
+    return out if own in out else None
+
+
+@contextmanager
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect API for flows run in this process, without flow heartbeats.
+
+    Prefect 3.9 would otherwise add up to 1 s to each flow's end, joining its heartbeat
+    thread: not part of what the benchmarks measure.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield

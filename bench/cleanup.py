@@ -34,6 +34,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench._common import backend_cpu
+
 os.environ.setdefault("INDOSTAR_ENV", "dev")
 
 # One name per process: the server is shared, and a second bench must not drop ours.
@@ -99,20 +101,20 @@ def seed_carts(url: str, n: int, rng_seed: int = 11) -> dict[str, int]:
 
 
 @contextmanager
-def fresh_copy(base: str, template: str) -> Iterator[Engine]:
-    """A new database cloned from ``template``, dropped afterwards."""
+def fresh_copy(base: str, template: str, name: str = BENCH_DB) -> Iterator[Engine]:
+    """A new database ``name`` cloned from ``template``, dropped afterwards."""
     from lib.db import build_engine
 
-    _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-    _sql_autocommit(base, f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{template}"')
-    engine = build_engine(_url(base, BENCH_DB), 2)
+    _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _sql_autocommit(base, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    engine = build_engine(_url(base, name), 2)
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("CHECKPOINT"))
         yield engine
     finally:
         engine.dispose()
-        _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
+        _sql_autocommit(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _scope(engine: Engine) -> Callable[[], Any]:
@@ -126,35 +128,17 @@ def _scope(engine: Engine) -> Callable[[], Any]:
     return scope
 
 
-def _backend_cpu(engine: Engine) -> dict[int, float] | None:
-    """CPU seconds (user + system) so far of each backend connected to the bench database, if /proc shows them."""
-    with engine.connect() as conn:
-        pids = conn.execute(
-            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = :t"),
-            {"t": "client backend"},
-        ).scalars()
-        out = {}
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                return None  # a server on another machine, or not ours to read
-            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
 @contextmanager
 def _measured(engine: Engine) -> Iterator[dict[str, Any]]:
     """Wall-clock seconds and CPU seconds (server backends + this process) of the block."""
     out: dict[str, Any] = {}
-    server_before = _backend_cpu(engine)
+    server_before = backend_cpu(engine)
     client_before = time.process_time()
     started = time.perf_counter()
     yield out
     out["seconds"] = time.perf_counter() - started
     client = time.process_time() - client_before
-    server_after = _backend_cpu(engine) if server_before is not None else None
+    server_after = backend_cpu(engine) if server_before is not None else None
     if server_after is None:
         out["cpu_seconds"] = None
     else:

@@ -38,6 +38,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from bench._common import prefect_harness
+
 BENCH_DB = "indostar_bench_notify"
 BULK_THREADS = 8  # concurrent delivery tasks (each one SMTP session); per-message commits wait on fsync
 SENDER = "IndoStar Naturals <orders@indostar.example>"
@@ -198,6 +200,19 @@ def seed_orders(n: int) -> list[int]:
 # --- main -----------------------------------------------------------------------------------------
 
 
+def environment(port: int) -> dict[str, str]:
+    """Settings of a bench that sends to the SMTP sink on ``port``: dev defaults, SMS to the log, quiet Prefect."""
+    return {
+        "INDOSTAR_ENV": "dev",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(port),
+        "SMS_PROVIDER": "log",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    }
+
+
 def _timed(fn, *args) -> tuple[float, Any]:
     started = time.perf_counter()
     result = fn(*args)
@@ -221,17 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.dev.smtp_sink import free_port
 
     port = free_port()
-    os.environ.update(
-        {
-            "INDOSTAR_ENV": "dev",
-            "SMTP_HOST": "127.0.0.1",
-            "SMTP_PORT": str(port),
-            "SMS_PROVIDER": "log",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-        }
-    )
+    os.environ.update(environment(port))
     from lib import db
     from lib.config import get_settings
 
@@ -245,17 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     db.migrate(url)
     results: dict[str, Any] = {"n": args.n, "batch_size": get_settings().notification_batch_size}
     try:
-        with SmtpSink(port) as sink:
-            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-            from prefect.testing.utilities import prefect_test_harness
-
-            # The flows run in this process: no heartbeat to send (Prefect 3.9 would otherwise add up
-            # to 1 s to each flow's end, joining its heartbeat thread: not part of the sending path).
-            with (
-                temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-                prefect_test_harness(server_startup_timeout=120),
-            ):
-                results |= _measure(args, sink, port)
+        with SmtpSink(port) as sink, prefect_harness():
+            results |= _measure(args, sink, port)
     finally:
         db.reset_engine()
         db.drop_database(url)

@@ -224,16 +224,16 @@ def build_template(
     return Dataset(n, products, name, info)
 
 
-def restore(base_url: str, ds: Dataset) -> None:
-    """Replace the working database by a fresh copy of the template; flush it to disk."""
+def restore(base_url: str, ds: Dataset, name: str = BENCH_DB) -> None:
+    """Replace the working database ``name`` by a fresh copy of the template; flush it to disk."""
     from lib import db
 
     db.reset_engine()
     admin = db.build_engine(_url(base_url, "postgres"), 1)
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{BENCH_DB}" TEMPLATE "{ds.template}"'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{ds.template}"'))
             conn.execute(text("CHECKPOINT"))
     finally:
         admin.dispose()
@@ -586,8 +586,14 @@ def prefix_rule_differences(run_date: dt.date) -> int:
 def run_flow(run_date: dt.date, batch_size: int | None, concurrency: int | None) -> dict[str, Any]:
     from flows.subscriptions import process_due_subscriptions
 
+    # The run date is fixed (a month end, same data every time), so it is soon more than the
+    # flow's 35 days in the past: allow_any_date, or the flow refuses it.
     return process_due_subscriptions(
-        run_date=run_date, batch_size=batch_size, max_concurrency=concurrency, send_confirmations=False
+        run_date=run_date,
+        batch_size=batch_size,
+        max_concurrency=concurrency,
+        send_confirmations=False,
+        allow_any_date=True,
     )
 
 
