@@ -40,7 +40,8 @@ def test_tables_per_dimension_with_names_and_indian_grouping():
 
 def test_top_products_are_listed_most_units_first_whatever_order_the_names_came_in():
     """Names come from an unordered query; the table still lists the product with most units first."""
-    text = night_report.render(GROUPS, {"created": 4}, {8: "Neem Soap", 7: "Amla Juice 500 ml"}, [], dt.date(2026, 11, 28))
+    names = {8: "Neem Soap", 7: "Amla Juice 500 ml"}
+    text = night_report.render(GROUPS, {"created": 4}, names, [], dt.date(2026, 11, 28))
     assert text.index("| Amla Juice 500 ml |") < text.index("| Neem Soap |")
 
 
