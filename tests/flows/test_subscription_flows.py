@@ -132,7 +132,7 @@ def _hold_row_lock(pg, sql: str, soft_limit: float, held: threading.Event, stop:
 
 def test_nightly_run_stops_claiming_at_the_soft_limit_mid_night_and_the_next_run_finishes_once(pg, monkeypatch):
     """A batch running at the soft limit completes, no batch is claimed after it, the next run does the rest once."""
-    soft_limit = 2.0
+    soft_limit = 4.0  # room for the flow run to start on a loaded machine before its first claim
     product = make_product(pg, stock=10)
     subs = [make_subscription(pg, product_id=product, due=TODAY) for _ in range(5)]
     monkeypatch.setattr(get_settings(), "flow_soft_limit_seconds", soft_limit)
@@ -174,9 +174,11 @@ def test_dry_run_reports_and_writes_nothing(pg):
 
 @pytest.mark.parametrize("params", [{"batch_size": 0}, {"max_concurrency": -1}])
 def test_bad_knobs_fail_before_writing(pg, params):
-    """A non-positive batch size or concurrency fails the run and writes nothing."""
+    """A non-positive batch size or concurrency is refused by the typed parameters, naming it; nothing is written."""
+    from prefect.exceptions import ParameterTypeError
+
     make_subscription(pg, due=TODAY)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(ParameterTypeError, match=f"{next(iter(params))}: Input should be greater than 0"):
         process_due_subscriptions(run_date=TODAY, send_confirmations=False, **params)
     assert count(pg, "orders") == 0
 

@@ -82,11 +82,16 @@ def test_bad_lane_parameters_fail_before_writing(pg, params):
     assert _rows(pg, "SELECT count(*) FROM orders")[0][0] == 0
 
 
-@pytest.mark.parametrize("worker_runs", [-1, 3])
-def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs):
-    """worker_runs must leave every lane run at least one lane (0 <= worker_runs <= max_concurrency)."""
+@pytest.mark.parametrize(("worker_runs", "error"), [(-1, "ParameterTypeError"), (3, "InvalidInputError")])
+def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs, error):
+    """worker_runs must leave every lane run at least one lane (0 <= worker_runs <= max_concurrency).
+
+    A negative value is refused by the typed parameter before the run starts; more runs than lanes by the flow.
+    """
+    from prefect.exceptions import ParameterTypeError
+
     _night(pg, products=1, per_product=1)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises({"ParameterTypeError": ParameterTypeError, "InvalidInputError": InvalidInputError}[error]):
         process_due_subscriptions(run_date=TODAY, max_concurrency=2, worker_runs=worker_runs)
     assert _rows(pg, "SELECT count(*) FROM orders")[0][0] == 0
 
