@@ -39,7 +39,7 @@ cores, the job needs >= max(worker_cpu / N, postgres_cpu / C) seconds" for 1M su
 100k messages and 1M carts, N in 1, 2, 4 and C in 2, 4, 8. It is a CPU-bound lower bound: it
 ignores lock waits, I/O (commit fsyncs, reads from disk), network round trips and how far a job
 spreads (one flow run is one process: the nightly run spreads over N workers with worker_runs;
-its lanes, SUBSCRIPTION_MAX_CONCURRENCY backends, bound how many database cores it can use).
+its lanes, max_concurrency (4) backends, bound how many database cores it can use).
 
 Databases are named indostar_bench_capacity_<pid>_* and dropped at the end. None of these
 workloads writes to Redis (flow results go there only for backend-started runs); REDIS_KEY_PREFIX

@@ -244,6 +244,9 @@ def cmd_setup_pool(args: argparse.Namespace) -> int:
 def cmd_task_worker(args: argparse.Namespace) -> int:
     # The server does not enforce CSRF unless told to; skipping the token fetch saves a request per client.
     os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
+    # Background task runs have no flow run, so Prefect cannot ship their log lines to the API and
+    # would warn once per task run; their state and result are in the API all the same.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     prefect_api_url()
     check_redis()
     get_settings().check_task_webhook()

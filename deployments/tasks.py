@@ -79,6 +79,11 @@ class AsyncResult:
                 )
             except ObjectNotFound:
                 raise TaskRunLostError(f"{self.kind} run {self.id} does not exist") from None
+        if run.state is None:
+            # A run the server has recorded before its first state event arrived: not started yet.
+            from prefect.states import Pending
+
+            return Pending()
         return run.state
 
     @property
