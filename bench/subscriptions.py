@@ -588,12 +588,12 @@ def run_flow(run_date: dt.date, batch_size: int | None, concurrency: int | None)
 
     # The run date is fixed (a month end, same data every time), so it is soon more than the
     # flow's 35 days in the past: allow_any_date, or the flow refuses it.
+    knobs = {"batch_size": batch_size, "max_concurrency": concurrency}  # None: the flow's default
     return process_due_subscriptions(
         run_date=run_date,
-        batch_size=batch_size,
-        max_concurrency=concurrency,
         send_confirmations=False,
         allow_any_date=True,
+        **{k: v for k, v in knobs.items() if v is not None},
     )
 
 
