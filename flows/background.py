@@ -25,17 +25,29 @@ from functools import lru_cache
 from typing import Any
 
 from prefect import Task, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+    TaskRunFilterName,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.runtime import task_run
+from prefect.states import Scheduled
 from prefect_redis import RedisDatabase
+from sqlalchemy import text
 
 from flows.common import final_attempt, task_options
 from flows.hooks import task_run_finished
 from flows.notifications import deliver_email_keys, deliver_sms_keys, undelivered_error
-from lib import db
+from lib import db, tokens
 from lib.config import get_settings
 from lib.errors import TransientError
 from lib.notify import delivery_log as dlog
 from lib.notify import messages as req
+from lib.notify.templates import environment
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +242,6 @@ async def sweep_stuck_task_runs(older_than: dt.timedelta, names: tuple[str, ...]
     server restarted and forgot its queue) back to Scheduled with their stored parameters, so a
     live worker runs them again under the same id; the delivery log keeps each message to one send.
     Returns the ids rescheduled."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-        TaskRunFilterName,
-        TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Scheduled
-
     cutoff = dt.datetime.now(dt.UTC) - older_than
     waiting = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
     done: list[str] = []
@@ -284,11 +285,6 @@ def task_by_name() -> dict[str, Callable[..., Any]]:
 
 def warm_up() -> None:
     """Open what the first message needs (database pool, Redis, the templates), so it does not pay for it."""
-    from sqlalchemy import text
-
-    from lib import tokens
-    from lib.notify.templates import environment
-
     with db.get_engine().connect() as conn:
         conn.execute(text("SELECT 1"))
     tokens.ping()
@@ -313,7 +309,7 @@ async def _serve(limit: int | None, sweep_every: float, drain_seconds: float) ->
     import asyncio
     import signal
 
-    from prefect.task_worker import TaskWorker
+    from prefect.task_worker import TaskWorker  # the task worker's server stack: only this command needs it
 
     worker = TaskWorker(*(configured(t) for t in BACKGROUND_TASKS), limit=limit)
     stop = asyncio.Event()

@@ -99,7 +99,7 @@ def publish_table(key: str, frame: pd.DataFrame | list[dict[str, Any]], descript
     if FlowRunContext.get() is None:
         return
     if not isinstance(frame, list):
-        from lib.stats import to_artifact_rows
+        from lib.stats import to_artifact_rows  # pandas: only runs that publish frames load it
 
         frame = to_artifact_rows(frame)
     create_table_artifact(key=key, table=frame, description=description)

@@ -19,6 +19,7 @@ from typing import Any
 
 from lib import webhooks
 from lib.config import get_settings
+from lib.tokens import get_redis
 
 log = logging.getLogger(__name__)
 BACKEND_TAG = "backend"
@@ -58,8 +59,6 @@ def flow_run_finished(flw: Any, run: Any, state: Any) -> None:
         return
     result = _result_of(state)
     try:
-        from lib.tokens import get_redis
-
         doc = {"state": state.type.value, "message": state.message, "result": result}
         get_redis().set(
             flow_result_key(run.id), json.dumps(doc, default=str), ex=get_settings().task_storage_ttl_seconds

@@ -3,6 +3,9 @@
 Providers are throttled by Prefect global concurrency limits when an operator has
 created them (``smtp-provider``: concurrent SMTP sessions; ``sms-provider``: SMS per
 second, with slot decay); without them, sends are not throttled.
+
+Prefect and prefect-email are imported inside the functions that use them: the module stays
+importable without Prefect (tests/unit/test_notify_summary.py checks it).
 """
 
 from __future__ import annotations

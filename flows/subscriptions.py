@@ -19,8 +19,12 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Cancelled, Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import NonNegativeInt, PositiveInt
 
@@ -217,11 +221,6 @@ def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UU
     Returns the runs and the ids cancelled here, whose lanes the caller does itself (e.g. a
     single subscriptions worker with --limit 1: it is busy with this very run).
     """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Cancelled
-
     give_up_at = time.monotonic() + LANE_RUN_START_SECONDS
     taken_back: set[uuid.UUID] = set()
     with get_client(sync_client=True) as client:
@@ -245,7 +244,6 @@ def _lanes_on_workers(
     Workers on other machines share no result storage, so the numbers come from the
     outcomes rows of this run id and the lane runs' final state messages, both central.
     """
-    from prefect.deployments import run_deployment
 
     stop_at = dt.datetime.fromtimestamp(deadline, dt.UTC).isoformat()
     started: list[Any] = [
