@@ -41,7 +41,7 @@ from sqlalchemy import text
 
 from flows.common import final_attempt, task_options
 from flows.hooks import task_run_finished
-from flows.notifications import deliver_email_keys, deliver_sms_keys, undelivered_error
+from flows.notifications import deliver_email_keys, deliver_sms_keys, record_messages, undelivered_error
 from lib import db, tokens
 from lib.config import get_settings
 from lib.errors import TransientError
@@ -117,9 +117,7 @@ def background_options(name: str) -> dict[str, Any]:
 
 def send_now(request: req.MessageRequest) -> dict[str, Any]:
     """Record and deliver one request's messages inside the running task; fail if any is dead or undelivered."""
-    with db.session_scope() as s:
-        batch = request.build(s)
-        dlog.record(s, batch.messages)
+    batch = record_messages.fn(request)  # the flows' recording step, inside this task run
     final = final_attempt(task_run.get_run_count())
     reports = []
     if emails := batch.keys("email"):

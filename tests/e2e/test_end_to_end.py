@@ -30,6 +30,13 @@ def _seed_night(pg, due: int, not_due: int = 2) -> list[int]:
     return ids
 
 
+def _subscriptions_worker(spawn, name: str, *extra: str):
+    """A process worker of the pool's subscriptions queue, as an operator starts one."""
+    return spawn(
+        name, "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue", "subscriptions", *extra
+    )
+
+
 def _orders_per_subscription(pg) -> dict[int, int]:
     with pg.connect() as conn:
         rows = conn.execute(text("SELECT subscription_id, count(*) FROM orders GROUP BY subscription_id")).all()
@@ -99,18 +106,7 @@ def test_deploy_all_then_a_worker_on_the_subscriptions_queue_runs_the_nightly_ba
             "send_confirmations=false",
         )
     )
-    worker = spawn(
-        "worker",
-        "-m",
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        "indostar",
-        "--work-queue",
-        "subscriptions",
-        "--run-once",
-    )
+    worker = _subscriptions_worker(spawn, "worker", "--run-once")
     run = wait_for_run(run_id, timeout=120, proc=worker)
     assert run.state_type.value == "COMPLETED", worker.tail()
     assert _orders_per_subscription(pg) == dict.fromkeys(subs, 1)
@@ -149,7 +145,7 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
             "max_concurrency=1",
         )
     )
-    first = spawn("worker-1", "-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue", "subscriptions")
+    first = _subscriptions_worker(spawn, "worker-1")
     deadline = time.monotonic() + 90
     while count_rows(pg, "orders") < 20:  # mid-run: some batches committed, most still due
         assert time.monotonic() < deadline, first.tail()
@@ -164,18 +160,7 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
     assert rescheduled.state_type.value == "SCHEDULED" and rescheduled.state_name == "Rescheduled", (
         f"{rescheduled.state_name}: {rescheduled.state.message if rescheduled.state else ''}"
     )
-    second = spawn(
-        "worker-2",
-        "-m",
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        "indostar",
-        "--work-queue",
-        "subscriptions",
-        "--run-once",
-    )
+    second = _subscriptions_worker(spawn, "worker-2", "--run-once")
     # The rescheduled run dies mid-run too.
     deadline = time.monotonic() + 120
     while count_rows(pg, "orders") < done_before + 20:
@@ -206,18 +191,7 @@ def test_a_worker_killed_mid_run_is_rescheduled_by_the_automation_and_nothing_is
             time.sleep(0.5)
         # Operations reschedule it by hand; a third worker finishes the night.
         client.set_flow_run_state(run_id, Scheduled(message="rescheduled by hand after the crashed-twice alert"))
-    third = spawn(
-        "worker-3",
-        "-m",
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        "indostar",
-        "--work-queue",
-        "subscriptions",
-        "--run-once",
-    )
+    third = _subscriptions_worker(spawn, "worker-3", "--run-once")
     finished = wait_for_run(run_id, timeout=120, proc=third)
     assert finished.state_type.value == "COMPLETED", third.tail()
     assert finished.run_count >= 2

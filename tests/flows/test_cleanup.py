@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -140,19 +141,28 @@ def test_token_flow_cleans_up_per_kind_and_a_second_run_removes_nothing(redis_cl
     assert [r["kind"] for r in rows] == list(tokens.KINDS)
 
 
+@contextmanager
+def _redis_url(monkeypatch, url: str):
+    """REDIS_URL set to ``url`` inside the block, with the settings and client caches cleared around it."""
+    monkeypatch.setenv("REDIS_URL", url)
+    get_settings.cache_clear()
+    tokens.get_redis.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        tokens.get_redis.cache_clear()
+
+
 @pytest.fixture
 def dead_redis(monkeypatch):
     """REDIS_URL pointing at a closed loopback port, with the settings and client caches cleared around it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
-    get_settings.cache_clear()
-    tokens.get_redis.cache_clear()
-    yield port
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    tokens.get_redis.cache_clear()
+    with _redis_url(monkeypatch, f"redis://127.0.0.1:{port}/0"):
+        yield port
 
 
 def test_token_flow_fails_naming_the_address_when_redis_is_down_and_leaves_postgres_alone(pg, dead_redis):
@@ -261,14 +271,9 @@ def slow_redis(redis_client, monkeypatch):
     """REDIS_URL through a HoldingRedisProxy to the test Redis, settings and client caches cleared around it."""
     kw = redis_client.connection_pool.connection_kwargs
     proxy = HoldingRedisProxy(kw.get("host", "127.0.0.1"), kw.get("port", 6379))
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{proxy.port}/{kw.get('db', 0)}")
-    get_settings.cache_clear()
-    tokens.get_redis.cache_clear()
-    yield proxy
-    proxy.close()
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    tokens.get_redis.cache_clear()
+    with _redis_url(monkeypatch, f"redis://127.0.0.1:{proxy.port}/{kw.get('db', 0)}"):
+        yield proxy
+        proxy.close()
 
 
 def test_token_flow_stops_at_the_soft_limit_after_its_first_batch_and_the_next_run_finishes(slow_redis, redis_client):

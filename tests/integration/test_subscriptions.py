@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import event, text
@@ -342,6 +343,22 @@ def test_claims_go_on_from_the_last_row_claimed(pg):
     assert [d.id for d in rest] == ids[2:]
 
 
+@contextmanager
+def _claims_seen(pg):
+    """The claim statements (SQL, parameters) run on ``pg`` inside the block, to EXPLAIN them."""
+    seen: list[tuple[str, dict]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "FOR UPDATE OF s SKIP LOCKED" in statement:
+            seen.append((statement, parameters))
+
+    event.listen(pg, "before_cursor_execute", capture)
+    try:
+        yield seen
+    finally:
+        event.remove(pg, "before_cursor_execute", capture)
+
+
 def test_the_claim_probes_outcomes_by_subscription_never_by_run_id(pg):
     """Even when statistics make a new run id look rare, the claim does not scan the run-id index per row."""
     _seed_many(pg, 2000, products=20, stock=0)  # all out of stock: every row stays due after its outcome
@@ -354,17 +371,8 @@ def test_the_claim_probes_outcomes_by_subscription_never_by_run_id(pg):
             )
         )
         c.execute(text("ANALYZE subscription_outcomes"))
-    seen: list[tuple[str, dict]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        if "FOR UPDATE OF s SKIP LOCKED" in statement:
-            seen.append((statement, parameters))
-
-    event.listen(pg, "before_cursor_execute", capture)
-    try:
+    with _claims_seen(pg) as seen:
         run_night(batch_size=500)
-    finally:
-        event.remove(pg, "before_cursor_execute", capture)
     with pg.connect() as c:
         raw = c.connection.dbapi_connection.cursor()
         raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
@@ -453,19 +461,9 @@ def test_a_claim_walks_the_due_index_in_order_even_when_the_estimates_say_otherw
             {"d": TODAY},
         )
         c.execute(text("ANALYZE subscriptions"))
-    seen: list[tuple[str, dict]] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        if "FOR UPDATE OF s SKIP LOCKED" in statement:
-            seen.append((statement, parameters))
-
-    event.listen(pg, "before_cursor_execute", capture)
-    try:
-        with session_scope() as s:
-            subs.process_batch(s, subs.Due(TODAY, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000)), 1000)
-            raw = s.connection().connection.dbapi_connection.cursor()
-            raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
-            plan = "\n".join(r[0] for r in raw.fetchall())
-    finally:
-        event.remove(pg, "before_cursor_execute", capture)
+    with _claims_seen(pg) as seen, session_scope() as s:
+        subs.process_batch(s, subs.Due(TODAY, str(uuid.uuid4()), lane=(1, 4), after=(TODAY, 10_000)), 1000)
+        raw = s.connection().connection.dbapi_connection.cursor()
+        raw.execute("EXPLAIN " + seen[-1][0], seen[-1][1])
+        plan = "\n".join(r[0] for r in raw.fetchall())
     assert "Index Scan using ix_subscriptions_due" in plan and "Sort" not in plan, plan
