@@ -187,7 +187,9 @@ def _hold(
                 "currency, status, reason) VALUES (:p, :e, :s, :d, :a, :c, 'held', :r) "
                 "ON CONFLICT (razorpay_payment_id) DO UPDATE SET status = 'held', reason = excluded.reason, "
                 "subscription_id = excluded.subscription_id, delivery_date = excluded.delivery_date, "
-                "updated_at = now()"
+                "updated_at = now() "
+                # A payment on record as applied (or awaiting its cycle) never changes on a redelivery.
+                "WHERE payments.status NOT IN ('applied', 'awaiting_cycle')"
             ),
             {
                 "p": charge.payment_id,
@@ -223,7 +225,10 @@ def _subscription(session: Session, rzp_id: str) -> Row[Any] | None:
 
 def _known_payment(session: Session, payment_id: str) -> Row[Any] | None:
     return session.execute(
-        text("SELECT status, order_id, delivery_date FROM payments WHERE razorpay_payment_id = :p FOR UPDATE"),
+        text(
+            "SELECT status, order_id, delivery_date, subscription_id FROM payments "
+            "WHERE razorpay_payment_id = :p FOR UPDATE"
+        ),
         {"p": payment_id},
     ).first()
 
@@ -303,16 +308,22 @@ def _decision_id(session: Session, ev: RazorpayEvent) -> str:
 
 def _apply_charge(session: Session, ev: RazorpayEvent, charge: Charge, today: dt.date) -> EventResult:
     sub = _subscription(session, charge.razorpay_subscription_id)
+    known = _known_payment(session, charge.payment_id)
+    if known is not None and known.status in ("applied", "awaiting_cycle"):
+        # The same payment under another event id (or a body naming another subscription): it is on record
+        # already, and nothing this event says changes it.
+        return EventResult(
+            ev.event_id,
+            ev.event,
+            "replay",
+            f"payment {charge.payment_id} is {known.status}",
+            known.order_id,
+            known.subscription_id,
+        )
     problem = _money_problem(charge)
     if sub is None:
         reason = f"no subscription has razorpay_subscription_id {charge.razorpay_subscription_id}"
         return _hold(session, ev, charge, problem or reason, None, None, "rejected" if problem else "failed")
-    known = _known_payment(session, charge.payment_id)
-    if known is not None and known.status in ("applied", "awaiting_cycle"):
-        # The same payment under another event id: it is on record already.
-        return EventResult(
-            ev.event_id, ev.event, "replay", f"payment {charge.payment_id} is {known.status}", known.order_id, sub.id
-        )
     unpaid = _oldest_unpaid_order(session, sub)
     cycle = unpaid.delivery_date if unpaid is not None else sub.next_delivery_date
     expected = int(unpaid.total_paise) if unpaid is not None else int(sub.quantity * sub.price_paise)

@@ -270,6 +270,21 @@ def test_webhook_charge_for_a_due_cycle_creates_one_paid_order_confirms_it_and_r
     assert count(pg, "orders") == 1 and len(smtp.messages) == 1
 
 
+def test_an_applied_payment_redelivered_naming_an_unknown_subscription_stays_applied(pg, smtp, sms_gateway):
+    """A payment on record as applied is never turned into held: redelivered under a new event id whose body names
+    a subscription we do not know (e.g. relinked since), it is a replay; order and payment are unchanged."""
+    make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_KEEP", stock=5)
+    first = deliver(charged("sub_KEEP", "pay_KEEP"), "evt_keep")
+    assert first["status"] == "applied"
+    with pg.begin() as c:
+        c.execute(text("UPDATE subscriptions SET razorpay_subscription_id = 'sub_RELINKED'"))
+    again = deliver(charged("sub_KEEP", "pay_KEEP"), "evt_keep_redelivered")
+    assert (again["status"], again["order_id"]) == ("replay", first["order_id"])
+    assert rows(pg, "SELECT status, order_id, reason FROM payments") == [("applied", first["order_id"], None)]
+    assert rows(pg, "SELECT status, razorpay_payment_id FROM orders") == [("paid", "pay_KEEP")]
+    assert len(smtp.messages) == 1 and len(sms_gateway.delivered) == 1
+
+
 def test_webhook_charge_after_nightly_run_pays_the_existing_order_with_one_confirmation(pg, smtp, sms_gateway):
     """When the night already made (and confirmed) the order, the charge pays it and no second message goes."""
     make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_RZP2")
@@ -326,7 +341,7 @@ def test_a_bad_charge_is_rejected_recorded_and_changes_nothing(pg, smtp, money, 
     assert (status, payment_id) == ("rejected", "pay_BAD") and reason in stored_reason
     assert smtp.messages == []
     # Redelivered, it is refused again, still without an order.
-    with pytest.raises(RejectedError):
+    with pytest.raises(RejectedError, match=re.escape(reason)):
         deliver(charged("sub_BAD", "pay_BAD", **money), "evt_bad")
     assert count(pg, "orders") == 0
 
@@ -352,22 +367,22 @@ def test_out_of_stock_charge_is_kept_then_applied_once_after_restock(pg, smtp, s
 
 
 @pytest.mark.parametrize(
-    ("body", "signature", "error"),
+    ("body", "signature", "error", "message"),
     [
-        (charged("sub_X", "pay_X"), "0" * 64, SignatureError),
-        (charged("sub_X", "pay_X"), "", SignatureError),
-        ("{not json", None, InvalidInputError),
-        (json.dumps({"event": "subscription.charged"}), None, InvalidInputError),
-        (charged("sub_X", 12345), None, InvalidInputError),
-        (charged({"id": "sub_X"}, "pay_X"), None, InvalidInputError),
-        (charged("sub_X", "p" * 100), None, InvalidInputError),
+        (charged("sub_X", "pay_X"), "0" * 64, SignatureError, "X-Razorpay-Signature does not match the body"),
+        (charged("sub_X", "pay_X"), "", SignatureError, "missing X-Razorpay-Signature"),
+        ("{not json", None, InvalidInputError, "webhook body is not JSON"),
+        (json.dumps({"event": "subscription.charged"}), None, InvalidInputError, "webhook body has no 'payload'"),
+        (charged("sub_X", 12345), None, InvalidInputError, "payload.payment.entity.id must be a non-empty string"),
+        (charged({"id": "sub_X"}, "pay_X"), None, InvalidInputError, "payload.subscription.entity.id must be a"),
+        (charged("sub_X", "p" * 100), None, InvalidInputError, "payload.payment.entity.id must be at most 64"),
     ],
 )
-def test_forged_or_malformed_webhook_writes_nothing(pg, body, signature, error):
+def test_forged_or_malformed_webhook_writes_nothing(pg, body, signature, error, message):
     """A wrong signature, a malformed body, a wrong JSON type or an over-long id is refused in one line, unwritten."""
     make_subscription(pg, due=TODAY, razorpay_subscription_id="sub_X")
     sig = signature if signature is not None else sign(body.encode(), SECRET)
-    with pytest.raises(error) as err:
+    with pytest.raises(error, match=re.escape(message)) as err:
         handle_razorpay_event(body=body, signature=sig, event_id="evt_bad")
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
     assert count(pg, "orders") == count(pg, "webhook_events") == 0
@@ -448,21 +463,22 @@ def test_renewal_reminders_go_to_tomorrows_deliveries_once(pg, smtp, sms_gateway
 
 
 def test_run_date_far_ahead_is_refused_with_nothing_written(pg, smtp):
-    """run_date=2999-12-31 fails at once naming allow_any_date; orders, stock and dates stay as they were."""
+    """A run date centuries ahead fails at once naming allow_any_date; orders, stock and dates stay as they were."""
+    far = TODAY + dt.timedelta(days=100_000)
     product = make_product(pg, stock=10)
     for days in (0, 40, 400):
         make_subscription(pg, product_id=product, due=TODAY + dt.timedelta(days=days))
     before = rows(pg, "SELECT id, next_delivery_date FROM subscriptions ORDER BY id")
     with pytest.raises(InvalidInputError, match="allow_any_date"):
-        process_due_subscriptions(run_date=dt.date(2999, 12, 31))
+        process_due_subscriptions(run_date=far)
     with pytest.raises(InvalidInputError, match="more than 35 days before"):
         process_due_subscriptions(run_date=TODAY - dt.timedelta(days=60))
     assert count(pg, "orders") == count(pg, "subscription_outcomes") == 0
     assert rows(pg, "SELECT stock FROM products") == [(10,)]
     assert rows(pg, "SELECT id, next_delivery_date FROM subscriptions ORDER BY id") == before
-    preview = process_due_subscriptions(run_date=dt.date(2999, 12, 31), dry_run=True)
+    preview = process_due_subscriptions(run_date=far, dry_run=True)
     assert preview["created"] == 3 and count(pg, "orders") == 0  # dry_run reports any date, writes nothing
-    stats = process_due_subscriptions(run_date=dt.date(2999, 12, 31), allow_any_date=True, send_confirmations=False)
+    stats = process_due_subscriptions(run_date=far, allow_any_date=True, send_confirmations=False)
     assert stats["created"] == 3 and count(pg, "orders") == 3
 
 
