@@ -40,12 +40,15 @@ from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from lib.errors import InvalidInputError
 from lib.models import NOTIFICATION_STATUSES, Notification
 
 SENDABLE = ("pending", "failed")
 # classid of our advisory locks; the objid is the delivery session's random key (claimed_by).
 LOCK_NAMESPACE = 0x1D05
 MAX_ERROR = 2000
+# Every key a request derives (its prefix, ids, the caller's key, the channel) must fit the column.
+KEY_LENGTH: int = Notification.__table__.c.idempotency_key.type.length  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ class Message:
     template: str | None = None
     subject: str | None = None
     error: str | None = None  # set: recorded dead at once (e.g. the customer's address is malformed)
+
+    def __post_init__(self) -> None:
+        # Checked where the key is built, so an over-long key is bad input before any row is written,
+        # not a database error halfway through a batch.
+        if len(self.key) > KEY_LENGTH:
+            raise InvalidInputError(
+                f"the delivery-log key {self.key[:40]!r}... would be {len(self.key)} characters, more than the "
+                f"{KEY_LENGTH} the log holds; use a shorter idempotency_key"
+            )
 
 
 @dataclass(frozen=True)
@@ -280,15 +292,18 @@ def requeue(session: Session, keys: Sequence[str]) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def stuck(session: Session, older_than: dt.datetime, limit: int = 10_000) -> list[tuple[str, str]]:
+def stuck(session: Session, older_than_minutes: int, limit: int = 10_000) -> list[tuple[str, str]]:
     """(key, channel) of messages nobody is finishing: abandoned `sending` rows, and pending/failed
-    rows untouched since ``older_than`` (a run that died before delivering them)."""
+    rows untouched for ``older_than_minutes`` (a run that died before delivering them)."""
+    # The age is measured on the database's clock, which stamped updated_at: a worker whose clock is
+    # off would otherwise take a fresh row for a stuck one (and send it beside its own run).
     rows = session.execute(
         text(
-            f"SELECT n.idempotency_key, n.channel FROM notifications n WHERE ({_ABANDONED}) "
-            "OR (n.status IN ('pending', 'failed') AND n.updated_at < :t) ORDER BY n.id LIMIT :n"
+            f"SELECT n.idempotency_key, n.channel FROM notifications n WHERE ({_ABANDONED}) OR "
+            "(n.status IN ('pending', 'failed') AND n.updated_at < now() - make_interval(mins => :m)) "
+            "ORDER BY n.id LIMIT :n"
         ),
-        {"t": older_than, "n": limit},
+        {"m": older_than_minutes, "n": limit},
     )
     return [(str(k), str(c)) for k, c in rows]
 
