@@ -37,7 +37,6 @@ from prefect.client.schemas.objects import StateType
 from prefect.runtime import task_run
 from prefect.states import Scheduled
 from prefect_redis import RedisDatabase
-from sqlalchemy import text
 
 from flows.common import final_attempt, task_options
 from flows.hooks import task_run_finished
@@ -283,8 +282,7 @@ def task_by_name() -> dict[str, Callable[..., Any]]:
 
 def warm_up() -> None:
     """Open what the first message needs (database pool, Redis, the templates), so it does not pay for it."""
-    with db.get_engine().connect() as conn:
-        conn.execute(text("SELECT 1"))
+    db.ping()
     tokens.ping()
     environment().get_template("order_confirmation.txt")
 

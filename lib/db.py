@@ -69,6 +69,16 @@ def reset_engine() -> None:
     _sessionmaker.cache_clear()
 
 
+def ping() -> None:
+    """Run one trivial query on a pooled connection: a warm pool, or ServiceUnavailableError naming the address."""
+    url = get_settings().database_url
+    try:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        raise unavailable(url, exc) from exc
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One short transaction: commit on success, roll back on any error."""
