@@ -345,10 +345,10 @@ def requeue_dead_letters(
 
 
 @task(**task_options("find-stuck-messages"))
-def find_stuck_messages(older_than: dt.datetime) -> list[tuple[str, str]]:
-    """Messages nobody is finishing: `sending` under a stopped worker, or pending/failed since ``older_than``."""
+def find_stuck_messages(older_than_minutes: int) -> list[tuple[str, str]]:
+    """Messages nobody is finishing: `sending` under a stopped worker, or pending/failed for ``older_than_minutes``."""
     with db.session_scope() as s:
-        return dlog.stuck(s, older_than)
+        return dlog.stuck(s, older_than_minutes)
 
 
 def _deliver_found(found: list[tuple[str, str]], flow_name: str, extra: dict[str, int]) -> dict[str, Any]:
@@ -375,6 +375,5 @@ def replay_dead_letters(
 @flow(**flow_options("resend-stuck-messages"))
 def resend_stuck_messages(older_than_minutes: NonNegativeInt = 15) -> dict[str, Any]:
     """Finish messages a stopped worker or a failed run left behind (at most one resend each)."""
-    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=older_than_minutes)
-    found = find_stuck_messages(cutoff)
+    found = find_stuck_messages(older_than_minutes)
     return _deliver_found(found, "resend-stuck-messages", {"found": len(found)})

@@ -333,7 +333,7 @@ for _, id in ipairs(ids) do
     if e and e > now then
       restored = restored + 1
       if not dry then
-        redis.call('PEXPIREAT', key, e)
+        redis.call('PEXPIRE', key, e - now)  -- relative to our clock, as the index is (now + pttl)
         redis.call('ZADD', idx, e, id)
       end
     elseif e then
@@ -415,7 +415,7 @@ for _, key in ipairs(KEYS) do
       elseif e then
         bump(kind .. '|restored')
         if not dry then
-          redis.call('PEXPIREAT', key, e)
+          redis.call('PEXPIRE', key, e - now)
           redis.call('ZADD', p .. 'tokexp:' .. kind, e, id)
         end
       end
