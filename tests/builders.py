@@ -13,6 +13,19 @@ from sqlalchemy import text
 _seq = itertools.count(1)
 
 
+def today() -> dt.date:
+    """Today in UTC, from the clock the flows read (``flows.subscriptions._today``): tests take every date
+    from here, so none depends on the calendar (``make test-clock`` moves this clock a year ahead)."""
+    return dt.datetime.now(dt.UTC).date()
+
+
+def month_end(months_ahead: int = 0) -> dt.date:
+    """The last day of the month ``months_ahead`` months after today's (for anchor-day cases)."""
+    first = today().replace(day=1)
+    year, month = divmod(first.month - 1 + months_ahead + 1, 12)
+    return dt.date(first.year + year, month + 1, 1) - dt.timedelta(days=1)
+
+
 def _exec(bind, sql: str, params: dict):
     if hasattr(bind, "begin") and not hasattr(bind, "in_transaction"):
         with bind.begin() as conn:
@@ -51,7 +64,7 @@ def make_subscription(
     *,
     customer_id: int | None = None,
     product_id: int | None = None,
-    due: dt.date = dt.date(2026, 11, 28),
+    due: dt.date | None = None,
     frequency: str = "monthly",
     quantity: int = 1,
     status: str = "active",
@@ -59,6 +72,8 @@ def make_subscription(
     stock: int = 100,
     razorpay_subscription_id: str | None = None,
 ) -> int:
+    """An active monthly subscription due ``due`` (default today)."""
+    due = due or today()
     customer_id = customer_id or make_customer(bind)
     product_id = product_id or make_product(bind, stock=stock)
     return _exec(
@@ -147,6 +162,15 @@ def make_user_session(bind, *, inactive_days: float) -> int:
         "INSERT INTO user_sessions (session_key_hash, last_active_at) VALUES (:h, :t) RETURNING id",
         {"h": f"{n:064x}", "t": _ago(inactive_days)},
     )
+
+
+def db_now(bind=None) -> dt.datetime:
+    """The database's clock (``now()``): the one that stamps delivery-log rows, so replay windows are taken from it."""
+    if bind is None:
+        from lib.db import get_engine
+
+        bind = get_engine()
+    return _exec(bind, "SELECT now()", {})
 
 
 def count_rows(bind, table: str) -> int:

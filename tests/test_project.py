@@ -65,6 +65,20 @@ def test_lib_never_imports_prefect():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_sql_stays_in_lib():
+    """flows/ and the backend's deployments/ modules build no SQL: no sqlalchemy import, no text(...) statement."""
+    import ast
+
+    offenders = []
+    for path in [*(ROOT / "flows").rglob("*.py"), *(ROOT / "deployments").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+            if module.startswith("sqlalchemy") or any(n.startswith("sqlalchemy") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
 def test_every_module_has_a_docstring():
     """Each module in lib/, flows/, deployments/ and bench/ says what it is for."""
     import ast
@@ -77,3 +91,20 @@ def test_every_module_has_a_docstring():
             if not ast.get_docstring(ast.parse(path.read_text())):
                 missing.append(str(path.relative_to(ROOT)))
     assert missing == []
+
+
+def test_no_test_outside_the_pure_unit_tests_reads_a_literal_date():
+    """Tests that touch the database, Redis, Prefect or the flows take dates from today (tests.builders.today,
+    db_now): a literal date would pass today and fail once the run-date bound or an age leaves it behind.
+    Pure unit tests (tests/unit: functions of their arguments) may use fixed dates."""
+    import re
+
+    literal = re.compile(r"date(time)?\(\s*\d{4}\s*,|[\"']\d{4}-\d{2}-\d{2}")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in (ROOT / "tests").rglob("*.py")
+        if "unit" not in path.relative_to(ROOT).parts and path.name != "test_project.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
+    assert found == []

@@ -169,7 +169,7 @@ def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api,
             run = client.read_flow_run(handle.id)
             assert run.parameters == params and "backend" in run.tags, job.name
             assert handle.status == "PENDING"
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match=r"not finished after 0\.2 s"):
                 handle.get(timeout=0.2)
 
 

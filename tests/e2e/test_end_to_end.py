@@ -13,12 +13,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from sqlalchemy import text
 
-from tests.builders import count_rows, make_cart, make_product, make_subscription
+from tests.builders import count_rows, make_cart, make_product, make_subscription, today
 from tests.e2e.conftest import prefect_cli, run_id_from, wait_for_deployment, wait_for_run
 
 pytestmark = pytest.mark.e2e
 
-RUN_DATE = dt.date(2026, 11, 28)
+RUN_DATE = today()
 NIGHTLY = "process-due-subscriptions/daily"
 
 

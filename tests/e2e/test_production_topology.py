@@ -38,14 +38,14 @@ from deployments.dev.topology import (
 )
 from lib import db
 from lib.config import get_settings
-from tests.builders import make_customer, make_order, make_product, make_subscription
+from tests.builders import make_customer, make_order, make_product, make_subscription, today
 from tests.conftest import APP_TABLES
 from tests.e2e.conftest import prefect_cli, run_id_from, wait_for_run
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
 
-RUN_DATE = dt.date(2026, 11, 28)
+RUN_DATE = today()
 LANES, WORKER_RUNS, BATCH_SIZE = 4, 2, 50
 PRODUCTS, PER_PRODUCT = 8, 60
 SHORT_STOCK = 50  # the last product has stock for 50 of its 60 subscriptions

@@ -31,7 +31,7 @@ from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.notify import delivery_log as dlog
 from lib.notify.messages import EmailRequest, MessageBatch, SmsRequest
-from tests.builders import make_customer, make_order
+from tests.builders import db_now, make_customer, make_order
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -143,10 +143,10 @@ def test_refused_smtp_login_makes_every_message_dead_then_replay_delivers_each_o
         reasons = s.execute(text("SELECT status, last_error FROM notifications")).all()
     assert {st for st, _ in reasons} == {"dead"} and all("could not open the email sender" in e for _, e in reasons)
     monkeypatch.setattr(get_settings(), "smtp_password", SecretStr("right"))
-    result = nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    result = nf.replay_dead_letters(since=db_now() - dt.timedelta(hours=1))
     assert result["replayed"] == 3 and result["sent"] == 3
     assert sorted(m.rcpt_tos[0] for m in smtp_with_login.messages) == [f"auth{i}@example.in" for i in range(3)]
-    assert nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))["replayed"] == 0
+    assert nf.replay_dead_letters(since=db_now() - dt.timedelta(hours=1))["replayed"] == 0
 
 
 def test_missing_sms_key_makes_the_messages_dead_then_replay_delivers_once(services, monkeypatch):
@@ -157,7 +157,7 @@ def test_missing_sms_key_makes_the_messages_dead_then_replay_delivers_once(servi
     assert state.is_failed() and "SMS_API_KEY" in state.message
     assert statuses() == {"nokey": "dead"} and gateway.requests == []
     monkeypatch.setattr(get_settings(), "sms_api_key", SecretStr("test-sms-key"))
-    assert nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))["sent"] == 1
+    assert nf.replay_dead_letters(since=db_now() - dt.timedelta(hours=1))["sent"] == 1
     assert len(gateway.delivered) == 1
 
 
@@ -172,24 +172,24 @@ def test_bad_address_then_fixed_customer_replay_reaches_the_new_address(services
     assert len(gateway.delivered) == 1 and smtp.messages == []
     with pg.begin() as c:
         c.execute(text("UPDATE customers SET email = 'meera.nair@example.in' WHERE id = :c"), {"c": cid})
-    assert nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))["sent"] == 1
+    assert nf.replay_dead_letters(since=db_now() - dt.timedelta(hours=1))["sent"] == 1
     assert [m.rcpt_tos for m in smtp.messages] == [["meera.nair@example.in"]]
     assert f"Order #{oid} confirmed" in smtp.messages[0].message["Subject"]
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: nf.send_email("asha@example.in", "Hi\r\nBcc: all@example.in", "body"),
-        lambda: nf.send_email("asha@example.in\n", "Hi", "body"),
-        lambda: nf.send_email("asha@example.in", "Hi\x00", "body"),
-        lambda: nf.send_order_shipped(1, "AWB1\r\nX-Evil: 1", "BlueDart"),
+        (lambda: nf.send_email("asha@example.in", "Hi\r\nBcc: all@example.in", "body"), "subject contains a line"),
+        (lambda: nf.send_email("asha@example.in\n", "Hi", "body"), "to contains a line break"),
+        (lambda: nf.send_email("asha@example.in", "Hi\x00", "body"), "subject must be at most 300 characters"),
+        (lambda: nf.send_order_shipped(1, "AWB1\r\nX-Evil: 1", "BlueDart"), "tracking_number contains a line"),
     ],
 )
-def test_line_breaks_in_header_fields_are_refused_before_any_write(services, call):
+def test_line_breaks_in_header_fields_are_refused_before_any_write(services, call, message):
     """CR, LF or NUL in a subject, an address or a shipping field fails in one line; no row, no message."""
     smtp, _ = services
-    with pytest.raises(InvalidInputError) as err:
+    with pytest.raises(InvalidInputError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
     assert statuses() == {} and smtp.messages == []
@@ -282,17 +282,19 @@ def test_retention_clears_old_texts_and_deletes_old_rows_but_keeps_references_an
 
         dlog.record(s, OrderConfirmationRequest((oid,), "conf-old").build(s).messages)
         s.execute(text("UPDATE notifications SET status = 'sent' WHERE idempotency_key <> 'pending-old'"))
+        # Ages on the flows' clock: retention's cutoff comes from the run's scheduled time.
+        now = dt.datetime.now(dt.UTC)
+        s.execute(text("UPDATE notifications SET updated_at = :t"), {"t": now})
         s.execute(
             text(
-                "UPDATE notifications SET updated_at = now() - interval '8 days' "
+                "UPDATE notifications SET updated_at = :t "
                 "WHERE idempotency_key IN ('plain-old', 'conf-old:email', 'pending-old')"
-            )
+            ),
+            {"t": now - dt.timedelta(days=8)},
         )
         s.execute(
-            text(
-                "UPDATE notifications SET updated_at = now() - interval '200 days' "
-                "WHERE idempotency_key = 'plain-ancient'"
-            )
+            text("UPDATE notifications SET updated_at = :t WHERE idempotency_key = 'plain-ancient'"),
+            {"t": now - dt.timedelta(days=200)},
         )
     out = cleanup_delivery_log()
     assert out["removed"] == {"rows_deleted": 1, "payloads_cleared": 1}
@@ -304,4 +306,4 @@ def test_retention_clears_old_texts_and_deletes_old_rows_but_keeps_references_an
     with pytest.raises(PermanentError, match="cleared by retention"):
         with session_scope() as s:
             s.execute(text("UPDATE notifications SET status = 'dead' WHERE idempotency_key = 'plain-old'"))
-        nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
+        nf.replay_dead_letters(since=db_now() - dt.timedelta(days=30))

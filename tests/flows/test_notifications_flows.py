@@ -14,7 +14,7 @@ from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
 from lib.notify.messages import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
-from tests.builders import make_customer, make_order, make_product, make_subscription
+from tests.builders import db_now, make_customer, make_order, make_product, make_subscription, today
 
 
 def rows(**where) -> list[Notification]:
@@ -63,9 +63,9 @@ def test_send_email_without_key_dedupes_on_content(services):
 def test_bad_address_fails_before_anything_is_written(services):
     """A malformed email or phone raises InvalidInputError and leaves no row and no message."""
     smtp, gateway = services
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="not a valid email address"):
         nf.send_email("not-an-address", "Hi", "x")
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="not a valid phone number"):
         nf.send_sms("12345", "Hi")
     assert rows() == [] and smtp.messages == [] and gateway.requests == []
 
@@ -134,7 +134,7 @@ def test_unknown_order_is_rejected(services):
     """An order id that names no row fails with NotFoundError and writes nothing."""
     from lib.errors import NotFoundError
 
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError, match="order 424242 does not exist"):
         nf.send_order_confirmation(424242)
     assert rows() == []
 
@@ -156,11 +156,12 @@ def test_order_shipped_and_payment_failed(services, pg):
 def test_payment_failed_for_subscription_is_keyed_by_cycle(services, pg):
     """A subscription's failure notice names the product; its key carries the delivery date."""
     smtp, _ = services
-    sid = make_subscription(pg, customer_id=make_customer(pg, phone=None), quantity=3, due=dt.date(2026, 12, 5))
+    due = today() + dt.timedelta(days=2)
+    sid = make_subscription(pg, customer_id=make_customer(pg, phone=None), quantity=3, due=due)
     nf.send_payment_failed(subscription_id=sid, reason="UPI mandate revoked")
     assert f"subscription #{sid}" in smtp.messages[0].message["Subject"]
     assert "₹3,897.00" in body(smtp.messages[0].message, "plain")
-    assert [r.idempotency_key for r in rows()] == [f"payment-failed:subscription:{sid}:2026-12-05:email"]
+    assert [r.idempotency_key for r in rows()] == [f"payment-failed:subscription:{sid}:{due.isoformat()}:email"]
 
 
 def test_renewal_reminder_respects_opt_out(services, pg):
@@ -168,7 +169,7 @@ def test_renewal_reminder_respects_opt_out(services, pg):
     smtp, gateway = services
     cid = make_customer(pg, sms_opt_in=False)
     sid = make_subscription(pg, customer_id=cid, product_id=make_product(pg, name="Neem Soap"), quantity=2)
-    nf.send_subscription_renewal_reminder(sid, dt.date(2026, 12, 1))
+    nf.send_subscription_renewal_reminder(sid, today() + dt.timedelta(days=1))
     assert len(smtp.messages) == 1 and gateway.requests == []
     assert "Neem Soap" in smtp.messages[0].message["Subject"]
 
@@ -240,18 +241,18 @@ def test_replay_delivers_dead_letter_once_after_fix(services):
     """After a 550 is fixed, replay-dead-letters sends the stored message once; a second replay sends nothing."""
     smtp, _ = services
     smtp.handler.rcpt_replies["x@example.in"] = "550 5.1.1 no such user"
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentError, match=r"1 message\(s\) dead: .*550 5\.1\.1 no such user"):
         nf.send_email("x@example.in", "Replay me", "stored body", idempotency_key="replay-1")
     smtp.handler.rcpt_replies.clear()
     [dead] = rows()
     result = nf.replay_dead_letters(ids=[dead.id])
     assert result["replayed"] == 1 and result["sent"] == 1
     assert nf.replay_dead_letters(ids=[dead.id])["replayed"] == 0
-    assert nf.replay_dead_letters(since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))["replayed"] == 0
+    assert nf.replay_dead_letters(since=db_now() - dt.timedelta(hours=1))["replayed"] == 0
     [msg] = smtp.messages
     assert msg.message["Subject"] == "Replay me"
     assert msg.message["Message-ID"] == dead.payload["message_id"]
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="give ids or a time window"):
         nf.replay_dead_letters()
 
 
@@ -269,19 +270,19 @@ def test_replay_takes_dead_letters_last_updated_in_since_until_only(services, pg
     names = ["before", "at-since", "inside", "at-until"]
     for name in names:
         smtp.handler.rcpt_replies[f"{name}@example.in"] = "550 5.1.1 mailbox unavailable"
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentError, match=r"bulk-emails: 4 message\(s\) dead"):
         bulk_emails([f"{n}@example.in" for n in names], "window")
     gateway.fail_next(400)
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentError, match="HTTP 400"):
         nf.send_sms("9876500101", "rejected once", idempotency_key="window-sms-400")
     gateway.fail_next(503, 503, 503, 503)
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentError, match="HTTP 503"):
         nf.send_sms("9876500102", "retries exhausted", idempotency_key="window-sms-503")
     nf.send_email("sent@example.in", "Already sent", "body", idempotency_key="window-sent")
     assert [r.status for r in rows(idempotency_key="window-sms-503")] == ["dead"]
     assert rows(idempotency_key="window-sms-503")[0].attempts == 4
 
-    since = dt.datetime(2026, 11, 27, 0, 0, tzinfo=dt.UTC)
+    since = db_now(pg).replace(microsecond=0) - dt.timedelta(days=1)
     until = since + dt.timedelta(hours=6)
     updated = {
         "window-0": since - dt.timedelta(microseconds=1),
@@ -386,13 +387,55 @@ def test_bulk_renewal_reminders_once_per_subscription_and_date(services, pg):
     product = make_product(pg, name="Amla Juice", price_paise=45_000)
     a = make_subscription(pg, product_id=product, quantity=2)
     b = make_subscription(pg, product_id=product, customer_id=make_customer(pg, email_opt_in=False, sms_opt_in=False))
-    result = bulk_reminders([(a, "2026-12-01"), (b, "2026-12-01"), (a, "2026-12-01")])
+    day, later = today() + dt.timedelta(days=1), (today() + dt.timedelta(days=15)).isoformat()
+    result = bulk_reminders([(a, day.isoformat()), (b, day.isoformat()), (a, day.isoformat())])
     assert result["sent"] == 2 and result["opted_out"] == 2
     text_body = body(smtp.messages[0].message, "plain")
-    assert "2 x Amla Juice" in text_body and "₹900.00" in text_body and "01 Dec 2026" in text_body
-    bulk_reminders([(a, "2026-12-01")])
+    assert "2 x Amla Juice" in text_body and "₹900.00" in text_body and f"{day:%d %b %Y}" in text_body
+    bulk_reminders([(a, day.isoformat())])
     assert len(smtp.messages) == 1 and len(gateway.requests) == 1
-    bulk_reminders([(a, "2026-12-15")])
+    bulk_reminders([(a, later)])
     assert len(smtp.messages) == 2
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="is not \\(subscription_id, 'YYYY-MM-DD'\\)"):
         RenewalReminderRequest(((a, "not-a-date"),))
+
+
+BIG_ID = 2**63 - 1  # the largest customer id the column holds: the longest prefix a link key can have
+
+
+@pytest.mark.parametrize(
+    ("send", "key_around_callers"),
+    [
+        (
+            lambda cid, key: nf.send_otp(cid, "p" * 32, idempotency_key=key),
+            lambda cid: f"otp:{cid}:{'p' * 32}::sms",
+        ),
+        (lambda cid, key: nf.send_password_reset(cid, idempotency_key=key), lambda cid: f"password-reset:{cid}::email"),
+        (
+            lambda cid, key: nf.send_email_verification(cid, idempotency_key=key),
+            lambda cid: f"email-verification:{cid}::email",
+        ),
+    ],
+)
+def test_a_token_request_whose_derived_key_overflows_the_log_is_refused_in_one_line(
+    services, pg, redis_client, send, key_around_callers
+):
+    """A 160-character key (the most a caller may give) that makes the delivery-log key longer than its 200-character
+    column fails as bad input in one line: no row, no message, no token; a key that makes exactly 200 is sent."""
+    smtp, gateway = services
+    with pg.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO customers (id, name, email, phone) VALUES (:i, 'Big', 'limit@example.in', '+919876543210')"
+            ),
+            {"i": BIG_ID},
+        )
+    assert len(key_around_callers(BIG_ID)) + 160 > 200
+    with pytest.raises(InvalidInputError, match="more than the 200 the log holds") as err:
+        send(BIG_ID, "k" * 160)
+    assert "\n" not in str(err.value)
+    assert rows() == [] and smtp.messages == [] and gateway.requests == []
+    assert list(redis_client.scan_iter(match=f"{get_settings().redis_key_prefix}tok*")) == []
+    fits = "f" * (200 - len(key_around_callers(BIG_ID)))
+    assert send(BIG_ID, fits)["sent"] == 1
+    assert [len(r.idempotency_key) for r in rows()] == [200]

@@ -125,7 +125,7 @@ def test_logs_mask_recipients(pg, smtp, caplog):
     """A dead message's log lines show a***@example.in, never the address."""
     caplog.set_level(logging.INFO)
     smtp.handler.rcpt_replies["xavier@example.in"] = "550 5.1.1 <xavier@example.in> no such user"
-    with pytest.raises(PermanentError):
+    with pytest.raises(PermanentError, match="recipient refused: SMTP 550"):
         nf.send_email("xavier@example.in", "Hi", "body", idempotency_key="masked-1")
     ours = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("mail.log"))  # not aiosmtpd's
     assert "x***@example.in" in ours

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from flows.reports import ops_report
 from lib.config import get_settings
 from lib.errors import InvalidInputError
-from tests.builders import make_subscription
+from tests.builders import make_subscription, today
 
 _attempts = {"n": 0}
 
@@ -47,23 +47,27 @@ def reports_dir(tmp_path, monkeypatch):
 
 
 def _seed_tables(pg) -> None:
-    sub = make_subscription(pg, due=dt.date.today())
+    # Stamped on the report's clock (the run's start), as the flows would stamp them.
+    now, day = dt.datetime.now(dt.UTC), today()
+    sub = make_subscription(pg, due=day)
     with pg.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO notifications (idempotency_key, channel, kind, template, recipient, payload, status, "
-                "last_error) VALUES ('k1', 'email', 'order_confirmation', 'order_confirmation', 'a@example.in', '{}', "
-                "'sent', NULL), ('k2', 'email', 'order_confirmation', 'order_confirmation', 'b@example.in', '{}', "
-                "'dead', 'SMTP 550 no such user b@example.in'), "
-                "('k3', 'sms', 'order_shipped', 'order_shipped', '+919876543210', '{}', 'pending', NULL)"
-            )
+                "last_error, created_at, updated_at) VALUES ('k1', 'email', 'order_confirmation', "
+                "'order_confirmation', 'a@example.in', '{}', 'sent', NULL, :t, :t), ('k2', 'email', "
+                "'order_confirmation', 'order_confirmation', 'b@example.in', '{}', 'dead', "
+                "'SMTP 550 no such user b@example.in', :t, :t), "
+                "('k3', 'sms', 'order_shipped', 'order_shipped', '+919876543210', '{}', 'pending', NULL, :t, :t)"
+            ),
+            {"t": now},
         )
         conn.execute(
             text(
                 "INSERT INTO subscription_outcomes (subscription_id, delivery_date, run_date, outcome, "
-                "run_id) VALUES (:s, current_date, current_date, 'out_of_stock', 'r1')"
+                "run_id) VALUES (:s, :d, :d, 'out_of_stock', 'r1')"
             ),
-            {"s": sub},
+            {"s": sub, "d": day},
         )
         conn.execute(
             text(
@@ -86,7 +90,7 @@ def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(
     """Per-flow runs, retries and a failure, messages, dead letters and outcomes reach the artifact and the email."""
     _seed_tables(pg)
     _probe_ok()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         _probe_fails()
     stats = ops_report(days=1, email_to="ops-lead@indostar.example")
     assert stats["runs"] >= 2 and stats["retries"] >= 1 and stats["dead_letters"] == 1
@@ -119,8 +123,8 @@ def test_ops_report_summarises_runs_and_tables_publishes_markdown_and_emails_it(
 
 def test_ops_report_rejects_bad_input_before_doing_anything(pg, smtp, reports_dir):
     """Zero days or a malformed address fail at once: no artifact file written, no email sent."""
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="days must be between 1 and 366, got 0"):
         ops_report(days=0)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match="not a valid email address"):
         ops_report(days=7, email_to="not-an-address")
     assert not reports_dir.exists() and smtp.messages == []

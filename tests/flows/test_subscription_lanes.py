@@ -6,7 +6,6 @@ workers: tests/e2e/test_production_topology.py covers it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import pytest
@@ -16,9 +15,9 @@ from flows.subscriptions import process_due_subscriptions, process_subscription_
 from lib import subscriptions as subs
 from lib.errors import InvalidInputError
 from lib.stats import to_artifact_rows
-from tests.builders import make_order, make_product, make_subscription
+from tests.builders import make_order, make_product, make_subscription, today
 
-TODAY = dt.date(2026, 11, 28)
+TODAY = today()
 
 
 def _rows(pg, sql: str, **params):
@@ -65,25 +64,31 @@ def test_summary_read_from_the_database_matches_what_the_run_returned(pg):
 
 
 @pytest.mark.parametrize(
-    "params",
+    ("params", "message"),
     [
-        {"lanes": [], "lane_count": 2},
-        {"lanes": [2], "lane_count": 2},
-        {"lanes": [0, 0], "lane_count": 2},
-        {"lanes": [0], "lane_count": 0},
-        {"lanes": [0], "lane_count": 2, "run_id": " "},
+        ({"lanes": [], "lane_count": 2}, r"lanes must be distinct numbers in 0\.\.1, got \[\]"),
+        ({"lanes": [2], "lane_count": 2}, r"lanes must be distinct numbers in 0\.\.1, got \[2\]"),
+        ({"lanes": [0, 0], "lane_count": 2}, r"lanes must be distinct numbers in 0\.\.1, got \[0, 0\]"),
+        ({"lanes": [0], "lane_count": 0}, "max_concurrency must be a whole number > 0, got 0"),
+        ({"lanes": [0], "lane_count": 2, "run_id": " "}, r"run_id \(the night's run\) must not be empty"),
     ],
 )
-def test_bad_lane_parameters_fail_before_writing(pg, params):
+def test_bad_lane_parameters_fail_before_writing(pg, params, message):
     """Lanes outside 0..lane_count-1, repeated lanes or a blank run id are rejected before any claim."""
     _night(pg, products=1, per_product=1)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=message):
         process_subscription_lanes(run_date=TODAY, **{"run_id": "night-b", **params})
     assert _rows(pg, "SELECT count(*) FROM orders")[0][0] == 0
 
 
-@pytest.mark.parametrize(("worker_runs", "error"), [(-1, "ParameterTypeError"), (3, "InvalidInputError")])
-def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs, error):
+@pytest.mark.parametrize(
+    ("worker_runs", "error", "message"),
+    [
+        (-1, "ParameterTypeError", "worker_runs: Input should be greater than or equal to 0"),
+        (3, "InvalidInputError", r"worker_runs must be between 0 and max_concurrency \(2\), got 3"),
+    ],
+)
+def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs, error, message):
     """worker_runs must leave every lane run at least one lane (0 <= worker_runs <= max_concurrency).
 
     A negative value is refused by the typed parameter before the run starts; more runs than lanes by the flow.
@@ -91,7 +96,8 @@ def test_worker_runs_outside_zero_to_lanes_is_rejected(pg, worker_runs, error):
     from prefect.exceptions import ParameterTypeError
 
     _night(pg, products=1, per_product=1)
-    with pytest.raises({"ParameterTypeError": ParameterTypeError, "InvalidInputError": InvalidInputError}[error]):
+    error_type = {"ParameterTypeError": ParameterTypeError, "InvalidInputError": InvalidInputError}[error]
+    with pytest.raises(error_type, match=message):
         process_due_subscriptions(run_date=TODAY, max_concurrency=2, worker_runs=worker_runs)
     assert _rows(pg, "SELECT count(*) FROM orders")[0][0] == 0
 

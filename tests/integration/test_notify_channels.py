@@ -11,7 +11,7 @@ from lib.notify import delivery, messages
 from lib.notify import delivery_log as dlog
 from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
 from lib.notify.sms_channel import SmsConfig, make_client, send_sms
-from tests.builders import make_customer, make_order
+from tests.builders import make_customer, make_order, today
 
 SENDER = "IndoStar Naturals <orders@indostar.example>"
 
@@ -167,7 +167,7 @@ def test_gateway_error_body_is_scrubbed_before_it_is_stored(sms_gateway):
     sms_gateway.fail_next(400)
     sms_gateway.error_body = "bad request authkey=test-sms-key text='123456 is your code' to +919876543210"
     config = _msg91()
-    with make_client(config) as client, pytest.raises(PermanentError) as err:
+    with make_client(config) as client, pytest.raises(PermanentError, match="HTTP 400") as err:
         send_sms(client, config, "+919876543210", "123456 is your code", None)
     message = str(err.value)
     assert "HTTP 400" in message and "test-sms-key" not in message
@@ -195,7 +195,7 @@ def test_reminders_honour_opt_outs(pg):
     cid = make_customer(pg, email_opt_in=False, sms_opt_in=True)
     sid = make_subscription(pg, customer_id=cid)
     with session_scope() as s:
-        built = messages.RenewalReminderRequest(((sid, dt.date(2026, 12, 1)),)).build(s)
+        built = messages.RenewalReminderRequest(((sid, today() + dt.timedelta(days=1)),)).build(s)
     assert [m.channel for m in built.messages] == ["sms"]
-    assert built.messages[0].key == f"renewal-reminder:{sid}:2026-12-01:sms"
+    assert built.messages[0].key == f"renewal-reminder:{sid}:{today() + dt.timedelta(days=1)}:sms"
     assert built.opted_out == 1

@@ -1,7 +1,5 @@
 """The schema exists only through migrations; it goes up and down cleanly and guards data."""
 
-import datetime as dt
-
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
@@ -9,6 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from deployments.dev.seed import SeedCounts, seed
 from lib import db
 from lib.config import get_settings
+from tests import builders
 
 EXPECTED = {
     "customers",
@@ -63,26 +62,26 @@ def test_one_order_per_subscription_and_date(pg):
         seed(
             c,
             SeedCounts(customers=1, products=1, subscriptions=1, carts=0, tokens=0, audit_logs=0, sessions=0),
-            dt.date(2026, 1, 1),
+            builders.today(),
         )
         c.execute(
             text(
                 "INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
-                "VALUES (1, 1, '2026-01-01', 100)"
+                "VALUES (1, 1, current_date, 100)"
             )
         )
-    with pytest.raises(IntegrityError), pg.begin() as c:
+    with pytest.raises(IntegrityError, match="uq_orders_subscription_id_delivery_date"), pg.begin() as c:
         c.execute(
             text(
                 "INSERT INTO orders (customer_id, subscription_id, delivery_date, total_paise) "
-                "VALUES (1, 1, '2026-01-01', 100)"
+                "VALUES (1, 1, current_date, 100)"
             )
         )
 
 
 def test_seed_shape(pg):
     """The seed writes the counts asked for, with due, overdue, paused and out-of-stock rows."""
-    today = dt.date(2026, 11, 28)
+    today = builders.today()
     counts = SeedCounts(
         customers=300, products=60, subscriptions=3000, carts=500, tokens=0, audit_logs=400, sessions=200
     )
@@ -115,3 +114,23 @@ def test_migrations_match_the_models(pg):
 
     with pg.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_ping_warms_the_pool_or_names_the_unreachable_database(pg, monkeypatch):
+    """db.ping() leaves a pooled connection open on the test database; against a closed port it raises
+    ServiceUnavailableError naming DATABASE_URL's address and how to start PostgreSQL."""
+    from deployments.dev.smtp_sink import free_port
+    from lib.errors import ServiceUnavailableError
+
+    db.ping()
+    assert db.get_engine().pool.checkedin() >= 1
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere")
+    get_settings.cache_clear()
+    db.reset_engine()
+    try:
+        with pytest.raises(ServiceUnavailableError, match=r"PostgreSQL is not reachable at .*127\.0\.0\.1:\d+"):
+            db.ping()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        db.reset_engine()

@@ -17,9 +17,9 @@ from sqlalchemy import event, text
 
 from lib import subscriptions as subs
 from lib.db import session_scope
-from tests.builders import make_customer, make_product, make_subscription
+from tests.builders import make_customer, make_product, make_subscription, month_end, today
 
-TODAY = dt.date(2026, 11, 28)
+TODAY = today()
 
 
 def run_night(run_date=TODAY, batch_size=50, run_id=None):
@@ -396,7 +396,7 @@ def test_a_batch_plans_index_walks_without_jit(pg):
     ("values", "kind"),
     [
         ([1, 2, 3], "bigint[]"),
-        ([dt.date(2025, 1, 31), dt.date(2024, 2, 29)], "date[]"),
+        ([month_end(), month_end(2), today()], "date[]"),
         ([1, None, 3], "bigint[]"),
         (["needs 2, 1 in stock", 'a "quoted" \\ word', None, "", "{braces}", "NULL"], "text[]"),
         ([], "text[]"),

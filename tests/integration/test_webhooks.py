@@ -1,5 +1,6 @@
 """Task webhooks against an HTTP server on loopback: signed bodies, retries on what may succeed later."""
 
+import datetime as dt
 import hashlib
 import hmac
 
@@ -13,7 +14,8 @@ def _url() -> str:
 
 def test_signature_is_hmac_sha256_of_the_exact_bytes():
     """The header is sha256=<hex HMAC> of the body bytes, computed here with hashlib; any change breaks it."""
-    body = webhooks.body("run-1", "task", "send-email-task", "COMPLETED", "2026-11-29T00:00:00+00:00", {"sent": 1})
+    finished = dt.datetime.now(dt.UTC).isoformat()
+    body = webhooks.body("run-1", "task", "send-email-task", "COMPLETED", finished, {"sent": 1})
     expected = "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
     assert webhooks.signature(body, "k") == expected
     assert webhooks.verify(body, expected, "k")

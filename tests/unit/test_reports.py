@@ -147,7 +147,7 @@ def test_render_chart_is_a_png_even_for_an_empty_week():
 @pytest.mark.parametrize("days", [0, -1, 367])
 def test_days_out_of_range_are_rejected(days):
     """A report window of zero, negative or more than a year of days is bad input."""
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=f"days must be between 1 and 366, got {days}"):
         reports.validate_days(days)
 
 

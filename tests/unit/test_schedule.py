@@ -34,10 +34,17 @@ def test_quarterly_from_november_crosses_the_year():
     assert next_delivery(dt.date(2027, 2, 28), "quarterly", 30) == dt.date(2027, 5, 30)
 
 
-@pytest.mark.parametrize("bad", [("daily", 1), ("monthly", 0), ("monthly", 32)])
-def test_bad_cadence_is_rejected(bad):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (("daily", 1), "unknown frequency 'daily'; expected weekly, biweekly, monthly or quarterly"),
+        (("monthly", 0), "anchor day 0 is not between 1 and 31"),
+        (("monthly", 32), "anchor day 32 is not between 1 and 31"),
+    ],
+)
+def test_bad_cadence_is_rejected(bad, message):
     """An unknown frequency or an anchor outside 1..31 is refused with a clear error."""
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=message):
         next_delivery(dt.date(2026, 1, 1), *bad)
 
 
