@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import pytest
 
-# `make test-clock` runs the suite with Python's clock moved ahead (INDOSTAR_TEST_CLOCK_OFFSET_DAYS), in this
-# process and in every Python process it starts, so a test that reads a literal date instead of today fails
-# now, not on the day the calendar reaches it. It starts before anything imports Prefect or lib.
+# `make test-clock` runs the calendar-sensitive tests with this process's clock moved ahead
+# (INDOSTAR_TEST_CLOCK_OFFSET_DAYS), so a test that reads a literal date instead of today fails now, not on
+# the day the calendar reaches it. It starts before anything imports Prefect or lib.
 if os.environ.get("INDOSTAR_TEST_CLOCK_OFFSET_DAYS"):
-    _CLOCK = str(Path(__file__).resolve().parent / "clock")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_CLOCK, os.environ.get("PYTHONPATH")) if p)
-    import tests.clock.sitecustomize  # noqa: F401
+    import tests.clock  # noqa: F401
 
 _RUN = uuid.uuid4().hex[:8]
 TEST_DB = f"indostar_test_{_RUN}"
