@@ -244,16 +244,26 @@ def cmd_setup_pool(args: argparse.Namespace) -> int:
 def cmd_task_worker(args: argparse.Namespace) -> int:
     # The server does not enforce CSRF unless told to; skipping the token fetch saves a request per client.
     os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
-    # Background task runs have no flow run, so Prefect cannot ship their log lines to the API and
-    # would warn once per task run; their state and result are in the API all the same.
+    # A batch's task run has no flow run, so Prefect cannot ship its log lines to the API and would
+    # warn once per batch; its state is in the API all the same, and every line is in this log.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    prefect_api_url()
-    check_redis()
-    get_settings().check_task_webhook()
-    from flows.background import BACKGROUND_TASKS, serve_background_tasks
+    from lib import db
 
-    print(f"task worker: {len(BACKGROUND_TASKS)} background tasks, up to {args.limit} at a time", flush=True)
-    serve_background_tasks(limit=args.limit, sweep_every=args.sweep_every)
+    s = get_settings()
+    db.require_schema(s.database_url)
+    check_redis()
+    s.check_task_webhook()
+    try:
+        prefect_api_url()
+    except ServiceUnavailableError as exc:
+        # The outbox is in PostgreSQL: messages go out without the API; only the batch task runs are missing.
+        print(f"warning: {exc}; sending anyway, batches will not show in the UI until it answers", flush=True)
+    from flows.background import serve_background_tasks
+
+    batch = args.batch_size or s.task_batch_size
+    concurrency = args.concurrency or s.task_worker_concurrency
+    print(f"task worker: batches of up to {batch}, {concurrency} at a time", flush=True)
+    serve_background_tasks(batch, concurrency, s.task_poll_seconds)
     return 0
 
 
@@ -319,8 +329,8 @@ def parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_setup_pool)
 
     k = sub.add_parser("task-worker", help="serve every background task (messages on .delay()) from this process")
-    k.add_argument("--limit", type=_positive, default=10, help="task runs at a time (default 10)")
-    k.add_argument("--sweep-every", type=float, default=30.0, help="seconds between sweeps for stuck runs")
+    k.add_argument("--batch-size", type=_positive, help="tasks claimed at once (default TASK_BATCH_SIZE, 50)")
+    k.add_argument("--concurrency", type=_positive, help="batches sent at a time (default TASK_WORKER_CONCURRENCY, 2)")
     k.set_defaults(func=cmd_task_worker)
 
     t = sub.add_parser("token", help="issue, check or revoke password-reset, verification and OTP tokens")

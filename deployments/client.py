@@ -3,9 +3,11 @@
 Each function starts ``<flow>/default`` with ``run_deployment(timeout=0)`` (it returns at
 once; a worker or ``indostar-jobs serve`` runs the flow) and an idempotency key, and
 returns the flow run id. The same key twice returns the same flow run, so a backend retry
-never starts a second run. Without a key, one is derived from what the message is about
-(``order-confirmation:<order>``); pass your own (e.g. a request id) when the same thing may
-legitimately be sent again. Every function has an awaitable twin ``f.aio(...)`` for
+never starts a second run. Messages about an order or a subscription are keyed by what they
+are about (``order-confirmation:<order>``: one confirmation per order) unless you pass a key;
+plain, templated and token messages without a key are new every call, as Celery's were (the
+run's id keys their messages, so a retried run still sends once): pass your request id as
+the key to make a backend retry safe. Every function has an awaitable twin ``f.aio(...)`` for
 asyncio backends, also importable by name from ``deployments.aclient``.
 
 Messages a customer waits for go faster as background tasks (deployments.tasks); these
@@ -52,8 +54,9 @@ class ClientFunction(Protocol[P]):
     aio: Callable[P, Awaitable[UUID]]
 
 
-def _run_args(call: Call) -> dict[str, Any]:
+def _run_args(call: Call, scheduled_time: dt.datetime | None = None) -> dict[str, Any]:
     return {
+        "scheduled_time": scheduled_time,
         "name": f"{call.flow}/{call.deployment}",
         "parameters": call.parameters,
         "timeout": 0,
@@ -64,11 +67,12 @@ def _run_args(call: Call) -> dict[str, Any]:
     }
 
 
-def start(call: Call) -> Any:
-    """Create the flow run (or find the one its key names) and return it without waiting."""
+def start(call: Call, scheduled_time: dt.datetime | None = None) -> Any:
+    """Create the flow run (or find the one its key names) and return it without waiting; a
+    ``scheduled_time`` in the future makes it a Scheduled run a worker picks up then."""
     from prefect.deployments import run_deployment
 
-    return run_deployment(**_run_args(call))
+    return run_deployment(**_run_args(call, scheduled_time))
 
 
 async def astart(call: Call) -> Any:
@@ -106,22 +110,22 @@ def _keyed(prefix: str, key: str | None) -> str | None:
 
 @deployment_call
 def send_email(to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None) -> Call:
-    """Start send-email; the message key is the given key or a hash of the content."""
-    key = idempotency_key or f"email:{_digest(to, subject, body, html)}"
+    """Start send-email; without a key every call is a new run and a new message (the run's id keys it)."""
+    key = idempotency_key
     return Call("send-email", {"to": to, "subject": subject, "body": body, "html": html, "idempotency_key": key}, key)
 
 
 @deployment_call
 def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> Call:
-    """Start send-sms; the message key is the given key or a hash of the content."""
-    key = idempotency_key or f"sms:{_digest(phone, text)}"
+    """Start send-sms; without a key every call is a new run and a new message (the run's id keys it)."""
+    key = idempotency_key
     return Call("send-sms", {"phone": phone, "text": text, "idempotency_key": key}, key)
 
 
 @deployment_call
 def send_templated_email(template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None) -> Call:
     """Start send-templated-email with a template name and its context."""
-    key = idempotency_key or f"{template}:email:{_digest(to, context)}"
+    key = idempotency_key
     params = {"template": template, "context": context, "to": to, "idempotency_key": key}
     return Call("send-templated-email", params, key)
 
@@ -129,7 +133,7 @@ def send_templated_email(template: str, context: dict[str, Any], to: str, idempo
 @deployment_call
 def send_templated_sms(template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None) -> Call:
     """Start send-templated-sms with a template name and its context."""
-    key = idempotency_key or f"{template}:sms:{_digest(phone, context)}"
+    key = idempotency_key
     params = {"template": template, "context": context, "phone": phone, "idempotency_key": key}
     return Call("send-templated-sms", params, key)
 

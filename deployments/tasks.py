@@ -8,26 +8,28 @@ Backend code written for the old system keeps working::
     result.get(timeout=10)          # {'sent': 1, 'dead': 0, ...}, or the task's own error
     cleanup_expired_carts.delay(days_old=30).id
 
-- Message tasks (``send_*_task``) run as Prefect background tasks on a warm task worker
-  (``indostar-jobs task-worker``), in about a tenth of a second. ``.delay`` stores the
-  parameters in Redis (the task storage) and creates the task run with one API call on a
-  client kept open for the process: Prefect's own ``Task.delay`` also loads a block,
-  fetches a CSRF token, opens a client and serialises the caller's whole settings on every
-  call, which costs more than the send itself.
+- Message tasks (``send_*_task``) are rows of the outbox (lib.outbox): ``.delay`` checks the
+  arguments, then records one row (one INSERT and a NOTIFY, a millisecond or two, no Prefect
+  API call), and a warm task worker (``indostar-jobs task-worker``) sends it in the next
+  batch. The row is the task's record: ``.get()`` reads its result or error there, so it
+  answers even when the Prefect API is down or lost a state.
 - Job tasks (``process_due_subscriptions``, ``cleanup_*``, ...) start their deployment
   through the Prefect API, as deployments.client does.
 
-Every ``.delay`` returns an ``AsyncResult`` with ``.id``, ``.status`` (Celery's names:
-PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED), ``.ready()`` and ``.get(timeout=...)``,
-which returns the result or raises the error (``TimeoutError`` when not finished in time).
-``AsyncResult(id)`` rebuilds a handle from an id in any process. The README's "Moving from
-Celery" section lists each old call and its arguments.
+Celery's semantics are kept or refused: each ``.delay()`` sends (a call without an
+``idempotency_key`` is keyed by its own id, so a retried or recovered task still sends
+once); ``apply_async`` honours ``countdown``, ``eta``, ``expires`` and ``task_id`` (job
+tasks: ``countdown`` and ``eta``); any other option raises ``TypeError`` naming it and
+records nothing. ``AsyncResult`` has ``.id``, ``.status`` (PENDING, STARTED, RETRY,
+SUCCESS, FAILURE, REVOKED), ``.ready()``, ``.get(timeout=...)`` (the result, or the task's
+error raised; ``TimeoutError`` when not finished in time; ``TaskRevokedError`` when revoked
+or expired) and ``.revoke()``; ``AsyncResult(id)`` rebuilds a handle in any process. The
+README's "Moving from Celery" section lists each old call and its arguments.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -37,7 +39,7 @@ from typing import Any
 from deployments import client
 from deployments.client import Call
 
-# Celery's states for Prefect's state types.
+# Celery's states for Prefect's state types (flow runs) and for outbox rows (message tasks).
 CELERY_STATUS = {
     "SCHEDULED": "PENDING",
     "PENDING": "PENDING",
@@ -50,14 +52,28 @@ CELERY_STATUS = {
     "CANCELLED": "REVOKED",
     "CANCELLING": "REVOKED",
 }
+TASK_STATUS = {
+    "queued": "PENDING",
+    "running": "STARTED",
+    "retry": "RETRY",
+    "done": "SUCCESS",
+    "failed": "FAILURE",
+    "revoked": "REVOKED",
+}
+TASK_OPTIONS = ("countdown", "eta", "expires", "task_id")
+JOB_OPTIONS = ("countdown", "eta")
 
 
 class TaskRunLostError(LookupError):
-    """The run no longer exists (e.g. a worker deleted it because its parameters had expired)."""
+    """The task or run does not exist (never recorded, or deleted after TASK_STORAGE_TTL_SECONDS)."""
+
+
+class TaskRevokedError(Exception):
+    """The task was revoked or expired before it ran (Celery's ``TaskRevokedError``)."""
 
 
 class AsyncResult:
-    """A handle on a background task run or a flow run, by id, in any process (Celery's AsyncResult)."""
+    """A handle on a background task or a flow run, by id, in any process (Celery's AsyncResult)."""
 
     def __init__(self, id: str | uuid.UUID, kind: str = "task") -> None:
         self.id = str(id)
@@ -66,19 +82,27 @@ class AsyncResult:
     def __repr__(self) -> str:
         return f"<AsyncResult {self.kind} {self.id}>"
 
+    # ---- message tasks: the outbox row -------------------------------------------------------------
+
+    def _row(self) -> Any:
+        from lib import db, outbox
+
+        row = outbox.read(db.get_engine(), uuid.UUID(self.id))
+        if row is None:
+            raise TaskRunLostError(f"task {self.id} does not exist")
+        return row
+
+    # ---- flow runs: the Prefect API ---------------------------------------------------------------
+
     def _state(self) -> Any:
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
         with get_client(sync_client=True) as api:
             try:
-                run = (
-                    api.read_task_run(uuid.UUID(self.id))
-                    if self.kind == "task"
-                    else api.read_flow_run(uuid.UUID(self.id))
-                )
+                run = api.read_flow_run(uuid.UUID(self.id))
             except ObjectNotFound:
-                raise TaskRunLostError(f"{self.kind} run {self.id} does not exist") from None
+                raise TaskRunLostError(f"flow run {self.id} does not exist") from None
         if run.state is None:
             # A run the server has recorded before its first state event arrived: not started yet.
             from prefect.states import Pending
@@ -88,6 +112,8 @@ class AsyncResult:
 
     @property
     def status(self) -> str:
+        if self.kind == "task":
+            return TASK_STATUS[self._row().status]
         state = self._state()
         name = "AWAITINGRETRY" if state.name == "AwaitingRetry" else state.type.value
         return CELERY_STATUS.get(name, "PENDING")
@@ -97,7 +123,7 @@ class AsyncResult:
         return self.status
 
     def ready(self) -> bool:
-        return bool(self._state().is_final())
+        return bool(self._row().ready if self.kind == "task" else self._state().is_final())
 
     def successful(self) -> bool:
         return self.status == "SUCCESS"
@@ -105,20 +131,45 @@ class AsyncResult:
     def failed(self) -> bool:
         return self.status == "FAILURE"
 
+    def revoke(self, terminate: bool = False, **options: Any) -> bool:
+        """Cancel the task (or flow run) if it has not started; True if this call did. A running one goes on."""
+        if terminate or options:
+            refused = ["terminate"] if terminate else []
+            raise TypeError(
+                f"revoke() does not support {', '.join(refused + sorted(options))}: a started task runs to its end"
+            )
+        if self.kind == "task":
+            from lib import db, outbox
+
+            return outbox.revoke(db.get_engine(), uuid.UUID(self.id))
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled
+
+        if self._state().type.value not in ("SCHEDULED", "PENDING"):
+            return False
+        with get_client(sync_client=True) as api:
+            result = api.set_flow_run_state(uuid.UUID(self.id), Cancelled(message="revoked by the caller"))
+        return str(result.status.value) == "ACCEPT"
+
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.05) -> Any:
-        """Wait for the run to finish; its result, or its error raised (unless propagate=False)."""
+        """Wait for the task or run to finish; its result, or its error raised (unless propagate=False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            state = self._state()
-            if state.is_final():
-                return self._outcome(state, propagate)
+            if self.kind == "task":
+                row = self._row()
+                if row.ready:
+                    return _task_outcome(row, propagate)
+                where = row.status
+            else:
+                state = self._state()
+                if state.is_final():
+                    return self._flow_outcome(state, propagate)
+                where = state.name
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.kind} run {self.id} not finished after {timeout:g} s (state {state.name})")
+                raise TimeoutError(f"{self.kind} {self.id} not finished after {timeout:g} s (state {where})")
             time.sleep(interval)
 
-    def _outcome(self, state: Any, propagate: bool) -> Any:
-        if self.kind == "task":
-            return _task_outcome(self.id, state, propagate)
+    def _flow_outcome(self, state: Any, propagate: bool) -> Any:
         from flows.hooks import flow_result_key
         from lib.tokens import get_redis
 
@@ -131,111 +182,105 @@ class AsyncResult:
         raise PermanentError(f"flow run {self.id} ended {state.name}: {state.message}")
 
 
-def _task_outcome(run_id: str, state: Any, propagate: bool) -> Any:
-    """The result (or the exception) the worker kept in the task storage for this run.
+def _task_outcome(row: Any, propagate: bool) -> Any:
+    """A finished row's result, or its error raised as the class it had in the worker (lib.errors)."""
+    from lib.errors import rebuild
 
-    Read with our own store rather than Prefect's block lookup, which rebuilds the storage as
-    the plain RedisDatabase it derives from and so would miss the key prefix.
-    """
-    from prefect.results import ResultRecord
-
-    from flows.background import task_storage
-    from lib.errors import PermanentError
-
-    key = getattr(state.data, "storage_key", None) or f"results/{run_id}"
-    raw = task_storage().read_path(key)
-    for _ in range(20):  # the final state can reach the API a moment before the result is readable
-        if raw or not state.is_completed():
-            break
-        time.sleep(0.05)
-        raw = task_storage().read_path(key)
-    value = ResultRecord.deserialize(raw).result if raw else None
-    if state.is_completed():
-        return value
+    if row.status == "done":
+        return row.result
     if not propagate:
-        return value if value is not None else state.message
-    if isinstance(value, BaseException):
-        raise value
-    raise PermanentError(f"task run {run_id} ended {state.name}: {state.message}")
+        return row.error
+    if row.status == "revoked":
+        raise TaskRevokedError(row.error or "revoked")
+    raise rebuild(row.error_type, row.error or "failed")
 
 
-# ---- message tasks: Prefect background tasks ------------------------------------------------------
+# ---- message tasks: rows of the outbox ----------------------------------------------------------
 
 
-class _Submitter:
-    """Creates background task runs: parameters to the task storage, one POST on a client kept per thread."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def _client(self) -> Any:
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL
-
-        url = PREFECT_API_URL.value()
-        api, for_url = getattr(self._local, "client", (None, None))
-        if api is None or for_url != url:
-            api = get_client(sync_client=True)
-            api.__enter__()  # keep its connection pool for the life of the thread
-            self._local.client = (api, url)
-        return api
-
-    def submit(self, task: Any, parameters: dict[str, Any]) -> AsyncResult:
-        from prefect.results import ResultRecord, ResultRecordMetadata, get_default_result_serializer
-        from prefect.states import Scheduled
-
-        from flows.background import task_storage
-
-        # The record a task worker reads (prefect.task_worker.read_parameters); an empty context
-        # means the worker runs with its own settings, not a copy of the backend's (secrets included).
-        parameters_id = uuid.uuid4()
-        record = ResultRecord(
-            result={"parameters": parameters, "context": {}},
-            metadata=ResultRecordMetadata(serializer=get_default_result_serializer(), storage_key=str(parameters_id)),
+def _refuse(task: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    if unknown := sorted(set(options) - set(allowed)):
+        raise TypeError(
+            f"{task}.apply_async() does not support {', '.join(unknown)} (supported: {', '.join(allowed)}); "
+            "nothing was queued"
         )
-        task_storage().write_path(f"parameters/{parameters_id}", content=record.serialize())
-        state = Scheduled()
-        state.state_details.deferred = True
-        state.state_details.task_parameters_id = parameters_id
-        run = self._client().create_task_run(
-            task=task,
-            flow_run_id=None,
-            dynamic_key=f"{task.task_key}-{uuid.uuid4().hex}",
-            name=task.name,
-            state=state,
-            task_inputs={k: [] for k in parameters},
-        )
-        return AsyncResult(run.id, "task")
 
 
-_submitter = _Submitter()
+def _aware(value: Any, what: str) -> Any:
+    """A datetime as UTC-aware (a naive one is UTC, as Celery's enable_utc reads it); TypeError otherwise."""
+    import datetime as dt
+
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise TypeError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters as the row stores them (JSON): dates as ISO text, which the requests accept."""
+
+    def iso(value: Any) -> str:
+        if hasattr(value, "isoformat"):
+            return str(value.isoformat())
+        raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+    return dict(json.loads(json.dumps(params, default=iso)))
 
 
 @dataclass(frozen=True)
 class MessageTask:
-    """An old message task: ``.delay`` runs the background task ``task_name`` with translated arguments."""
+    """An old message task: ``.delay`` records a row of the outbox for the background task ``task_name``."""
 
     name: str
     task_name: str
     translate: Callable[..., dict[str, Any]]
 
-    def _task(self) -> Any:
-        from flows.background import configured, task_by_name
+    def _params(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        from lib.notify.kinds import BACKGROUND_TASKS
 
-        return configured(task_by_name()[self.task_name])
+        params = _plain(self.translate(*args, **kwargs))
+        BACKGROUND_TASKS[self.task_name](**params)  # bad input raises here, before anything is recorded
+        return params
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return _submitter.submit(self._task(), self.translate(*args, **kwargs))
+        return self.apply_async(args, kwargs)
 
-    def apply_async(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, **_: Any) -> AsyncResult:
-        """Celery's long form; options such as countdown or queue are ignored (the worker runs it at once)."""
-        return self.delay(*args, **dict(kwargs or {}))
+    def apply_async(
+        self, args: tuple[Any, ...] | list[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult:
+        """Celery's long form: ``countdown`` (seconds), ``eta`` (a datetime), ``expires`` (seconds or a
+        datetime: not sent after it, REVOKED) and ``task_id``; any other option raises TypeError."""
+        from lib import db, outbox
+
+        _refuse(self.name, options, TASK_OPTIONS)
+        if "countdown" in options and "eta" in options:
+            raise TypeError(f"{self.name}.apply_async(): give countdown or eta, not both; nothing was queued")
+        expires = options.get("expires")
+        task_id = options.get("task_id")
+        task_id, _ = outbox.enqueue(
+            db.get_engine(),
+            self.task_name,
+            self._params(tuple(args), dict(kwargs or {})),
+            task_id=uuid.UUID(str(task_id)) if task_id is not None else None,
+            countdown=_seconds(options.get("countdown", 0), "countdown"),
+            eta=_aware(options["eta"], "eta") if "eta" in options else None,
+            expires_in=_seconds(expires, "expires") if isinstance(expires, int | float) else None,
+            expires_at=_aware(expires, "expires")
+            if expires is not None and not isinstance(expires, int | float)
+            else None,
+        )
+        return AsyncResult(task_id, "task")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run in this process, as calling a Celery task does (no worker involved)."""
-        from flows.background import task_by_name
+        """Run in this process, as calling a Celery task does (no worker, no row); raises the task's error."""
+        from flows.background import run_here
 
-        return task_by_name()[self.task_name].fn(**self.translate(*args, **kwargs))
+        return run_here(self.task_name, self._params(args, kwargs))
 
 
 @dataclass(frozen=True)
@@ -246,10 +291,24 @@ class JobTask:
     describe: Callable[..., Call]
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return AsyncResult(client.start(self.describe(*args, **kwargs)).id, "flow")
+        return self.apply_async(args, kwargs)
 
-    def apply_async(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, **_: Any) -> AsyncResult:
-        return self.delay(*args, **dict(kwargs or {}))
+    def apply_async(
+        self, args: tuple[Any, ...] | list[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult:
+        """Celery's long form: ``countdown`` or ``eta`` schedule the flow run; any other option raises TypeError."""
+        import datetime as dt
+
+        _refuse(self.name, options, JOB_OPTIONS)
+        if "countdown" in options and "eta" in options:
+            raise TypeError(f"{self.name}.apply_async(): give countdown or eta, not both; nothing was queued")
+        when = None
+        if "countdown" in options:
+            when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(options["countdown"], "countdown"))
+        elif "eta" in options:
+            when = _aware(options["eta"], "eta")
+        call = self.describe(*args, **dict(kwargs or {}))
+        return AsyncResult(client.start(call, scheduled_time=when).id, "flow")
 
 
 def _pick(kwargs: dict[str, Any], *names: str, default: Any = ...) -> Any:

@@ -1,280 +1,157 @@
-"""Background tasks: every notification as a Prefect task a warm task worker runs on ``.delay()``.
+"""Background tasks: the messages a customer waits for, sent by a warm task worker in batches.
 
 Where a customer waits (OTP, password reset, order confirmation) a deployment run is too
-slow: a process start and Prefect's imports per message. A background task goes to a
-task worker that is already running (``indostar-jobs task-worker``) and sends in about a
-tenth of a second. Each task runs the same lib request and delivery code as the flows
-(flows.notifications): the delivery log keeps one message per idempotency key, dead
-letters, masking, transient-only retries.
+slow (a process start and Prefect's imports per message). ``deployments.tasks`` records
+each ``.delay()`` as one row of the outbox (lib.outbox: one INSERT and a NOTIFY); a task
+worker (``indostar-jobs task-worker``, ``TaskWorker`` here) wakes on the NOTIFY, claims
+the due rows with SKIP LOCKED and sends them as one batch: every row's messages recorded
+in the delivery log in one transaction, then one SMTP session and one pooled HTTP client
+for the batch. Each batch is one Prefect task run (``send-background-batch``), so the UI
+shows every send; the rows keep each task's own status, result and error, which is what a
+caller's handle reads.
 
-Storage: a task's parameters and its result live in Redis (``TaskStorage``: REDIS_URL,
-keys under REDIS_KEY_PREFIX, expiring after TASK_STORAGE_TTL_SECONDS), so task workers on
-several machines and the backend share them. Prefect removed its own rescheduling of task
-runs whose worker died (PrefectHQ/prefect#14772): ``sweep_stuck_task_runs`` puts such runs
-back to Scheduled with their stored parameters, and every task worker runs it.
-Webhooks: with TASK_WEBHOOK_URL set, a finished background task (or a backend-triggered
-flow run, tagged ``backend``) is POSTed there, signed (lib.webhooks).
+The same lib request and delivery code as the flows (flows.notifications): one message
+per delivery-log key, dead letters, masking, transient-only retries with the shared
+policy (a row waits in ``retry`` until its next try is due). A row without a caller's
+key is keyed by its own id (``task-<id>``): every ``.delay()`` sends, and a retried or
+recovered row sends once, with one OTP or link. A worker that dies loses nothing: its
+rows are taken back by any live worker within TASK_POLL_SECONDS (lib.outbox). When the
+Prefect API does not answer, a worker keeps sending and says so; the rows stay the record.
+Webhooks: with TASK_WEBHOOK_URL set, each task that ends is POSTed there (flows.hooks).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from collections.abc import Callable
-from functools import lru_cache
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import Task, task
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    TaskRunFilter,
-    TaskRunFilterFlowRunId,
-    TaskRunFilterName,
-    TaskRunFilterState,
-    TaskRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.runtime import task_run
-from prefect.states import Scheduled
-from prefect_redis import RedisDatabase
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from flows.common import final_attempt, task_options
-from flows.hooks import task_run_finished
-from flows.notifications import deliver_email_keys, deliver_sms_keys, record_messages, undelivered_error
-from lib import db, tokens
-from lib.config import get_settings
-from lib.errors import TransientError
+from flows.hooks import background_task_finished
+from flows.notifications import deliver_email_keys, deliver_sms_keys, undelivered_error
+from lib import db, outbox, retry, tokens
+from lib.errors import InvalidInputError, is_transient, rebuild
 from lib.notify import delivery_log as dlog
+from lib.notify import kinds
 from lib.notify import messages as req
+from lib.notify.address import scrub
 from lib.notify.templates import environment
 
 log = logging.getLogger(__name__)
 
-
-class TaskStorage(RedisDatabase):
-    """The Redis store of background-task parameters and results: keys under our prefix, with a TTL.
-
-    Never saved as a block: the task worker and the backend build it from the same settings.
-    """
-
-    _block_type_slug = "indostar-task-storage"
-    key_prefix: str = ""
-
-    def _key(self, path: str) -> str:
-        return f"{self.key_prefix}{path}"
-
-    # Prefect calls these with _sync=True (its async-dispatch switch): pass it on.
-    def read_path(self, path: str, **dispatch: Any) -> bytes:  # type: ignore[override]
-        return super().read_path(self._key(path), **dispatch)  # type: ignore[no-any-return]
-
-    def write_path(self, path: str, content: bytes, **dispatch: Any) -> bool:  # type: ignore[override]
-        return super().write_path(self._key(path), content, **dispatch)  # type: ignore[no-any-return]
-
-    async def aread_path(self, path: str) -> bytes:
-        return await super().aread_path(self._key(path))
-
-    async def awrite_path(self, path: str, content: bytes) -> bool:
-        return await super().awrite_path(self._key(path), content)
+# ---- the tasks: name -> the request its parameters make (lib.notify.kinds) --------------------------
 
 
-@lru_cache(maxsize=1)
-def task_storage() -> TaskStorage:
-    """The store both sides use, saved as a block once per process (Prefect requires a saved block as a
-    task's result storage); built from REDIS_URL, REDIS_KEY_PREFIX and TASK_STORAGE_TTL_SECONDS."""
-    s = get_settings()
-    store = TaskStorage(
-        connection_url=s.redis_url, key_ttl=s.task_storage_ttl_seconds, key_prefix=f"{s.redis_key_prefix}prefect/"
-    )
-    store.save("indostar-task-storage", overwrite=True)
-    return store
+def build_request(row: outbox.Claimed) -> req.MessageRequest:
+    """The request a row names; without a caller's key the row's own id keys its messages."""
+    builder = kinds.BACKGROUND_TASKS.get(row.name)
+    if builder is None:
+        raise InvalidInputError(f"unknown background task {row.name!r}; known: {', '.join(kinds.BACKGROUND_TASKS)}")
+    params = dict(row.params)
+    params["idempotency_key"] = params.get("idempotency_key") or f"task-{row.id}"
+    try:
+        return builder(**params)
+    except TypeError as exc:
+        raise InvalidInputError(f"{row.name}: {exc}") from None
 
 
-def configured(tsk: Task[Any, Any]) -> Task[Any, Any]:
-    """The task as the worker serves it and the backend submits it: its parameters and result in Redis.
-
-    Same function, so the same task key: runs the backend creates reach the workers serving it.
-    """
-    return tsk.with_options(result_storage=task_storage())
+# ---- one batch -------------------------------------------------------------------------------------
 
 
-# ---- the tasks --------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    """The rows of one batch and what became of each."""
 
+    rows: Sequence[outbox.Claimed]
+    keys: dict[uuid.UUID, tuple[list[str], list[str]]] = field(default_factory=dict)  # row -> (emails, sms)
+    outcomes: dict[uuid.UUID, outbox.Outcome] = field(default_factory=dict)
+    errors: dict[uuid.UUID, Exception] = field(default_factory=dict)  # a delivery pass that raised, per row
 
-def background_options(name: str) -> dict[str, Any]:
-    """Task options of a background task: its result kept (key results/<run id>), a timeout, the webhook hooks.
+    def record(self) -> None:
+        """Every row's messages into the delivery log, one transaction; a row with bad input fails alone."""
+        with db.session_scope() as s:
+            for row in self.rows:
+                try:
+                    with s.begin_nested():
+                        made = build_request(row).build(s)
+                        dlog.record(s, made.messages)
+                except Exception as exc:  # noqa: BLE001 - the row fails with its reason, the others go on
+                    self.outcomes[row.id] = _failure(row, exc)
+                else:
+                    self.keys[row.id] = (made.keys("email"), made.keys("sms"))
 
-    The storage itself is attached when the task is served or submitted (``configured``).
-    """
-    s = get_settings()
-    return task_options(name, persist_result=True) | {
-        "result_storage_key": "results/{task_run.id}",
-        "timeout_seconds": s.background_task_timeout_seconds,
-        "on_completion": [task_run_finished],
-        "on_failure": [task_run_finished],
-    }
+    def deliver(self) -> None:
+        """Send the recorded messages: rows on their last try apart, so only they mark messages dead."""
+        waiting = [r for r in self.rows if r.id in self.keys]
+        for final in (False, True):
+            group = [r for r in waiting if retry.is_final(r.tries) == final]
+            emails = [k for r in group for k in self.keys[r.id][0]]
+            texts = [k for r in group for k in self.keys[r.id][1]]
+            for keys, send in ((emails, deliver_email_keys), (texts, deliver_sms_keys)):
+                if not keys:
+                    continue
+                try:
+                    send(keys, final)
+                except Exception as exc:  # noqa: BLE001 - e.g. the SMTP server refused the session
+                    for r in group:
+                        self.errors[r.id] = exc
 
-
-def send_now(request: req.MessageRequest) -> dict[str, Any]:
-    """Record and deliver one request's messages inside the running task; fail if any is dead or undelivered."""
-    batch = record_messages.fn(request)  # the flows' recording step, inside this task run
-    final = final_attempt(task_run.get_run_count())
-    reports = []
-    if emails := batch.keys("email"):
-        reports.append(deliver_email_keys(emails, final))
-    if texts := batch.keys("sms"):
-        reports.append(deliver_sms_keys(texts, final))
-    transient = next((r.transient_error for r in reports if r.transient_error), None)
-    if transient and not final:
-        raise TransientError(transient)  # the task retries; sent messages stay sent
-    with db.session_scope() as s:
-        rows = dlog.summary_rows(s, batch.keys())
-    counts: dict[str, Any] = dlog.counts_by_status(rows) | {"recovered": sum(r.recovered for r in reports)}
-    if error := undelivered_error(type(request).__name__, counts, rows):
-        raise error
-    return counts
-
-
-@task(**background_options("send-email-task"))
-def send_email_task(
-    to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    """Send one email (plain text, optional HTML), once per idempotency key."""
-    return send_now(req.EmailRequest(to, subject, body, html, idempotency_key))
-
-
-@task(**background_options("send-sms-task"))
-def send_sms_task(phone: str, text: str, idempotency_key: str | None = None) -> dict[str, Any]:
-    """Send one free-text SMS, once per idempotency key."""
-    return send_now(req.SmsRequest(phone, text, idempotency_key))
-
-
-@task(**background_options("send-templated-email-task"))
-def send_templated_email_task(
-    template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    """Render a template and email it once."""
-    return send_now(req.TemplatedRequest("email", template, context, to, idempotency_key))
-
-
-@task(**background_options("send-templated-sms-task"))
-def send_templated_sms_task(
-    template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    """Render a template's DLT-registered SMS text and send it once."""
-    return send_now(req.TemplatedRequest("sms", template, context, phone, idempotency_key))
-
-
-@task(**background_options("send-order-confirmation-task"))
-def send_order_confirmation_task(order_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
-    """Email and SMS the confirmation of one order."""
-    return send_now(req.OrderConfirmationRequest((order_id,), idempotency_key, require_all=True))
-
-
-@task(**background_options("send-order-shipped-task"))
-def send_order_shipped_task(
-    order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    """Email and SMS that an order has shipped."""
-    return send_now(req.OrderShippedRequest(order_id, tracking_number, carrier, idempotency_key))
-
-
-@task(**background_options("send-payment-failed-task"))
-def send_payment_failed_task(
-    order_id: int | None = None,
-    subscription_id: int | None = None,
-    reason: str = "the payment was declined",
-    idempotency_key: str | None = None,
-) -> dict[str, Any]:
-    """Tell a customer a payment failed, for an order or a subscription's cycle."""
-    return send_now(req.PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key))
-
-
-@task(**background_options("send-subscription-renewal-reminder-task"))
-def send_subscription_renewal_reminder_task(
-    subscription_id: int, delivery_date: dt.date | None = None, idempotency_key: str | None = None
-) -> dict[str, Any]:
-    """Remind a customer of a coming delivery (default: the subscription's next one), opt-ins honoured."""
-    items = ((subscription_id, delivery_date),)
-    return send_now(req.RenewalReminderRequest(items, idempotency_key, require_all=True))  # type: ignore[arg-type]
-
-
-@task(**background_options("send-otp-task"))
-def send_otp_task(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> dict[str, Any]:
-    """Issue a one-time code and send it by SMS; the code exists only inside this task run."""
-    return send_now(req.OtpRequest(customer_id, purpose, idempotency_key))
-
-
-@task(**background_options("send-password-reset-task"))
-def send_password_reset_task(customer_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
-    """Issue a password-reset token and email its link; the token exists only inside this task run."""
-    return send_now(req.LinkRequest("password_reset", customer_id, idempotency_key))
-
-
-@task(**background_options("send-email-verification-task"))
-def send_email_verification_task(customer_id: int, idempotency_key: str | None = None) -> dict[str, Any]:
-    """Issue an email-verification token and email its link; the token exists only inside this task run."""
-    return send_now(req.LinkRequest("email_verification", customer_id, idempotency_key))
-
-
-BACKGROUND_TASKS = (
-    send_email_task,
-    send_sms_task,
-    send_templated_email_task,
-    send_templated_sms_task,
-    send_order_confirmation_task,
-    send_order_shipped_task,
-    send_payment_failed_task,
-    send_subscription_renewal_reminder_task,
-    send_otp_task,
-    send_password_reset_task,
-    send_email_verification_task,
-)
-
-
-# ---- the sweeper ----------------------------------------------------------------------------------
-
-
-async def sweep_stuck_task_runs(older_than: dt.timedelta, names: tuple[str, ...] | None = None) -> list[str]:
-    """Put background task runs stuck in Scheduled, Pending or Running (their worker died, or the
-    server restarted and forgot its queue) back to Scheduled with their stored parameters, so a
-    live worker runs them again under the same id; the delivery log keeps each message to one send.
-    Returns the ids rescheduled."""
-    cutoff = dt.datetime.now(dt.UTC) - older_than
-    waiting = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
-    done: list[str] = []
-    async with get_client() as client:
-        runs = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(
-                name=TaskRunFilterName(any_=list(names or (t.name for t in BACKGROUND_TASKS))),
-                flow_run_id=TaskRunFilterFlowRunId(is_null_=True),
-                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=waiting)),
-            ),
-            limit=200,
-        )
-        for run in runs:
-            if run.state is None or run.state.timestamp >= cutoff:
+    def settle(self) -> None:
+        """Each row's outcome from its messages' rows in the delivery log."""
+        with db.session_scope() as s:
+            summary = dlog.summary_by_key(s, [k for e, t in self.keys.values() for k in e + t])
+        for row in self.rows:
+            if row.id in self.outcomes:
                 continue
-            states = sorted(await client.read_task_run_states(run.id), key=lambda st: st.timestamp)
-            params = next(
-                (
-                    st.state_details.task_parameters_id
-                    for st in states
-                    if st.type == StateType.SCHEDULED and st.state_details.task_parameters_id
-                ),
-                None,
-            )
-            again = Scheduled()
-            again.state_details.deferred = True
-            again.state_details.task_parameters_id = params
-            await client.set_task_run_state(run.id, state=again, force=True)
-            done.append(str(run.id))
-    if done:
-        log.warning("rescheduled %d background task run(s) left stuck: %s", len(done), ", ".join(done[:10]))
-    return done
+            emails, texts = self.keys[row.id]
+            rows = [summary[k] for k in emails + texts if k in summary]
+            counts: dict[str, Any] = dlog.counts_by_status(rows)
+            error: BaseException | None = self.errors.get(row.id) or undelivered_error(row.name, counts, rows)
+            if error is None:
+                self.outcomes[row.id] = outbox.Outcome(row.id, "done", result=counts)
+            else:
+                self.outcomes[row.id] = _failure(row, error)
 
 
-def task_by_name() -> dict[str, Callable[..., Any]]:
-    return {t.name: t for t in BACKGROUND_TASKS}
+def _failure(row: outbox.Claimed, exc: BaseException) -> outbox.Outcome:
+    """Retry later what may pass (while tries are left), fail the rest with the reason."""
+    message = scrub(str(exc))[:2000] or type(exc).__name__
+    if is_transient(exc) and not retry.is_final(row.tries):
+        return outbox.Outcome(
+            row.id, "retry", error=message, error_type=type(exc).__name__, delay=retry.delay_after(row.tries)
+        )
+    return outbox.Outcome(row.id, "failed", error=message, error_type=type(exc).__name__)
+
+
+def run_batch(rows: Sequence[outbox.Claimed]) -> dict[uuid.UUID, outbox.Outcome]:
+    """Record, deliver and settle one batch of claimed rows (no Prefect, no outbox writes)."""
+    batch = _Batch(rows)
+    batch.record()
+    if batch.keys:
+        batch.deliver()
+        batch.settle()
+    return batch.outcomes
+
+
+@task(
+    name="send-background-batch",
+    task_run_name="send {size} background task(s)",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=0,  # a row retries on its own schedule (status retry), not the whole batch
+)
+def send_background_batch(size: int, task_ids: list[str], run: Callable[[], dict[str, int]]) -> dict[str, int]:
+    """One batch of background tasks (the ids are the rows in background_tasks); returns rows by outcome."""
+    return run()
 
 
 # ---- the task worker ------------------------------------------------------------------------------
@@ -287,51 +164,144 @@ def warm_up() -> None:
     environment().get_template("order_confirmation.txt")
 
 
-async def _sweep_forever(every: float) -> None:
-    import asyncio
-    import random
+class TaskWorker:
+    """Claims due rows in batches and sends them, up to ``concurrency`` batches at a time, until ``stop()``."""
 
-    after = dt.timedelta(seconds=get_settings().task_sweep_after_seconds)
-    while True:
-        # Jitter: several workers sweeping the same runs at the same instant would each reschedule them.
-        await asyncio.sleep(every * random.uniform(0.5, 1.5))
+    API_RETRY_SECONDS = 30.0
+
+    def __init__(self, batch_size: int, concurrency: int, poll_seconds: float) -> None:
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.poll_seconds = poll_seconds
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="background-batch")
+        self._holder = 0
+        self._api_down_until = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, drain_seconds: float = 60.0, ready: Callable[[], None] | None = None) -> None:
+        engine = db.get_engine()
+        with outbox.holder(engine) as (conn, key):
+            self._holder = key
+            print(
+                f"task worker {self.name} listening (holder {key}): {len(kinds.BACKGROUND_TASKS)} background tasks",
+                flush=True,
+            )
+            if ready:
+                ready()
+            housekept = 0.0
+            while not self._stop.is_set():
+                if time.monotonic() - housekept >= self.poll_seconds:
+                    self._housekeeping(conn)
+                    housekept = time.monotonic()
+                if self._take(conn):
+                    continue
+                due = outbox.next_due_in(conn)
+                outbox.wait(conn, self.poll_seconds if due is None else min(self.poll_seconds, due + 0.01))
+            self._pool.shutdown(wait=True, cancel_futures=False) if drain_seconds else None
+            if released := outbox.release(conn, key):
+                print(f"task worker {self.name} gave back {released} unfinished task(s)", flush=True)
+
+    def _housekeeping(self, conn: Any) -> None:
+        if taken := outbox.reclaim_abandoned(conn):
+            log.warning("took back %d background task(s) of a worker that is gone: %s", len(taken), taken[:10])
+            print(f"task worker {self.name} took back {len(taken)} task(s) of a stopped worker", flush=True)
+        if expired := outbox.expire(conn):
+            log.info("%d background task(s) expired before they ran", len(expired))
+
+    def _take(self, conn: Any) -> bool:
+        """Claim and start one batch if a slot is free; True if a full batch was taken (look again at once)."""
+        if not self._slots.acquire(timeout=self.poll_seconds):
+            return False
+        rows = outbox.claim(conn, self._holder, self.name, self.batch_size)
+        if not rows:
+            self._slots.release()
+            return False
+        self._pool.submit(self._send, rows)
+        return len(rows) == self.batch_size
+
+    def _send(self, rows: list[outbox.Claimed]) -> None:
         try:
-            await sweep_stuck_task_runs(after)
+            ids = [str(r.id) for r in rows]
+            counts, where = self._in_task_run(rows, ids)
+            print(f"batch {where} sent {len(rows)} task(s) {counts}: {' '.join(ids)}", flush=True)
         except Exception:
-            log.warning("sweeping stuck background task runs failed", exc_info=True)
+            # The rows stay running under this worker; they are given back when it stops, or taken
+            # over by another worker if this one dies. Say so loudly: the batch did not settle.
+            log.exception("a background batch of %d task(s) failed before it settled", len(rows))
+        finally:
+            self._slots.release()
+
+    def _in_task_run(self, rows: list[outbox.Claimed], ids: list[str]) -> tuple[dict[str, int], str]:
+        """Run the batch as a Prefect task run; if the API does not answer, run it here and say so."""
+        ran: list[dict[str, int]] = []
+        run_id: list[str] = []
+
+        def run() -> dict[str, int]:
+            from prefect.runtime import task_run
+
+            try:
+                if task_run.id:
+                    run_id.append(task_run.id)
+                    with db.get_engine().connect() as c:
+                        c = c.execution_options(isolation_level="AUTOCOMMIT")
+                        outbox.mark_task_run(c, self._holder, [r.id for r in rows], uuid.UUID(task_run.id))
+                ran.append(self._settle(rows))
+            except Exception as exc:
+                failed.append(exc)
+                raise
+            return ran[0]
+
+        failed: list[Exception] = []
+        if time.monotonic() >= self._api_down_until:
+            try:
+                send_background_batch(len(rows), ids, run)
+            except Exception as exc:  # noqa: BLE001 - the Prefect side failed unless run() says it did
+                if failed:
+                    raise failed[0] from None
+                self._api_down_until = time.monotonic() + self.API_RETRY_SECONDS
+                print(
+                    f"task worker {self.name}: Prefect API unusable ({type(exc).__name__}); sending without it",
+                    flush=True,
+                )
+        if not ran:
+            run()
+        return ran[0], run_id[0] if run_id else "local"
+
+    def _settle(self, rows: list[outbox.Claimed]) -> dict[str, int]:
+        outcomes = run_batch(rows)
+        with db.get_engine().connect() as c:
+            kept = outbox.settle(
+                c.execution_options(isolation_level="AUTOCOMMIT"), self._holder, list(outcomes.values())
+            )
+        by_status: dict[str, int] = {}
+        names = {r.id: r.name for r in rows}
+        for o in outcomes.values():
+            by_status[o.status] = by_status.get(o.status, 0) + 1
+            if o.id in kept and o.status in ("done", "failed"):
+                background_task_finished(names[o.id], o.id, o.status, o.result, o.error)
+        return by_status
 
 
-async def _serve(limit: int | None, sweep_every: float, drain_seconds: float) -> None:
-    import asyncio
+def serve_background_tasks(batch_size: int, concurrency: int, poll_seconds: float) -> None:
+    """Run the task worker in this process until SIGTERM/SIGINT (then finish the batches in hand)."""
     import signal
 
-    from prefect.task_worker import TaskWorker  # the task worker's server stack: only this command needs it
-
-    worker = TaskWorker(*(configured(t) for t in BACKGROUND_TASKS), limit=limit)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with worker:
-        # Prefect's own start() dies on SIGTERM with its runs left Running; subscribing here lets us stop
-        # taking runs on SIGTERM and finish the ones in hand (a private method: Prefect is pinned < 3.10).
-        subscription = asyncio.create_task(worker._subscribe_to_task_scheduling())
-        sweeper = asyncio.create_task(_sweep_forever(sweep_every))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({subscription, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        subscription.cancel()
-        sweeper.cancel()
-        deadline = loop.time() + drain_seconds
-        while any(worker.in_flight_task_runs.values()) and loop.time() < deadline:
-            await asyncio.sleep(0.1)
-        if subscription.done() and not subscription.cancelled() and subscription.exception():
-            raise subscription.exception()  # type: ignore[misc]
-
-
-def serve_background_tasks(limit: int | None = 10, sweep_every: float = 30.0, drain_seconds: float = 60.0) -> None:
-    """Run every background task from this process until SIGTERM/SIGINT (then finish the runs in hand)."""
-    import asyncio
-
     warm_up()
-    task_storage()  # saved once, before the first run needs it
-    asyncio.run(_serve(limit, sweep_every, drain_seconds))
+    worker = TaskWorker(batch_size, concurrency, poll_seconds)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+
+
+def run_here(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A task run in the calling process, as calling a Celery task does: no row, no worker; raises its error."""
+    row = outbox.Claimed(uuid.uuid4(), name, params, tries=retry.policy().attempts + 1)  # one try, its last
+    outcome = run_batch([row])[row.id]
+    if outcome.status != "done":
+        raise rebuild(outcome.error_type, outcome.error or outcome.status)
+    return outcome.result or {}

@@ -71,9 +71,17 @@ def flow_options(name: str, *, timeout_seconds: float | None = None, **extra: An
     }
 
 
+def run_key(idempotency_key: str | None) -> str | None:
+    """The caller's key, else this flow run's own (``run-<id>``): two runs send twice, one run retried sends once."""
+    if idempotency_key:
+        return idempotency_key
+    run_id = flow_run.get_id()
+    return f"run-{run_id}" if run_id else None
+
+
 def final_attempt(run_count: int) -> bool:
     """Whether a task on its ``run_count``-th run (1 = first) has no retry left."""
-    return run_count > retry.policy().attempts
+    return retry.is_final(run_count)
 
 
 def scheduled_start() -> dt.datetime:

@@ -1,6 +1,7 @@
 """State hooks for runs the backend started: keep a flow run's result for its handle, post the task webhook.
 
-A background task's result is kept by Prefect in the task storage (flows.background). A flow
+A background task's result is kept in its outbox row (lib.outbox); the task worker posts its
+webhook with ``background_task_finished``. A flow
 run started by the backend (deployments.client, deployments.tasks: tagged ``backend``) keeps
 a JSON copy of its return value in Redis under ``<prefix>prefect/flow-results/<run id>`` for
 TASK_STORAGE_TTL_SECONDS, which is what ``deployments.tasks`` handles return from ``get()``.
@@ -38,19 +39,24 @@ def _result_of(state: Any) -> Any:
     return {"error": str(state.message or state.name)[:300]}
 
 
-def _webhook(kind: str, name: str, run_id: Any, state: Any, result: Any) -> None:
+def _webhook(kind: str, name: str, run_id: Any, state: str, finished: dt.datetime | None, result: Any) -> None:
     s = get_settings()
     if not s.task_webhook_url:
         return
     secret = s.task_webhook_secret.get_secret_value() if s.task_webhook_secret else ""
-    finished = (state.timestamp or dt.datetime.now(dt.UTC)).isoformat()
-    body = webhooks.body(str(run_id), kind, name, state.type.value, finished, result)
+    when = (finished or dt.datetime.now(dt.UTC)).isoformat()
+    body = webhooks.body(str(run_id), kind, name, state, when, result)
     _posting.submit(webhooks.post, s.task_webhook_url, body, secret)
 
 
-def task_run_finished(tsk: Any, run: Any, state: Any) -> None:
-    """Task hook (completed, or failed for good): post the webhook of a background task."""
-    _webhook("task", tsk.name, run.id, state, _result_of(state))
+# The webhook's `state` keeps Prefect's words for both kinds, so one receiver reads tasks and flows alike.
+TASK_STATE = {"done": "COMPLETED", "failed": "FAILED", "revoked": "CANCELLED"}
+
+
+def background_task_finished(name: str, task_id: Any, status: str, result: Any, error: str | None) -> None:
+    """A background task ended for good (done or failed): post its webhook."""
+    outcome = webhooks.summary(result) if status == "done" else {"error": (error or status)[:300]}
+    _webhook("task", name, task_id, TASK_STATE.get(status, status.upper()), None, outcome)
 
 
 def flow_run_finished(flw: Any, run: Any, state: Any) -> None:
@@ -65,4 +71,4 @@ def flow_run_finished(flw: Any, run: Any, state: Any) -> None:
         )
     except Exception:
         log.warning("could not keep the result of flow run %s for its handle", run.id, exc_info=True)
-    _webhook("flow", flw.name, run.id, state, result)
+    _webhook("flow", flw.name, run.id, state.type.value, state.timestamp, result)

@@ -21,7 +21,15 @@ from prefect.futures import PrefectFuture, wait
 from prefect.runtime import task_run
 from pydantic import NonNegativeInt
 
-from flows.common import IdempotencyKey, PositiveId, final_attempt, flow_options, publish_markdown, task_options
+from flows.common import (
+    IdempotencyKey,
+    PositiveId,
+    final_attempt,
+    flow_options,
+    publish_markdown,
+    run_key,
+    task_options,
+)
 from flows.providers import SMS_LIMIT, SMTP_LIMIT, provider_rate, provider_session, sms_config, smtp_config
 from lib import db
 from lib import markdown as md
@@ -242,13 +250,13 @@ def send_email(
     to: str, subject: str, body: str, html: str | None = None, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Send one email (plain text, optional HTML alternative), once per idempotency key."""
-    return send_messages(EmailRequest(to, subject, body, html, idempotency_key), "send-email")
+    return send_messages(EmailRequest(to, subject, body, html, run_key(idempotency_key)), "send-email")
 
 
 @flow(**flow_options("send-sms"))
 def send_sms(phone: str, text: str, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
     """Send one free-text SMS (no DLT template: for the log provider or non-Indian routes)."""
-    return send_messages(SmsRequest(phone, text, idempotency_key), "send-sms")
+    return send_messages(SmsRequest(phone, text, run_key(idempotency_key)), "send-sms")
 
 
 @flow(**flow_options("send-templated-email"))
@@ -256,7 +264,9 @@ def send_templated_email(
     template: str, context: dict[str, Any], to: str, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Render a template's subject, HTML and text with the context and email it once."""
-    return send_messages(TemplatedRequest("email", template, context, to, idempotency_key), "send-templated-email")
+    return send_messages(
+        TemplatedRequest("email", template, context, to, run_key(idempotency_key)), "send-templated-email"
+    )
 
 
 @flow(**flow_options("send-templated-sms"))
@@ -264,7 +274,9 @@ def send_templated_sms(
     template: str, context: dict[str, Any], phone: str, idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Render a template's DLT-registered SMS text with the context and send it once."""
-    return send_messages(TemplatedRequest("sms", template, context, phone, idempotency_key), "send-templated-sms")
+    return send_messages(
+        TemplatedRequest("sms", template, context, phone, run_key(idempotency_key)), "send-templated-sms"
+    )
 
 
 # --- flows: orders and subscriptions -------------------------------------------------------------
@@ -315,19 +327,21 @@ def send_otp(
     customer_id: PositiveId, purpose: str = "login", idempotency_key: IdempotencyKey | None = None
 ) -> dict[str, Any]:
     """Issue a one-time code for the customer and send it by SMS; the code exists only inside this run."""
-    return send_messages(OtpRequest(customer_id, purpose, idempotency_key), "send-otp")
+    return send_messages(OtpRequest(customer_id, purpose, run_key(idempotency_key)), "send-otp")
 
 
 @flow(**flow_options("send-password-reset"))
 def send_password_reset(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
     """Issue a password-reset token and email its link; the token exists only inside this run."""
-    return send_messages(LinkRequest("password_reset", customer_id, idempotency_key), "send-password-reset")
+    return send_messages(LinkRequest("password_reset", customer_id, run_key(idempotency_key)), "send-password-reset")
 
 
 @flow(**flow_options("send-email-verification"))
 def send_email_verification(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
     """Issue an email-verification token and email its link; the token exists only inside this run."""
-    return send_messages(LinkRequest("email_verification", customer_id, idempotency_key), "send-email-verification")
+    return send_messages(
+        LinkRequest("email_verification", customer_id, run_key(idempotency_key)), "send-email-verification"
+    )
 
 
 # --- dead letters and stuck messages -----------------------------------------------------------------

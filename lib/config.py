@@ -77,12 +77,14 @@ class Settings(BaseSettings):
     retry_cap_seconds: float = Field(default=600.0, ge=0)
     retry_jitter_factor: float = Field(default=0.5, ge=0)
 
-    # Background tasks (flows/background.py): parameters and results expire from Redis after this long,
-    # so a task worker must pick a run up (or the sweeper reschedule it) well within it.
+    # Background tasks (lib/outbox.py, flows/background.py): a task worker claims up to TASK_BATCH_SIZE due
+    # rows at once, sends up to TASK_WORKER_CONCURRENCY batches at a time, and looks for due retries and the
+    # rows of stopped workers every TASK_POLL_SECONDS (new rows wake it at once). Finished rows, and the
+    # results of backend-started flow runs, are kept TASK_STORAGE_TTL_SECONDS for their handles.
     task_storage_ttl_seconds: int = Field(default=24 * 3600, ge=60)
-    background_task_timeout_seconds: float = Field(default=120, gt=0)
-    # A background task run still Scheduled/Pending/Running after this long lost its worker: run it again.
-    task_sweep_after_seconds: float = Field(default=300, gt=0)
+    task_batch_size: int = Field(default=50, ge=1, le=1000)
+    task_worker_concurrency: int = Field(default=2, ge=1, le=32)
+    task_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     task_webhook_url: str | None = None
     task_webhook_secret: SecretStr | None = None
 

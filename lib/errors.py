@@ -91,3 +91,28 @@ def _driver_connection_lost(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - redis is a dependency
         return False
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+
+
+def rebuild(error_type: str | None, message: str) -> Exception:
+    """An error stored by name (e.g. a background task's) raised again as its class here, if it is one of ours.
+
+    Anything else (a driver's error, a bug) comes back as a PermanentError naming the original class.
+    """
+    known: dict[str, type[Exception]] = {
+        cls.__name__: cls
+        for cls in (
+            JobError,
+            TransientError,
+            ServiceUnavailableError,
+            PermanentError,
+            InvalidInputError,
+            NotFoundError,
+            ConfigError,
+            SignatureError,
+            RejectedError,
+        )
+    }
+    cls = known.get(error_type or "")
+    if cls is None:
+        return PermanentError(f"{error_type}: {message}" if error_type else message)
+    return cls(message)

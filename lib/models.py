@@ -7,6 +7,7 @@ schema is created. Money is stored in paise (integers) so sums are exact.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from sqlalchemy import (
@@ -23,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
@@ -51,6 +53,9 @@ MESSAGE_KINDS = (
 )
 WEBHOOK_STATUSES = ("received", "applied", "rejected", "failed", "ignored")
 PAYMENT_STATUSES = ("applied", "awaiting_cycle", "held")
+# A background task (lib/outbox.py): queued (or retry, waiting for its next try) -> running -> done | failed;
+# revoked: cancelled by the caller or past its expiry before it ran.
+BACKGROUND_TASK_STATUSES = ("queued", "running", "retry", "done", "failed", "revoked")
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -326,3 +331,41 @@ class Payment(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = _now()
     updated_at: Mapped[dt.datetime] = _now()
+
+
+class BackgroundTask(Base):
+    """The outbox of messages sent with ``.delay()``: one row per call, the task's handle and its outcome.
+
+    The row is the truth a caller's ``AsyncResult`` reads (status, result, error); the
+    Prefect task run of the batch that sent it is the operator's view of the same work.
+    """
+
+    __tablename__ = "background_tasks"
+    __table_args__ = (
+        CheckConstraint(_in("status", BACKGROUND_TASK_STATUSES), name="status_known"),
+        # What a worker claims next: waiting rows by due time (running rows: to find abandoned ones).
+        Index(
+            "ix_background_tasks_waiting",
+            "not_before",
+            postgresql_where=text("status IN ('queued', 'retry', 'running')"),
+        ),
+        Index("ix_background_tasks_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # the task, e.g. send-email-task
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(8), server_default=text("'queued'"))
+    tries: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    not_before: Mapped[dt.datetime] = _now()  # countdown / eta / the next retry
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # The worker running it: its advisory lock key (lib.outbox.HOLDER_NAMESPACE) and its name.
+    holder: Mapped[int | None] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    task_run_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)  # the Prefect task run of its batch
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = _now()
+    updated_at: Mapped[dt.datetime] = _now()
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -35,3 +35,19 @@ def policy() -> RetryPolicy:
         delays=capped_delays(s.retry_attempts, s.retry_base_seconds, s.retry_cap_seconds, s.retry_jitter_factor),
         jitter_factor=s.retry_jitter_factor,
     )
+
+
+def is_final(tries: int) -> bool:
+    """Whether the ``tries``-th try (1 = the first) has no retry after it."""
+    return tries > policy().attempts
+
+
+def delay_after(tries: int) -> float:
+    """Seconds to wait after the ``tries``-th try failed for a reason that may pass: the policy's delay, jittered."""
+    import random
+
+    p = policy()
+    if not p.delays:
+        return 0.0
+    base = p.delays[min(max(tries, 1), len(p.delays)) - 1]
+    return base * (1 + random.uniform(0, p.jitter_factor))

@@ -47,7 +47,7 @@ from lib.config import get_settings  # noqa: E402
 from tests.servers import start_gateway  # noqa: E402
 
 APP_TABLES = (
-    "webhook_events, notifications, subscription_outcomes, order_items, orders, "
+    "background_tasks, webhook_events, notifications, subscription_outcomes, order_items, orders, "
     "subscriptions, cart_items, carts, audit_logs, user_sessions, products, customers"
 )
 

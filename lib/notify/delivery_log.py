@@ -247,19 +247,24 @@ def mark_failed(conn: Connection, ids: Sequence[int], token: int, error: str, de
 # ---- reading, replaying, sweeping and retention (a Session; the caller commits) --------------------
 
 
-def summary_rows(session: Session, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Template, channel, status and last error of each of the keys' rows."""
+def summary_by_key(session: Session, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Kind, template, channel, status and last error of each of the keys' rows, by key."""
     if not keys:
-        return []
+        return {}
     # One array parameter: an IN list of a night's thousands of keys costs more to build than to run.
     rows = session.execute(
         text(
-            "SELECT kind, template, channel, status, last_error FROM notifications "
+            "SELECT idempotency_key, kind, template, channel, status, last_error FROM notifications "
             "WHERE idempotency_key = ANY(CAST(:keys AS varchar[]))"
         ),
         {"keys": list(keys)},
     )
-    return [{"kind": k, "template": t, "channel": c, "status": s, "last_error": e} for k, t, c, s, e in rows]
+    return {key: {"kind": k, "template": t, "channel": c, "status": s, "last_error": e} for key, k, t, c, s, e in rows}
+
+
+def summary_rows(session: Session, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Template, channel, status and last error of each of the keys' rows."""
+    return list(summary_by_key(session, keys).values())
 
 
 def find_dead(

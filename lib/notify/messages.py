@@ -19,7 +19,6 @@ before the channel. Transactional messages always go; renewal reminders honour o
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 import uuid
@@ -92,10 +91,13 @@ def check_text(value: Any, what: str, limit: int = MAX_TEXT) -> str:
     return value
 
 
-def content_key(prefix: str, *parts: Any) -> str:
-    """A key from a hash of the message content, for sends that bring no key of their own."""
-    raw = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
-    return f"{prefix}:{hashlib.sha256(raw.encode()).hexdigest()[:40]}"
+def _nonce(key: str | None) -> str:
+    """The caller's key, or a new one: a request without a key is a new message, as each Celery call was.
+
+    Callers that may repeat a request (a retried task, a recovered row, a flow run's retry)
+    pass a key of their own (the row's or the run's id), so the repeat sends once.
+    """
+    return key or uuid.uuid4().hex
 
 
 def _plain_json(context: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +179,7 @@ class EmailRequest:
         check_key(self.key)
 
     def build(self, session: Session) -> MessageBatch:
-        key = self.key or content_key("email", self.to, self.subject, self.body, self.html)
+        key = self.key or f"email:{_nonce(None)}"
         intent = {
             "to": self.to,
             "subject": self.subject,
@@ -202,7 +204,7 @@ class SmsRequest:
         check_key(self.key)
 
     def build(self, session: Session) -> MessageBatch:
-        key = self.key or content_key("sms", self.phone, self.text)
+        key = self.key or f"sms:{_nonce(None)}"
         return MessageBatch([Message(key, "sms", "sms", self.phone, {"to": self.phone, "text": self.text})])
 
 
@@ -238,7 +240,7 @@ class TemplatedRequest:
             raise InvalidInputError(str(exc)) from None
 
     def build(self, session: Session) -> MessageBatch:
-        key = self.key or content_key(f"{self.template}:{self.channel}", self.to, self.context)
+        key = self.key or f"{self.template}:{self.channel}:{_nonce(None)}"
         intent: dict[str, Any] = {"template": self.template, "context": self.context, "to": self.to}
         if self.channel == "email":
             intent["message_id"] = new_message_id(None)
@@ -432,11 +434,6 @@ def _customer(session: Session, customer_id: int) -> Customer:
     if customer is None:
         raise NotFoundError(f"customer {customer_id} does not exist")
     return customer
-
-
-def _nonce(key: str | None) -> str:
-    # Without a caller's key each request is a new message (a new code): "send me another OTP".
-    return key or uuid.uuid4().hex
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,207 @@
+"""The outbox path of ``.delay()``: a task worker (run in a thread of this process) against the real
+PostgreSQL, SMTP server, SMS gateway and the Prefect test harness; calls made exactly as the backend does.
+
+Recovery from a dead worker is driven here by a second database connection that claims a row under
+its own advisory lock and then closes (what a SIGKILL does to a worker's connection); the e2e module
+kills real worker processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from deployments import tasks as old
+from flows.background import TaskWorker
+from lib import db, outbox, tokens
+from lib.errors import InvalidInputError, NotFoundError
+from tests.builders import count_rows, make_customer, make_order
+
+POLL = 0.2
+
+
+@pytest.fixture
+def worker(pg, smtp, sms_gateway, redis_client):
+    """A task worker in a thread of this process, listening before the test starts; stopped after it."""
+    started: list[tuple[TaskWorker, threading.Thread]] = []
+
+    def start(batch_size: int = 50) -> TaskWorker:
+        w = TaskWorker(batch_size=batch_size, concurrency=2, poll_seconds=POLL)
+        listening = threading.Event()
+        t = threading.Thread(target=w.run, kwargs={"ready": listening.set}, daemon=True)
+        t.start()
+        assert listening.wait(10), "the task worker did not start listening"
+        started.append((w, t))
+        return w
+
+    yield start
+    for w, t in started:
+        w.stop()
+        t.join(20)
+        assert not t.is_alive(), "the task worker did not stop"
+
+
+def _row(task_id: str) -> dict:
+    with db.get_engine().connect() as c:
+        return dict(c.execute(text("SELECT * FROM background_tasks WHERE id = :id"), {"id": task_id}).mappings().one())
+
+
+def _body(received) -> str:
+    return received.message.get_body(("plain",)).get_content().strip()
+
+
+def _until(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not reached within {timeout} s")
+
+
+def test_delay_sends_the_email_and_the_handle_reads_the_row_and_its_task_run(worker, smtp):
+    from prefect.client.orchestration import get_client
+
+    worker()
+    handle = old.send_email_task.delay(to_email="asha@example.in", subject="Your order", body="Packed today")
+    out = handle.get(timeout=10)
+    assert out["sent"] == 1 and handle.status == "SUCCESS" and handle.ready()
+    assert [(m.message["To"], m.message["Subject"]) for m in smtp.messages] == [("asha@example.in", "Your order")]
+    assert _body(smtp.messages[0]) == "Packed today"
+    row = _row(handle.id)
+    assert (row["status"], row["tries"], row["name"]) == ("done", 1, "send-email-task")
+    with get_client(sync_client=True) as api:
+        run = api.read_task_run(row["task_run_id"])
+    assert run.name == "send 1 background task(s)"
+    _until(lambda: api_state(run.id) == "COMPLETED")
+
+
+def api_state(run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as api:
+        state = api.read_task_run(run_id).state
+    return state.type.value if state else ""
+
+
+def test_keyless_calls_each_send_and_a_keyed_repeat_sends_once(worker, smtp):
+    worker()
+    args = {"to_email": "ravi@example.in", "subject": "Weekly note", "body": "Same text"}
+    first, second = old.send_email_task.delay(**args), old.send_email_task.delay(**args)
+    assert first.get(timeout=10)["sent"] == 1 and second.get(timeout=10)["sent"] == 1
+    keyed = [old.send_email_task.delay(**args, idempotency_key="note-7") for _ in range(2)]
+    # Both handles report the one message as sent; only one email went.
+    assert [h.get(timeout=10)["sent"] for h in keyed] == [1, 1]
+    time.sleep(3 * POLL)
+    assert len(smtp.messages) == 3
+
+
+def test_countdown_and_eta_wait_and_expires_and_revoke_never_send(worker, smtp):
+    worker()
+    args = {"to_email": "meera@example.in", "subject": "Later", "body": "Countdown"}
+    started = time.monotonic()
+    later = old.send_email_task.apply_async(kwargs=args, countdown=1.5)
+    at = old.send_email_task.apply_async(
+        kwargs=args | {"body": "Eta"}, eta=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    )
+    time.sleep(0.8)
+    assert (later.status, at.status, len(smtp.messages)) == ("PENDING", "PENDING", 0)
+    later.get(timeout=10), at.get(timeout=10)
+    assert time.monotonic() - started >= 1.5 and len(smtp.messages) == 2
+
+    doomed = old.send_email_task.apply_async(kwargs=args | {"body": "Expired"}, countdown=2, expires=0.5)
+    with pytest.raises(old.TaskRevokedError, match=r"expired at .* before it ran"):
+        doomed.get(timeout=10)
+    revoked = old.send_email_task.apply_async(kwargs=args | {"body": "Revoked"}, countdown=30)
+    assert revoked.revoke() is True and revoked.status == "REVOKED"
+    with pytest.raises(old.TaskRevokedError, match="revoked by the caller"):
+        revoked.get(timeout=1)
+    time.sleep(3 * POLL)
+    assert sorted(_body(m) for m in smtp.messages) == ["Countdown", "Eta"]
+
+
+def test_an_option_we_cannot_honour_raises_type_error_and_records_nothing(pg):
+    args = {"to_email": "a@example.in", "subject": "s", "body": "b"}
+    with pytest.raises(TypeError, match=r"does not support priority, queue .*nothing was queued"):
+        old.send_email_task.apply_async(kwargs=args, queue="critical", priority=9)
+    with pytest.raises(TypeError, match="give countdown or eta, not both"):
+        old.send_email_task.apply_async(kwargs=args, countdown=1, eta=dt.datetime.now(dt.UTC))
+    with pytest.raises(TypeError, match="does not support expires"):
+        old.cleanup_expired_carts.apply_async(kwargs={"days_old": 30}, expires=60)
+    with pytest.raises(InvalidInputError, match="not a valid email address|email"):
+        old.send_email_task.delay(to_email="not-an-address", subject="s", body="b")
+    assert count_rows(pg, "background_tasks") == 0
+
+
+def test_a_task_id_given_twice_records_one_task_and_sends_once(worker, smtp):
+    worker()
+    task_id = str(uuid.uuid4())
+    args = {"to_email": "dev@example.in", "subject": "Once", "body": "One row"}
+    first = old.send_email_task.apply_async(kwargs=args, task_id=task_id)
+    again = old.send_email_task.apply_async(kwargs=args, task_id=task_id)
+    assert first.id == again.id == task_id
+    assert first.get(timeout=10)["sent"] == 1
+    time.sleep(3 * POLL)
+    assert len(smtp.messages) == 1 and count_rows(db.get_engine(), "background_tasks") == 1
+
+
+def _claim_as_another_worker(task_id: str):
+    """A connection that takes a row as a worker would (lock + claim) and stays open until closed."""
+    conn = db.get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
+    key = 4242
+    conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": outbox.HOLDER_NAMESPACE, "k": key})
+    taken = outbox.claim(conn, key, "doomed-worker", 10)
+    assert [str(r.id) for r in taken] == [task_id]
+    return conn
+
+
+def test_a_row_of_a_dead_worker_is_sent_once_by_a_live_one_and_a_live_workers_row_is_left_alone(pg, worker, smtp):
+    handle = old.send_email_task.delay(to_email="kiran@example.in", subject="Recovered", body="Once")
+    holder = _claim_as_another_worker(handle.id)
+    worker()
+    time.sleep(5 * POLL)
+    assert handle.status == "STARTED" and smtp.messages == []  # its holder is alive: nobody takes it
+    holder.invalidate()  # the connection dies as a killed process's does: its advisory lock goes with it
+    holder.close()
+    assert handle.get(timeout=10)["sent"] == 1
+    row = _row(handle.id)
+    assert (row["status"], row["tries"], len(smtp.messages)) == ("done", 2, 1)
+
+
+def test_an_otp_whose_first_send_gets_503_is_retried_and_sends_one_code_that_verifies(worker, sms_gateway):
+    cid = make_customer(db.get_engine(), phone="+919812345678")
+    worker()
+    sms_gateway.fail_next(503)
+    handle = old.send_otp_task.delay(customer_id=cid, purpose="login")
+    out = handle.get(timeout=20)
+    assert out["sent"] == 1 and _row(handle.id)["tries"] == 2
+    assert [r.status for r in sms_gateway.requests] == [503, 200]
+    text_sent = sms_gateway.delivered[0].data()["sms"][0]["message"]
+    code = re.search(r"\b(\d{6})\b is your IndoStar Naturals code for login", text_sent).group(1)
+    assert tokens.verify_otp(cid, code) == tokens.OtpResult.OK
+
+
+def test_a_task_with_bad_data_fails_alone_with_its_error_and_its_batch_goes_on(worker, smtp, sms_gateway):
+    engine = db.get_engine()
+    order = make_order(engine)
+    missing = old.send_order_confirmation_task.delay(order_id=987654)
+    good = old.send_order_confirmation_task.delay(order_id=order)
+    worker()  # both rows wait, so they go in one batch
+    with pytest.raises(NotFoundError, match="order 987654 does not exist"):
+        missing.get(timeout=10)
+    assert missing.status == "FAILURE" and _row(missing.id)["tries"] == 1
+    assert good.get(timeout=10)["sent"] == 2
+    assert len(smtp.messages) == 1 and len(sms_gateway.delivered) == 1
+    assert _row(missing.id)["task_run_id"] == _row(good.id)["task_run_id"]
+
+
+def test_calling_a_task_runs_it_here_without_a_row(pg, smtp):
+    out = old.send_email_task(to_email="here@example.in", subject="Direct", body="No worker")
+    assert out["sent"] == 1 and [m.message["To"] for m in smtp.messages] == ["here@example.in"]
+    assert count_rows(pg, "background_tasks") == 0
