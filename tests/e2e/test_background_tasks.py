@@ -7,6 +7,7 @@ calling deployments.tasks exactly as the shop's backend does.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import signal
 import time
 from collections import Counter
@@ -40,60 +41,85 @@ def sms_gateway_url() -> str:
 
 @pytest.fixture
 def start_worker(spawn, worker_env):
-    """Start `indostar-jobs task-worker` processes; they are stopped when the test ends."""
+    """Start `indostar-jobs task-worker` processes, each listening before this returns; stopped at the end."""
 
-    def start(name: str = "task-worker", **extra: str):
-        return spawn(name, "-m", "deployments.cli", "task-worker", "--sweep-every", "1", extra_env=worker_env | extra)
+    def start(name: str = "task-worker", *args: str, **extra: str):
+        env = worker_env | {"TASK_POLL_SECONDS": "0.5"} | extra
+        proc = spawn(name, "-m", "deployments.cli", "task-worker", *args, extra_env=env)
+        wait_listening(proc)
+        return proc
 
     return start
 
 
-def first_delivery(smtp, timeout: float = 90):
-    """Wait for a worker to take its first run (it imports Prefect and warms up first)."""
-    result = old.send_email_task.delay(to_email="warmup@example.in", subject="Warm up", body="w")
-    result.get(timeout=timeout)
-    smtp.handler.reset()
+def wait_listening(proc, timeout: float = 90) -> str:
+    """Wait until the worker says it listens (it imports Prefect and warms up first); its name as it logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if found := re.search(r"task worker (\S+) listening", proc.log.read_text(errors="replace")):
+            return found.group(1)
+        assert proc.popen.poll() is None, f"{proc.name} exited:\n{proc.tail()}"
+        assert time.monotonic() < deadline, f"{proc.name} not listening after {timeout:.0f} s:\n{proc.tail()}"
+        time.sleep(0.1)
 
 
-def test_old_send_email_task_delay_reaches_smtp_once_with_one_and_two_workers(pg, smtp, sms_gateway, api, start_worker):
-    """send_email_task.delay(to_email=..., subject=..., body=...).get() sends once, with one worker or two."""
-    one = start_worker("worker-a")
-    first_delivery(smtp)
-    result = old.send_email_task.delay(to_email="asha@example.in", subject="Hello", body="From the old API")
-    out = result.get(timeout=10)
-    assert out["sent"] == 1 and result.status == "SUCCESS" and result.ready()
-    assert [(m.rcpt_tos, m.message["Subject"]) for m in smtp.messages] == [(["asha@example.in"], "Hello")]
-    start_worker("worker-b")
+def sent_by(proc) -> set[str]:
+    """The task ids a worker's log says its batches sent."""
+    lines = re.findall(r"^batch \S+ sent \d+ task\(s\) .*?: (.*)$", proc.log.read_text(errors="replace"), re.M)
+    return {task_id for line in lines for task_id in line.split()}
+
+
+def body_of(received) -> str:
+    return received.message.get_body(("plain",)).get_content()
+
+
+def test_two_task_workers_share_the_work_each_message_once(pg, smtp, sms_gateway, api, start_worker):
+    """Two workers, batches of one: while the first holds a message on the wire the second sends; each sends
+    at least one, every message arrives once, and each handle's result is the row's."""
+    one = start_worker("worker-a", "--batch-size", "1", "--concurrency", "1")
+    two = start_worker("worker-b", "--batch-size", "1", "--concurrency", "1")
+    smtp.handler.hold_at = 1  # the first message's 250 waits: its worker is busy until released
     handles = [
         old.send_email_task.delay(to_email=f"user{i}@example.in", subject=f"Two {i}", body="b") for i in range(12)
     ]
+    deadline = time.monotonic() + 30
+    while len(smtp.messages) < 2:  # the held one (received, not yet acknowledged) and one from the other worker
+        assert time.monotonic() < deadline, one.tail() + two.tail()
+        time.sleep(0.05)
+    smtp.handler.release.set()
     assert all(h.get(timeout=30)["sent"] == 1 for h in handles)
-    delivered = Counter(m.rcpt_tos[0] for m in smtp.messages)
-    assert delivered == Counter({"asha@example.in": 1} | {f"user{i}@example.in": 1 for i in range(12)})
-    one.check_alive()
+    assert Counter(m.rcpt_tos[0] for m in smtp.messages) == Counter({f"user{i}@example.in": 1 for i in range(12)})
+    by_a, by_b = sent_by(one), sent_by(two)
+    assert by_a and by_b, (by_a, by_b)
+    assert by_a.isdisjoint(by_b) and by_a | by_b == {h.id for h in handles}
+    one.check_alive(), two.check_alive()
 
 
-def test_a_task_worker_killed_while_it_sends_leaves_the_message_to_be_sent_exactly_once(pg, smtp, api, start_worker):
-    """SIGKILL mid-SMTP (before the server accepted), start another worker: its sweeper reruns the same task
-    run and the message arrives once; the backend's handle on that run returns the result."""
-    doomed = start_worker("worker-doomed")
-    first_delivery(smtp)
-    smtp.handler.hold_rcpt_at = 1  # the worker's SMTP conversation stops at RCPT: on the wire, not accepted
+def test_a_task_worker_killed_while_it_sends_leaves_the_message_to_be_sent_once_by_another(pg, smtp, api, start_worker):
+    """SIGKILL mid-SMTP (before the server accepted) with another worker running: the other worker takes the
+    row back (the killed worker's lock is gone) and the message arrives once, well within 60 s."""
+    doomed = start_worker("worker-doomed", "--batch-size", "1")
+    smtp.handler.hold_rcpt_at = 1  # the SMTP conversation stops at RCPT: on the wire, nothing accepted
     handle = old.send_email_task.delay(to_email="kill@example.in", subject="Survives", body="once")
     deadline = time.monotonic() + 30
     while smtp.handler.rcpt_seen < 1:
         assert time.monotonic() < deadline, doomed.tail()
         time.sleep(0.05)
+    rescuer = start_worker("worker-rescuer")
     doomed.stop(signal.SIGKILL)
+    killed = time.monotonic()
     smtp.handler.release.set()
-    assert handle.status == "STARTED"  # Prefect leaves it Running: nothing re-delivers it by itself
-    start_worker("worker-rescuer", TASK_SWEEP_AFTER_SECONDS="3")  # the doomed run is stuck after 3 s
-    assert handle.get(timeout=90)["sent"] == 1
+    assert handle.get(timeout=60)["sent"] == 1
+    recovered_in = time.monotonic() - killed
+    assert recovered_in < 60
     assert [m.rcpt_tos for m in smtp.messages] == [["kill@example.in"]]
+    assert handle.id in sent_by(rescuer) and "took back 1 task(s)" in rescuer.log.read_text()
     with pg.connect() as c:
-        assert c.execute(
+        status, attempts = c.execute(
             text("SELECT status, attempts FROM notifications WHERE recipient = 'kill@example.in'")
-        ).one() == ("sent", 1)
+        ).one()
+        tries = c.execute(text("SELECT tries FROM background_tasks WHERE id = :id"), {"id": handle.id}).scalar()
+    assert (status, tries) == ("sent", 2) and attempts in (1, 2)
 
 
 def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api, start_worker, prefect_server):
@@ -101,7 +127,6 @@ def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api,
     from prefect.client.orchestration import get_client
 
     start_worker("worker-all")
-    first_delivery(smtp)
     customer = make_customer(pg, email="old.api@example.in", phone="9876501234")
     order = make_order(pg, customer_id=customer)
     sub = make_subscription(pg, customer_id=customer, due=dt.date.today() + dt.timedelta(days=3))
@@ -135,8 +160,35 @@ def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api,
     assert set(calls) == set(old.MESSAGE_TASKS)
     results = {t.name: t.delay(**kwargs) for t, kwargs in calls.items()}
     outcome = {name: h.get(timeout=30) for name, h in results.items()}
-    assert all(r["dead"] == 0 and r["sent"] >= 1 for r in outcome.values()), outcome
-    assert outcome["send_order_confirmation_task"]["sent"] == 2  # email and SMS
+    assert all(r["dead"] == 0 for r in outcome.values()), outcome
+    assert {name: r["sent"] for name, r in outcome.items()} == {
+        "send_email_task": 1,
+        "send_sms_task": 1,
+        "send_templated_email_task": 1,
+        "send_templated_sms_task": 1,
+        "send_order_confirmation_task": 2,  # email and SMS
+        "send_order_shipped_task": 2,
+        "send_payment_failed_task": 2,
+        "send_subscription_renewal_reminder_task": 2,
+        "send_otp_task": 1,
+        "send_password_reset_task": 1,
+        "send_email_verification_task": 1,
+    }
+    emails = {m.message["Subject"]: m for m in smtp.messages}
+    assert {m.rcpt_tos[0] for m in smtp.messages} == {"old.api@example.in"} and len(smtp.messages) == 8
+    assert body_of(emails["S"]).strip() == "B"
+    assert emails["S"].message.get_body(("html",)).get_content().strip() == "<p>B</p>"  # html_body kept
+    shipped = [m for m in smtp.messages if "T1" in body_of(m) and "DTDC" in body_of(m)]
+    assert len(shipped) == 1  # the templated email, rendered from its context
+    assert any("EE1IN" in body_of(m) and "India Post" in body_of(m) for m in smtp.messages)
+    assert any("card declined" in body_of(m) for m in smtp.messages)
+    assert any(re.search(r"https?://\S+reset\S*token=", body_of(m)) for m in smtp.messages), [
+        m.message["Subject"] for m in smtp.messages
+    ]
+    texts = [r.data()["sms"][0]["message"] for r in sms_gateway.delivered if r.path != "/hooks/indostar"]
+    assert "plain text" in texts and len(texts) == 7
+    assert any(re.search(r"\b\d{6}\b is your IndoStar Naturals code for login", t) for t in texts)
+    assert any("T1" in t and "DTDC" in t for t in texts)
     with pytest.raises(TypeError, match="to_emial"):
         old.send_email_task.delay(to_emial="typo@example.in", subject="S", body="B")
 
@@ -174,17 +226,19 @@ def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api,
 
 
 def test_a_finished_background_task_posts_a_signed_webhook(pg, smtp, sms_gateway, api, start_worker):
-    """With TASK_WEBHOOK_URL set, the backend receives a signed POST naming the task run, its state and counts."""
+    """With TASK_WEBHOOK_URL set, the backend receives a signed POST naming the task, its state and counts."""
     start_worker("worker-hooks")
-    first_delivery(smtp)
-    sms_gateway.reset()
     handle = old.send_email_task.delay(to_email="hook@example.in", subject="Hook", body="b")
     handle.get(timeout=10)
+
+    def mine() -> list:
+        return [r for r in sms_gateway.requests if r.path == "/hooks/indostar" and r.data()["id"] == handle.id]
+
     deadline = time.monotonic() + 15
-    while not [r for r in sms_gateway.requests if r.path == "/hooks/indostar"]:
+    while not mine():
         assert time.monotonic() < deadline, "no webhook arrived"
         time.sleep(0.05)
-    [hook] = [r for r in sms_gateway.requests if r.path == "/hooks/indostar"]
+    [hook] = mine()
     assert webhooks.verify(hook.body, hook.headers["x-indostar-signature"], WEBHOOK_SECRET)
     assert not webhooks.verify(hook.body, hook.headers["x-indostar-signature"], "another-secret")
     doc = hook.data()
