@@ -134,7 +134,7 @@ def test_an_option_we_cannot_honour_raises_type_error_and_records_nothing(pg):
         old.send_email_task.apply_async(kwargs=args, countdown=1, eta=dt.datetime.now(dt.UTC))
     with pytest.raises(TypeError, match="does not support expires"):
         old.cleanup_expired_carts.apply_async(kwargs={"days_old": 30}, expires=60)
-    with pytest.raises(InvalidInputError, match="not a valid email address|email"):
+    with pytest.raises(InvalidInputError, match=r"email"):
         old.send_email_task.delay(to_email="not-an-address", subject="s", body="b")
     assert count_rows(pg, "background_tasks") == 0
 
