@@ -228,7 +228,8 @@ class TaskWorker:
         try:
             ids = [str(r.id) for r in rows]
             counts, where = self._in_task_run(rows, ids)
-            print(f"batch {where} sent {len(rows)} task(s) {counts}: {' '.join(ids)}", flush=True)
+            outcome = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            print(f"batch {where} sent {len(rows)} task(s) [{outcome}]: {' '.join(ids)}", flush=True)
         except Exception:
             # The rows stay running under this worker; they are given back when it stops, or taken
             # over by another worker if this one dies. Say so loudly: the batch did not settle.

@@ -7,6 +7,7 @@ calling deployments.tasks exactly as the shop's backend does.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import signal
 import time
@@ -65,8 +66,16 @@ def wait_listening(proc, timeout: float = 90) -> str:
 
 def sent_by(proc) -> set[str]:
     """The task ids a worker's log says its batches sent."""
-    lines = re.findall(r"^batch \S+ sent \d+ task\(s\) .*?: (.*)$", proc.log.read_text(errors="replace"), re.M)
+    lines = re.findall(r"^batch \S+ sent \d+ task\(s\) \[[^\]]*\]: (.*)$", proc.log.read_text(errors="replace"), re.M)
     return {task_id for line in lines for task_id in line.split()}
+
+
+def logged(proc, task_ids: set[str], timeout: float = 10) -> set[str]:
+    """Which of ``task_ids`` the worker's log names as sent, once the log has caught up with the rows."""
+    deadline = time.monotonic() + timeout
+    while not task_ids <= sent_by(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return task_ids & sent_by(proc)
 
 
 def body_of(received) -> str:
@@ -98,22 +107,24 @@ def test_two_task_workers_share_the_work_each_message_once(pg, smtp, sms_gateway
 def test_a_task_worker_killed_while_it_sends_leaves_the_message_to_be_sent_once_by_another(pg, smtp, api, start_worker):
     """SIGKILL mid-SMTP (before the server accepted) with another worker running: the other worker takes the
     row back (the killed worker's lock is gone) and the message arrives once, well within 60 s."""
-    doomed = start_worker("worker-doomed", "--batch-size", "1")
+    rescuer = start_worker("worker-rescuer")
+    os.kill(rescuer.popen.pid, signal.SIGSTOP)  # paused, so the doomed worker is the one that takes the row
+    doomed = start_worker("worker-doomed", "--batch-size", "1", SMTP_TIMEOUT="60")
     smtp.handler.hold_rcpt_at = 1  # the SMTP conversation stops at RCPT: on the wire, nothing accepted
     handle = old.send_email_task.delay(to_email="kill@example.in", subject="Survives", body="once")
     deadline = time.monotonic() + 30
     while smtp.handler.rcpt_seen < 1:
         assert time.monotonic() < deadline, doomed.tail()
         time.sleep(0.05)
-    rescuer = start_worker("worker-rescuer")
     doomed.stop(signal.SIGKILL)
     killed = time.monotonic()
+    os.kill(rescuer.popen.pid, signal.SIGCONT)
     smtp.handler.release.set()
     assert handle.get(timeout=60)["sent"] == 1
     recovered_in = time.monotonic() - killed
     assert recovered_in < 60
     assert [m.rcpt_tos for m in smtp.messages] == [["kill@example.in"]]
-    assert handle.id in sent_by(rescuer) and "took back 1 task(s)" in rescuer.log.read_text()
+    assert logged(rescuer, {handle.id}) == {handle.id} and "took back 1 task(s)" in rescuer.log.read_text()
     with pg.connect() as c:
         status, attempts = c.execute(
             text("SELECT status, attempts FROM notifications WHERE recipient = 'kill@example.in'")

@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 
 from flows import notifications as nf
 from lib.config import get_settings
-from lib.db import session_scope
+from lib.db import get_engine, session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
 from lib.notify.messages import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
@@ -51,13 +51,25 @@ def test_send_email_delivers_exact_message_once_per_key(services):
     assert row.provider_message_id == got.message["Message-ID"]
 
 
-def test_send_email_without_key_dedupes_on_content(services):
-    """A plain send with no key derives one from its content: a repeat is not resent."""
-    smtp, _ = services
-    nf.send_email("asha@example.in", "Same", "Same body")
-    nf.send_email("asha@example.in", "Same", "Same body")
-    nf.send_email("asha@example.in", "Same", "Other body")
+def test_keyless_runs_each_send_and_a_retried_run_sends_one_otp_code(services):
+    """Celery's semantics: two runs without a key send twice (each keyed by its run id, not its content);
+    one run whose SMS delivery is retried sends one code, the one that verifies."""
+    import re
+
+    from lib import tokens
+
+    smtp, gateway = services
+    states = [nf.send_email("asha@example.in", "Same", "Same body", return_state=True) for _ in range(2)]
     assert len(smtp.messages) == 2
+    assert [r.idempotency_key for r in rows()] == [f"run-{st.state_details.flow_run_id}" for st in states]
+    cid = make_customer(get_engine(), phone="+919812300001")
+    gateway.fail_next(503)
+    nf.send_otp(cid, "login")
+    assert [r.status for r in gateway.requests] == [503, 200]
+    [otp] = rows(kind="otp")
+    assert (otp.status, otp.attempts) == ("sent", 2)
+    code = re.search(r"\b(\d{6})\b is your", gateway.delivered[0].data()["sms"][0]["message"]).group(1)
+    assert tokens.verify_otp(cid, code) == tokens.OtpResult.OK
 
 
 def test_bad_address_fails_before_anything_is_written(services):
