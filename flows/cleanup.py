@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat, PositiveInt
 
 from flows.common import flow_options, publish_table, scheduled_start, task_options
-from lib import cleanup, tokens
+from lib import cleanup, outbox, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
 from lib.db import session_scope
@@ -187,11 +187,20 @@ def delete_message_rows(before: dt.datetime, batch_size: int, limits: Limits) ->
     )
 
 
+@task(**task_options("delete-background-tasks"))
+def delete_background_tasks(before: dt.datetime, batch_size: int, limits: Limits) -> PassStats:
+    """Delete background-task rows (lib.outbox) finished before the cutoff: done, failed or revoked."""
+    return cleanup.purge_with(
+        session_scope, lambda s: outbox.delete_finished(s, before, batch_size), "tasks_deleted", batch_size, limits
+    )
+
+
 @flow(**flow_options("cleanup-delivery-log"))
 def cleanup_delivery_log(
     payload_days: PositiveInt | None = None, row_days: PositiveInt | None = None, batch_size: PositiveInt = BATCH_SIZE
 ) -> dict:
-    """Clear finished message texts after NOTIFICATION_PAYLOAD_RETENTION_DAYS (7); delete rows after 180 days."""
+    """Clear finished message texts after NOTIFICATION_PAYLOAD_RETENTION_DAYS (7); delete rows after 180 days;
+    delete finished background tasks (the rows behind ``.delay()`` handles) after TASK_STORAGE_TTL_SECONDS."""
     s = get_settings()
     payload_days = payload_days or s.notification_payload_retention_days
     row_days, size = row_days or s.notification_retention_days, batch_size
@@ -199,4 +208,6 @@ def cleanup_delivery_log(
     # Rows past both limits are deleted first: no point clearing what goes anyway.
     stats = delete_message_rows(cleanup.cutoff_for(now, row_days, "row_days"), size, limits)
     stats = stats.merge(clear_message_payloads(cleanup.cutoff_for(now, payload_days, "payload_days"), size, limits))
-    return _report("cleanup-delivery-log", stats, None, False, ("rows_deleted", "payloads_cleared"))
+    tasks_before = now - dt.timedelta(seconds=s.task_storage_ttl_seconds)
+    stats = stats.merge(delete_background_tasks(tasks_before, size, limits))
+    return _report("cleanup-delivery-log", stats, None, False, ("rows_deleted", "payloads_cleared", "tasks_deleted"))

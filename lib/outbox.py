@@ -327,17 +327,17 @@ def release(conn: Connection, holder_key: int) -> int:
 # ---- retention and counts ----------------------------------------------------------------------
 
 
-def delete_finished(session: Session, older_than: dt.timedelta, limit: int) -> int:
-    """Delete up to ``limit`` rows finished (done, failed, revoked) more than ``older_than`` ago."""
+def delete_finished(session: Session, before: dt.datetime, limit: int) -> int:
+    """Delete up to ``limit`` rows finished (done, failed, revoked) before ``before``; their handles are gone."""
     return len(
         session.execute(
             text(
                 """DELETE FROM background_tasks WHERE id IN (
-                       SELECT id FROM background_tasks WHERE finished_at < now() - :age
+                       SELECT id FROM background_tasks WHERE finished_at < :before
                         ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED)
                    RETURNING id"""
             ),
-            {"age": older_than, "limit": limit},
+            {"before": before, "limit": limit},
         ).all()
     )
 

@@ -297,7 +297,7 @@ def test_retention_clears_old_texts_and_deletes_old_rows_but_keeps_references_an
             {"t": now - dt.timedelta(days=200)},
         )
     out = cleanup_delivery_log()
-    assert out["removed"] == {"rows_deleted": 1, "payloads_cleared": 1}
+    assert out["removed"] == {"rows_deleted": 1, "payloads_cleared": 1, "tasks_deleted": 0}
     with session_scope() as s:
         payloads = dict(s.execute(text("SELECT idempotency_key, payload FROM notifications")).tuples().all())
     assert payloads["plain-old"] == {} and payloads["plain-new"]["text"] == "fresh text"

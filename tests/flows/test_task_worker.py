@@ -205,3 +205,34 @@ def test_calling_a_task_runs_it_here_without_a_row(pg, smtp):
     out = old.send_email_task(to_email="here@example.in", subject="Direct", body="No worker")
     assert out["sent"] == 1 and [m.message["To"] for m in smtp.messages] == ["here@example.in"]
     assert count_rows(pg, "background_tasks") == 0
+
+
+def test_finished_tasks_are_deleted_after_the_storage_ttl_and_waiting_ones_are_kept(pg):
+    from flows.cleanup import cleanup_delivery_log
+    from lib.config import get_settings
+
+    ttl = dt.timedelta(seconds=get_settings().task_storage_ttl_seconds)
+    ids = {
+        name: outbox.enqueue(pg, "send-email-task", {"to": "x@example.in", "subject": "s", "body": name})[0]
+        for name in ("old-done", "new-done", "old-queued", "old-revoked")
+    }
+    now = dt.datetime.now(dt.UTC)  # the flow's cutoff comes from its run's scheduled time: the same clock
+    with pg.begin() as c:
+        for name, status, age in (
+            ("old-done", "done", ttl + dt.timedelta(hours=1)),
+            ("new-done", "done", ttl - dt.timedelta(hours=1)),
+            ("old-revoked", "revoked", ttl + dt.timedelta(minutes=5)),
+        ):
+            c.execute(
+                text("UPDATE background_tasks SET status = :s, finished_at = :t WHERE id = :id"),
+                {"s": status, "t": now - age, "id": ids[name]},
+            )
+        c.execute(
+            text("UPDATE background_tasks SET created_at = :t WHERE id = :id"),
+            {"t": now - 3 * ttl, "id": ids["old-queued"]},
+        )
+    out = cleanup_delivery_log()
+    assert out["removed"]["tasks_deleted"] == 2
+    with pg.connect() as c:
+        left = set(c.execute(text("SELECT id FROM background_tasks")).scalars())
+    assert left == {ids["new-done"], ids["old-queued"]}
