@@ -23,8 +23,10 @@ import pytest
 from deployments.cli import api_healthy
 from deployments.dev.processes import Proc
 from deployments.dev.smtp_sink import free_port
+from tests.e2e import task_workers
 
 ROOT = Path(__file__).resolve().parents[2]
+WEBHOOK_SECRET = "e2e-webhook-secret"  # what the task workers sign their webhooks with
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -142,3 +144,34 @@ def wait_for_deployment(name: str, timeout: float = 60, proc: Proc | None = None
             if time.monotonic() > deadline:
                 pytest.fail(f"deployment {name} not registered after {timeout:.0f} s\n{proc.tail() if proc else ''}")
             time.sleep(0.5)
+
+
+# ---- task workers (tests/e2e/task_workers.py has what reads their logs) ----------------------------------
+
+
+@pytest.fixture
+def worker_env(sms_gateway):
+    """Settings every task worker of these tests gets: webhooks to the loopback gateway."""
+    return {
+        "TASK_WEBHOOK_URL": f"{sms_gateway_url()}/hooks/indostar",
+        "TASK_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
+
+
+def sms_gateway_url() -> str:
+    from lib.config import get_settings
+
+    return get_settings().sms_base_url
+
+
+@pytest.fixture
+def start_worker(spawn, worker_env):
+    """Start `indostar-jobs task-worker` processes, each listening before this returns; stopped at the end."""
+
+    def start(name: str = "task-worker", *args: str, **extra: str):
+        env = worker_env | {"TASK_POLL_SECONDS": "0.5"} | extra
+        proc = spawn(name, "-m", "deployments.cli", "task-worker", *args, extra_env=env)
+        task_workers.wait_listening(proc)
+        return proc
+
+    return start

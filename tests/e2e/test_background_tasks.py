@@ -19,63 +19,10 @@ from sqlalchemy import text
 from deployments import tasks as old
 from lib import webhooks
 from tests.builders import make_customer, make_order, make_subscription
+from tests.e2e.conftest import WEBHOOK_SECRET
+from tests.e2e.task_workers import logged, sent_by
 
 pytestmark = pytest.mark.e2e
-
-WEBHOOK_SECRET = "e2e-webhook-secret"
-
-
-@pytest.fixture
-def worker_env(sms_gateway):
-    """Settings every task worker of these tests gets: webhooks to the loopback gateway."""
-    return {
-        "TASK_WEBHOOK_URL": f"{sms_gateway_url()}/hooks/indostar",
-        "TASK_WEBHOOK_SECRET": WEBHOOK_SECRET,
-    }
-
-
-def sms_gateway_url() -> str:
-    from lib.config import get_settings
-
-    return get_settings().sms_base_url
-
-
-@pytest.fixture
-def start_worker(spawn, worker_env):
-    """Start `indostar-jobs task-worker` processes, each listening before this returns; stopped at the end."""
-
-    def start(name: str = "task-worker", *args: str, **extra: str):
-        env = worker_env | {"TASK_POLL_SECONDS": "0.5"} | extra
-        proc = spawn(name, "-m", "deployments.cli", "task-worker", *args, extra_env=env)
-        wait_listening(proc)
-        return proc
-
-    return start
-
-
-def wait_listening(proc, timeout: float = 90) -> str:
-    """Wait until the worker says it listens (it imports Prefect and warms up first); its name as it logs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if found := re.search(r"task worker (\S+) listening", proc.log.read_text(errors="replace")):
-            return found.group(1)
-        assert proc.popen.poll() is None, f"{proc.name} exited:\n{proc.tail()}"
-        assert time.monotonic() < deadline, f"{proc.name} not listening after {timeout:.0f} s:\n{proc.tail()}"
-        time.sleep(0.1)
-
-
-def sent_by(proc) -> set[str]:
-    """The task ids a worker's log says its batches sent."""
-    lines = re.findall(r"^batch \S+ sent \d+ task\(s\) \[[^\]]*\]: (.*)$", proc.log.read_text(errors="replace"), re.M)
-    return {task_id for line in lines for task_id in line.split()}
-
-
-def logged(proc, task_ids: set[str], timeout: float = 10) -> set[str]:
-    """Which of ``task_ids`` the worker's log names as sent, once the log has caught up with the rows."""
-    deadline = time.monotonic() + timeout
-    while not task_ids <= sent_by(proc) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return task_ids & sent_by(proc)
 
 
 def body_of(received) -> str:
