@@ -35,12 +35,10 @@ def e2e_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-@pytest.fixture(scope="module")
-def prefect_server(e2e_dir, migrated_database, redis_session, smtp_server) -> Iterator[dict[str, str]]:
-    """A `prefect server start` subprocess; yields the environment for processes that talk to it."""
-    port = free_port()
+def server_env(e2e_dir: Path, port: int) -> dict[str, str]:
+    """The environment of a Prefect server on ``port`` and of the processes that talk to it."""
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {
+    return {
         **os.environ,
         "PREFECT_HOME": str(e2e_dir / "prefect-home"),
         "PREFECT_API_URL": api_url,
@@ -50,18 +48,33 @@ def prefect_server(e2e_dir, migrated_database, redis_session, smtp_server) -> It
         "REPORTS_DIR": str(e2e_dir / "reports"),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def start_server(env: dict[str, str], e2e_dir: Path, name: str = "server") -> Proc:
+    """`prefect server start` with ``env``, answering before this returns (the test fails if it does not)."""
+    api_url = env["PREFECT_API_URL"]
+    port = api_url.rsplit(":", 1)[1].split("/")[0]
     server = Proc(
-        "server",
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        name,
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
         env,
         e2e_dir,
     )
+    deadline = time.monotonic() + 90
+    while not api_healthy(api_url):
+        if server.popen.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            pytest.fail(f"Prefect server did not start at {api_url}:\n{server.tail()}")
+        time.sleep(0.3)
+    return server
+
+
+@pytest.fixture(scope="module")
+def prefect_server(e2e_dir, migrated_database, redis_session, smtp_server) -> Iterator[dict[str, str]]:
+    """A `prefect server start` subprocess; yields the environment for processes that talk to it."""
+    env = server_env(e2e_dir, free_port())
+    server = start_server(env, e2e_dir)
     try:
-        deadline = time.monotonic() + 90
-        while not api_healthy(api_url):
-            if server.popen.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Prefect server did not start at {api_url}:\n{server.tail()}")
-            time.sleep(0.3)
         yield env
     finally:
         server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -92,3 +93,57 @@ def test_an_otp_whose_send_is_retried_sends_one_code_and_it_verifies(pg, sms_gat
     [delivered] = [r for r in sms_gateway.delivered if r.path != "/hooks/indostar"]
     code = re.search(r"\b(\d{6})\b is your", delivered.data()["sms"][0]["message"]).group(1)
     assert tokens.verify_otp(cid, code) == tokens.OtpResult.OK
+
+
+def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_is_down(
+    pg, smtp, tmp_path, redis_session, sms_gateway
+):
+    """The Prefect API is only the operators' view: tasks recorded while it restarts go out once a worker
+    runs (within 60 s of it listening), and with the API down a worker keeps sending and every handle
+    still answers from its row."""
+    from sqlalchemy import text
+
+    from deployments.dev.processes import Proc
+    from deployments.dev.smtp_sink import free_port
+    from tests.e2e import task_workers
+    from tests.e2e.conftest import server_env, start_server
+
+    env = server_env(tmp_path, free_port())
+    server = start_server(env, tmp_path, "server-first")
+    worker = None
+    try:
+        queued = [
+            old.send_email_task.delay(to_email=f"queued{i}@example.in", subject="Queued", body="b") for i in range(3)
+        ]
+        server.stop()  # the API restarts with three tasks waiting and no worker
+        server = start_server(env, tmp_path, "server-again")
+        worker = Proc(
+            "task-worker",
+            [sys.executable, "-m", "deployments.cli", "task-worker"],
+            env | {"TASK_POLL_SECONDS": "0.5"},
+            tmp_path,
+        )
+        task_workers.wait_listening(worker)
+        listening = time.monotonic()
+        assert all(h.get(timeout=60)["sent"] == 1 for h in queued)
+        assert time.monotonic() - listening < 60
+        with pg.connect() as c:
+            runs = c.execute(
+                text("SELECT count(task_run_id) FROM background_tasks WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                {"ids": [h.id for h in queued]},
+            ).scalar()
+        assert runs == 3  # sent in task runs of the restarted API
+
+        server.stop()  # now the API is down for good
+        during = [old.send_email_task.delay(to_email=f"down{i}@example.in", subject="Down", body="b") for i in range(2)]
+        assert [h.get(timeout=60)["sent"] for h in during] == [1, 1]
+        assert {h.status for h in during} == {"SUCCESS"}
+        assert task_workers.logged(worker, {h.id for h in during}) == {h.id for h in during}
+        recipients = Counter(m.rcpt_tos[0] for m in smtp.messages)
+        assert recipients == Counter(
+            [f"queued{i}@example.in" for i in range(3)] + ["down0@example.in", "down1@example.in"]
+        )
+    finally:
+        if worker:
+            worker.stop()
+        server.stop()
