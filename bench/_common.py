@@ -109,16 +109,23 @@ def backend_cpu(engine: Engine) -> dict[int, float] | None:
 
 @contextmanager
 def prefect_harness() -> Iterator[None]:
-    """A temporary Prefect API for flows run in this process, without flow heartbeats.
+    """A temporary Prefect API for flows run in this process, on a PostgreSQL database of its own
+    (``indostar_bench_prefect`` beside DATABASE_URL, migrated, dropped at the end), without flow heartbeats.
 
     Prefect 3.9 would otherwise add up to 1 s to each flow's end, joining its heartbeat
     thread: not part of what the benchmarks measure.
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
-    with (
-        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        yield
+    from deployments import prefect_db
+    from deployments.dev.prefect_harness import prefect_harness as harness
+    from lib.config import get_settings
+
+    url = prefect_db.prefect_database_url(get_settings().database_url, "indostar_bench_prefect")
+    prefect_db.drop_prefect_database(url)
+    prefect_db.migrate_prefect_database(url)
+    try:
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), harness(url):
+            yield
+    finally:
+        prefect_db.drop_prefect_database(url)

@@ -111,12 +111,28 @@ def api_healthy(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_prefect_server(api_url: str, wait: float = 90.0) -> subprocess.Popen | None:
-    """Start `prefect server start` on 127.0.0.1:4200 unless a server already answers there."""
+def start_prefect_server(api_url: str, database: str = "postgresql", wait: float = 120.0) -> subprocess.Popen | None:
+    """Start `prefect server start` on 127.0.0.1:4200 unless a server already answers there.
+
+    Its state goes to PostgreSQL (``indostar_prefect`` beside DATABASE_URL, or
+    PREFECT_API_DATABASE_CONNECTION_URL), created if missing and migrated as the server starts;
+    ``database="sqlite"`` keeps Prefect's own SQLite file under PREFECT_HOME instead.
+    """
     if api_healthy(api_url):
         print(f"Prefect API already answering at {api_url}")
         return None
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if database == "sqlite":
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+        print("Prefect server on SQLite (asked for): expect 503 'database is locked' under background work")
+    else:
+        from deployments import prefect_db
+
+        url = prefect_db.configured_url(get_settings().database_url)
+        created = prefect_db.ensure_prefect_database(url)
+        env |= prefect_db.server_env(url, migrated=False)
+        where = redacted_url(url)
+        print(f"Prefect server on PostgreSQL: {where}{' (created)' if created else ''}")
     os.makedirs(".run", exist_ok=True)
     logfile = open(".run/prefect-server.log", "ab")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
@@ -179,6 +195,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.production:
         from deployments.dev.topology import run_production
 
+        if args.prefect_database != "postgresql":
+            raise PermanentError("up --production runs the Prefect server on PostgreSQL only; drop --prefect-database")
+
         return run_production()
     from deployments.dev import seed
     from deployments.dev.smtp_sink import DevSMTPServer, port_open
@@ -198,7 +217,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if s.smtp_host in ("127.0.0.1", "localhost") and not port_open(s.smtp_host, s.smtp_port):
         smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
         print(f"dev SMTP sink listening on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
-    server = start_prefect_server(api_url)
+    server = start_prefect_server(api_url, args.prefect_database)
     tasks = start_task_worker()
     print(f"\nPrefect UI: {api_url.removesuffix('/api')}\n{TRY_COMMANDS.format(api=api_url)}")
     try:
@@ -319,6 +338,13 @@ def parser() -> argparse.ArgumentParser:
         "--production",
         action="store_true",
         help="the production topology instead: server on PostgreSQL + Redis, services apart, pool workers",
+    )
+    u.add_argument(
+        "--prefect-database",
+        choices=["postgresql", "sqlite"],
+        default="postgresql",
+        help="where the Prefect server keeps its state (default postgresql: indostar_prefect beside DATABASE_URL, "
+        "or PREFECT_API_DATABASE_CONNECTION_URL); sqlite only if you ask for it",
     )
     u.set_defaults(func=cmd_up)
 

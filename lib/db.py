@@ -118,6 +118,14 @@ def ensure_database(url: str) -> bool:
         return True
 
 
+def copy_database(url: str, template_url: str) -> None:
+    """(Re)create the database named in ``url`` as a copy of ``template_url``'s (which must have no connection)."""
+    template = make_url(template_url).database
+    with _maintenance(url) as (conn, name):
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+
+
 def drop_database(url: str) -> None:
     """Drop the database named in ``url`` if it exists, closing its connections."""
     with _maintenance(url) as (conn, name):

@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh PostgreSQL database made by the migrations, a Redis key
-prefix of our own, an SMTP server and an SMS gateway on loopback, a Prefect harness.
+prefix of our own, an SMTP server and an SMS gateway on loopback, a Prefect API on a
+PostgreSQL database of its own.
 
 Environment is set here, before any lib module reads its settings, so every test in
 the session talks to these services and nothing else.
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import make_url
 
 # `make test-clock` runs the calendar-sensitive tests with this process's clock moved ahead
 # (INDOSTAR_TEST_CLOCK_OFFSET_DAYS), so a test that reads a literal date instead of today fails now, not on
@@ -142,17 +145,44 @@ def sms_gateway(sms_gateway_session):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect API for the whole session (it is slow to start)."""
+def prefect_template(migrated_database) -> Iterator[str]:
+    """A Prefect database migrated once per session; each server gets a copy (seconds saved per module)."""
+    from deployments import prefect_db
+
+    url = prefect_db.prefect_database_url(migrated_database, f"{make_url(migrated_database).database}_prefect")
+    prefect_db.migrate_prefect_database(url)
+    yield url
+    prefect_db.drop_prefect_database(url)
+
+
+@pytest.fixture(scope="session")
+def prefect_database(prefect_template) -> Iterator[Callable[[str], str]]:
+    """Make a fresh, migrated Prefect database (PostgreSQL) named after ``suffix``; all dropped at the end."""
+    from deployments import prefect_db
+
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        url = prefect_db.prefect_database_url(prefect_template, f"{make_url(prefect_template).database}_{suffix}")
+        prefect_db.copy_prefect_database(prefect_template, url)
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        prefect_db.drop_prefect_database(url)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_database):
+    """One temporary Prefect API on PostgreSQL for the whole session (it is slow to start)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+
+    from deployments.dev.prefect_harness import prefect_harness as harness
 
     # Flows called in-process need no heartbeat (no worker to lose), and Prefect 3.9's heartbeat
     # thread sleeps in whole seconds: joining it adds up to 1 s to the end of every flow run.
-    with (
-        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), harness(prefect_database("harness")):
         yield
         _drain_prefect_logs()
 

@@ -39,10 +39,10 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 
 from deployments.dev.processes import ROOT, Proc
+from deployments.prefect_db import configured_url, ensure_prefect_database
 from lib.db import ServiceUnavailableError
 from lib.errors import JobError
 
-PREFECT_DATABASE = "indostar_prefect"
 DEFAULT_PORT = 4200
 DEFAULT_REDIS_DB = 1
 # queue: workers. A nightly run with worker_runs=N needs N + 1 subscriptions workers.
@@ -135,29 +135,6 @@ class TopologyConfig:
         env = {k: v for k, v in self.common_env(base).items() if not k.startswith(SERVER_ONLY_PREFIXES)}
         env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
         return {**env, "PREFECT_API_URL": self.api_url, **self.extra_client_env}
-
-
-def prefect_database_url(shop_database_url: str, name: str = PREFECT_DATABASE) -> str:
-    """The Prefect server's database: same PostgreSQL server as the shop's, its own database, asyncpg."""
-    url = make_url(shop_database_url).set(drivername="postgresql+asyncpg", database=name)
-    return url.render_as_string(hide_password=False)
-
-
-def _sync_url(asyncpg_url: str) -> str:
-    return make_url(asyncpg_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-
-
-def ensure_prefect_database(asyncpg_url: str) -> bool:
-    """Create the Prefect server's database if missing; True if created."""
-    from lib.db import ensure_database
-
-    return ensure_database(_sync_url(asyncpg_url))
-
-
-def drop_prefect_database(asyncpg_url: str) -> None:
-    from lib.db import drop_database
-
-    drop_database(_sync_url(asyncpg_url))
 
 
 def claim_redis_db(host: str, port: int, db: int, owner: str) -> None:
@@ -373,8 +350,7 @@ def config_from_environment(rundir: Path) -> TopologyConfig:
     s = get_settings()
     redis = urlsplit(s.redis_url)
     return TopologyConfig(
-        prefect_database_url=os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
-        or prefect_database_url(s.database_url),
+        prefect_database_url=configured_url(s.database_url),
         redis_host=os.environ.get("PREFECT_REDIS_MESSAGING_HOST") or redis.hostname or "127.0.0.1",
         redis_port=int(os.environ.get("PREFECT_REDIS_MESSAGING_PORT") or redis.port or 6379),
         redis_db=int(os.environ.get("PREFECT_REDIS_MESSAGING_DB") or DEFAULT_REDIS_DB),

@@ -1,8 +1,9 @@
 """A real Prefect server (and the processes that run flows) as subprocesses, for end-to-end tests.
 
-The server gets its own PREFECT_HOME (SQLite) in a temporary directory and a free
-port; subprocesses get the test session's DATABASE_URL, REDIS_*, SMTP_* (set by the
-pg, redis and smtp fixtures) plus PREFECT_API_URL. Everything started here is killed
+The server keeps its state in a PostgreSQL database of its own (a copy of one migrated
+once per session), gets its own PREFECT_HOME in a temporary directory and a free port;
+subprocesses get the test session's DATABASE_URL, REDIS_*, SMTP_* (set by the pg, redis
+and smtp fixtures) plus PREFECT_API_URL. Everything started here is killed
 by process group at the end, quietly.
 """
 
@@ -35,11 +36,15 @@ def e2e_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
 
 
-def server_env(e2e_dir: Path, port: int) -> dict[str, str]:
-    """The environment of a Prefect server on ``port`` and of the processes that talk to it."""
+def server_env(e2e_dir: Path, port: int, database_url: str) -> dict[str, str]:
+    """The environment of a Prefect server on ``port`` (its state in ``database_url``, PostgreSQL) and of
+    the processes that talk to it."""
+    from deployments import prefect_db
+
     api_url = f"http://127.0.0.1:{port}/api"
     return {
         **os.environ,
+        **prefect_db.server_env(database_url),
         "PREFECT_HOME": str(e2e_dir / "prefect-home"),
         "PREFECT_API_URL": api_url,
         "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
@@ -70,9 +75,10 @@ def start_server(env: dict[str, str], e2e_dir: Path, name: str = "server") -> Pr
 
 
 @pytest.fixture(scope="module")
-def prefect_server(e2e_dir, migrated_database, redis_session, smtp_server) -> Iterator[dict[str, str]]:
-    """A `prefect server start` subprocess; yields the environment for processes that talk to it."""
-    env = server_env(e2e_dir, free_port())
+def prefect_server(e2e_dir, prefect_database, redis_session, smtp_server, request) -> Iterator[dict[str, str]]:
+    """A `prefect server start` subprocess on a PostgreSQL database of its own; yields the environment for
+    processes that talk to it."""
+    env = server_env(e2e_dir, free_port(), prefect_database(request.module.__name__.rsplit(".", 1)[-1][5:]))
     server = start_server(env, e2e_dir)
     try:
         yield env

@@ -96,7 +96,7 @@ def test_an_otp_whose_send_is_retried_sends_one_code_and_it_verifies(pg, sms_gat
 
 
 def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_is_down(
-    pg, smtp, tmp_path, redis_session, sms_gateway
+    pg, smtp, tmp_path, redis_session, sms_gateway, prefect_database
 ):
     """The Prefect API is only the operators' view: tasks recorded while it restarts go out once a worker
     runs (within 60 s of it listening), and with the API down a worker keeps sending and every handle
@@ -108,7 +108,7 @@ def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_
     from tests.e2e import task_workers
     from tests.e2e.conftest import server_env, start_server
 
-    env = server_env(tmp_path, free_port())
+    env = server_env(tmp_path, free_port(), prefect_database("restart"))
     server = start_server(env, tmp_path, "server-first")
     worker = None
     try:

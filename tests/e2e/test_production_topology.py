@@ -28,14 +28,8 @@ import pytest
 from sqlalchemy import text
 
 from deployments.dev.smtp_sink import free_port
-from deployments.dev.topology import (
-    Topology,
-    TopologyConfig,
-    claim_free_redis_db,
-    drop_prefect_database,
-    prefect_database_url,
-    release_redis_db,
-)
+from deployments.dev.topology import Topology, TopologyConfig, claim_free_redis_db, release_redis_db
+from deployments.prefect_db import drop_prefect_database, prefect_database_url
 from lib import db
 from lib.config import get_settings
 from tests.builders import make_customer, make_order, make_product, make_subscription, today
