@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol
 from uuid import UUID
 
-from lib.errors import InvalidInputError, positive_int
+from lib.errors import InvalidInputError, no_nul, positive_int
 
 DEPLOYMENT = "default"
 BACKEND_TAG = "backend"  # the same tag flows.hooks looks for (kept here: the client imports no flow code)
@@ -67,11 +67,19 @@ def _run_args(call: Call, scheduled_time: dt.datetime | None = None) -> dict[str
     }
 
 
+def _check(call: Call) -> None:
+    # Prefect's database (PostgreSQL) cannot store a NUL: its API would answer 503 after retries.
+    for name, value in call.parameters.items():
+        no_nul(value, name)
+    no_nul(call.key, "idempotency_key")
+
+
 def start(call: Call, scheduled_time: dt.datetime | None = None) -> Any:
     """Create the flow run (or find the one its key names) and return it without waiting; a
     ``scheduled_time`` in the future makes it a Scheduled run a worker picks up then."""
     from prefect.deployments import run_deployment
 
+    _check(call)
     return run_deployment(**_run_args(call, scheduled_time))
 
 
@@ -79,6 +87,7 @@ async def astart(call: Call) -> Any:
     """``start`` for asyncio code."""
     from prefect.deployments.flow_runs import arun_deployment
 
+    _check(call)
     return await arun_deployment(**_run_args(call))
 
 

@@ -39,7 +39,7 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from lib.errors import InvalidInputError
+from lib.errors import InvalidInputError, no_nul
 
 CHANNEL = "indostar_background_tasks"  # NOTIFY channel: a task became due now
 HOLDER_NAMESPACE = 0x1D06  # classid of the workers' advisory locks (the delivery log's is 0x1D05)
@@ -125,6 +125,8 @@ def enqueue(
     for value, what in ((eta, "eta"), (expires_at, "expires")):
         if value is not None and value.tzinfo is None:
             raise InvalidInputError(f"{what} must be a timezone-aware datetime (e.g. datetime.now(UTC) + ...)")
+    for key, value in params.items():
+        no_nul(value, key)
     task_id = task_id or uuid.uuid4()
     args = {
         "id": task_id,

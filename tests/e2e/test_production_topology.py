@@ -182,14 +182,16 @@ def test_the_night_is_shared_by_two_lane_runs_on_two_workers_and_orders_are_made
     assert all(s["batches"] > 0 for s in stats), stats  # every lane run claimed part of the night
     assert len({s["process"] for s in stats}) == WORKER_RUNS
 
-    workers = _workers_that_submitted([night.parent.id, *(r.id for r in lanes)])
-    lane_workers = {workers.get(r.id) for r in lanes}
+    runs = [night.parent.id, *(r.id for r in lanes)]
+    workers = _workers_that_submitted(runs)
+    assert set(workers) == set(runs), f"no submission event for {set(runs) - set(workers)}"  # every run's, none missing
+    lane_workers = {workers[r.id] for r in lanes}
     assert len(lane_workers) == WORKER_RUNS and lane_workers <= {
         "subscriptions-1",
         "subscriptions-2",
         "subscriptions-3",
     }
-    assert workers.get(night.parent.id) not in lane_workers  # the nightly run waits on a third worker
+    assert workers[night.parent.id] not in lane_workers  # the nightly run waits on a third worker
 
     with db.get_engine().connect() as conn:
         orders = dict(conn.execute(text("SELECT subscription_id, count(*) FROM orders GROUP BY 1")).all())

@@ -80,6 +80,11 @@ def test_delay_sends_the_email_and_the_handle_reads_the_row_and_its_task_run(wor
     _until(lambda: api_state(row["task_run_id"]) == "COMPLETED")
     with get_client(sync_client=True) as api:
         assert api.read_task_run(row["task_run_id"]).name == "send 1 background task(s)"
+        # No credentials in Prefect's database: nothing of the path is saved as a block (no Redis or
+        # database URL, no password), the task's parameters stay in our own table.
+        blocks = api.read_block_documents(include_secrets=True)
+    saved = repr([b.data for b in blocks])
+    assert "redis://" not in saved and "postgresql" not in saved and "asha@example.in" not in saved
 
 
 def api_state(run_id) -> str:
@@ -240,3 +245,15 @@ def test_finished_tasks_are_deleted_after_the_storage_ttl_and_waiting_ones_are_k
     with pg.connect() as c:
         left = set(c.execute(text("SELECT id FROM background_tasks")).scalars())
     assert left == {ids["new-done"], ids["old-queued"]}
+
+
+def test_a_nul_in_any_argument_is_refused_in_one_line_before_anything_is_recorded(pg):
+    """PostgreSQL holds no U+0000 (ours, or Prefect's flow-run parameters): refused by name, nothing written."""
+    from deployments import client
+
+    context = {"customer_name": "A\x00", "order_id": 1, "total_paise": 1, "tracking_number": "T", "carrier": "C"}
+    with pytest.raises(InvalidInputError, match=r"^context\.customer_name contains a NUL character$"):
+        old.send_templated_email_task.delay(to_email="a@example.in", template_name="order_shipped", context=context)
+    with pytest.raises(InvalidInputError, match=r"^body contains a NUL character$"):
+        client.send_email("a@example.in", "Hi", "b\x00")
+    assert count_rows(pg, "background_tasks") == 0 and count_rows(pg, "notifications") == 0
