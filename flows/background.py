@@ -179,11 +179,14 @@ class TaskWorker:
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="background-batch")
         self._holder = 0
         self._api_down_until = 0.0
+        self._in_flight: set[uuid.UUID] = set()  # rows of the batches being sent now
+        self._lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def run(self, drain_seconds: float = 60.0, ready: Callable[[], None] | None = None) -> None:
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Listen and send until ``stop()``; then finish the batches in hand and give back anything else."""
         engine = db.get_engine()
         with outbox.holder(engine) as (conn, key):
             self._holder = key
@@ -202,7 +205,7 @@ class TaskWorker:
                     continue
                 due = outbox.next_due_in(conn)
                 outbox.wait(conn, self.poll_seconds if due is None else min(self.poll_seconds, due + 0.01))
-            self._pool.shutdown(wait=True, cancel_futures=False) if drain_seconds else None
+            self._pool.shutdown(wait=True)
             if released := outbox.release(conn, key):
                 print(f"task worker {self.name} gave back {released} unfinished task(s)", flush=True)
 
@@ -210,6 +213,11 @@ class TaskWorker:
         if taken := outbox.reclaim_abandoned(conn):
             log.warning("took back %d background task(s) of a worker that is gone: %s", len(taken), taken[:10])
             print(f"task worker {self.name} took back {len(taken)} task(s) of a stopped worker", flush=True)
+        with self._lock:
+            busy = list(self._in_flight)
+        if stranded := outbox.requeue_held(conn, self._holder, busy):
+            # A batch of ours that failed before it settled (e.g. the database went away mid-batch).
+            log.warning("%d background task(s) of a batch that did not settle queued again", stranded)
         if expired := outbox.expire(conn):
             log.info("%d background task(s) expired before they ran", len(expired))
 
@@ -221,6 +229,8 @@ class TaskWorker:
         if not rows:
             self._slots.release()
             return False
+        with self._lock:
+            self._in_flight.update(r.id for r in rows)
         self._pool.submit(self._send, rows)
         return len(rows) == self.batch_size
 
@@ -231,10 +241,12 @@ class TaskWorker:
             outcome = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
             print(f"batch {where} sent {len(rows)} task(s) [{outcome}]: {' '.join(ids)}", flush=True)
         except Exception:
-            # The rows stay running under this worker; they are given back when it stops, or taken
-            # over by another worker if this one dies. Say so loudly: the batch did not settle.
+            # The rows stay running under this worker until its next housekeeping queues them again
+            # (or another worker takes them if this one dies). Say so loudly: the batch did not settle.
             log.exception("a background batch of %d task(s) failed before it settled", len(rows))
         finally:
+            with self._lock:
+                self._in_flight.difference_update(r.id for r in rows)
             self._slots.release()
 
     def _in_task_run(self, rows: list[outbox.Claimed], ids: list[str]) -> tuple[dict[str, int], str]:

@@ -312,6 +312,20 @@ def settle(conn: Connection, holder_key: int, outcomes: Sequence[Outcome]) -> li
     return kept
 
 
+def requeue_held(conn: Connection, holder_key: int, busy: Sequence[uuid.UUID]) -> int:
+    """Queue again the rows this worker holds but is not sending (a batch that failed before it settled)."""
+    return len(
+        conn.execute(
+            text(
+                """UPDATE background_tasks SET status = 'queued', holder = NULL, not_before = now(), updated_at = now()
+                    WHERE holder = :h AND status = 'running' AND NOT (id = ANY(CAST(:busy AS uuid[])))
+                   RETURNING id"""
+            ),
+            {"h": holder_key, "busy": [str(b) for b in busy]},
+        ).all()
+    )
+
+
 def release(conn: Connection, holder_key: int) -> int:
     """Give back every row this worker still holds (on shutdown): queued again, the try not counted."""
     return len(

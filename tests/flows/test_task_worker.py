@@ -257,3 +257,24 @@ def test_a_nul_in_any_argument_is_refused_in_one_line_before_anything_is_recorde
     with pytest.raises(InvalidInputError, match=r"^body contains a NUL character$"):
         client.send_email("a@example.in", "Hi", "b\x00")
     assert count_rows(pg, "background_tasks") == 0 and count_rows(pg, "notifications") == 0
+
+
+def test_a_batch_that_fails_before_it_settles_is_queued_again_by_its_own_worker(worker, smtp, monkeypatch):
+    """A fake, said so: the first batch raises before anything is sent (as when the database goes away
+    mid-batch, which the real one cannot be made to do on demand here). The live worker does not leave its
+    rows running forever: its next poll queues them again and they are sent once."""
+    import flows.background as background
+
+    real, calls = background.run_batch, []
+
+    def failing_once(rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("lost the database mid-batch")
+        return real(rows)
+
+    monkeypatch.setattr(background, "run_batch", failing_once)
+    worker()
+    handle = old.send_email_task.delay(to_email="again@example.in", subject="Again", body="Once")
+    assert handle.get(timeout=10)["sent"] == 1
+    assert len(calls) == 2 and _row(handle.id)["tries"] == 2 and len(smtp.messages) == 1
