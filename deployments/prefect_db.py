@@ -15,8 +15,6 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-from sqlalchemy import make_url
-
 from lib.errors import ServiceUnavailableError
 
 PREFECT_DATABASE = "indostar_prefect"
@@ -24,8 +22,9 @@ PREFECT_DATABASE = "indostar_prefect"
 
 def prefect_database_url(shop_database_url: str, name: str = PREFECT_DATABASE) -> str:
     """The Prefect server's database: same PostgreSQL server as the shop's, its own database, asyncpg."""
-    url = make_url(shop_database_url).set(drivername="postgresql+asyncpg", database=name)
-    return url.render_as_string(hide_password=False)
+    from lib.db import with_database
+
+    return with_database(shop_database_url, name, "postgresql+asyncpg")
 
 
 def configured_url(shop_database_url: str) -> str:
@@ -34,7 +33,9 @@ def configured_url(shop_database_url: str) -> str:
 
 
 def sync_url(asyncpg_url: str) -> str:
-    return make_url(asyncpg_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    from lib.db import with_database
+
+    return with_database(asyncpg_url, driver="postgresql+psycopg2")
 
 
 def ensure_prefect_database(asyncpg_url: str) -> bool:
@@ -78,7 +79,9 @@ def migrate_prefect_database(asyncpg_url: str, base_env: Mapping[str, str] | Non
         timeout=600,
     )
     if done.returncode != 0:
-        where = make_url(asyncpg_url).render_as_string(hide_password=True)
+        from lib.config import redacted_url
+
+        where = redacted_url(asyncpg_url)
         raise ServiceUnavailableError(
             f"migrating the Prefect database {where} failed:\n{(done.stdout + done.stderr)[-2000:]}"
         )

@@ -118,6 +118,20 @@ def ensure_database(url: str) -> bool:
         return True
 
 
+def with_database(url: str, database: str | None = None, driver: str | None = None) -> str:
+    """``url`` naming another database and/or driver (e.g. postgresql+asyncpg), password kept."""
+    target = make_url(url)
+    if database is not None:
+        target = target.set(database=database)
+    if driver is not None:
+        target = target.set(drivername=driver)
+    return target.render_as_string(hide_password=False)
+
+
+def database_name(url: str) -> str:
+    return str(make_url(url).database)
+
+
 def copy_database(url: str, template_url: str) -> None:
     """(Re)create the database named in ``url`` as a copy of ``template_url``'s (which must have no connection)."""
     template = make_url(template_url).database

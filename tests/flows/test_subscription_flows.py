@@ -30,6 +30,15 @@ from tests.unit.test_razorpay_signature import (
 
 # Within the run-date bound (35 days back) whenever the suite runs: the flows refuse dates far from today.
 TODAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
+@pytest.fixture(autouse=True)
+def _today_as_the_test_starts():
+    """TODAY again for each test, so a suite that runs across 00:00 UTC does not use yesterday's date."""
+    global TODAY
+    TODAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
 SECRET = "test-webhook-secret"
 
 

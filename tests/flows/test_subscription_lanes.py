@@ -20,6 +20,13 @@ from tests.builders import make_order, make_product, make_subscription, today
 TODAY = today()
 
 
+@pytest.fixture(autouse=True)
+def _today_as_the_test_starts():
+    """TODAY again for each test, so a suite that runs across 00:00 UTC does not use yesterday's date."""
+    global TODAY
+    TODAY = today()
+
+
 def _rows(pg, sql: str, **params):
     with pg.connect() as c:
         return c.execute(text(sql), params).all()

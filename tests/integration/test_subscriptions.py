@@ -22,8 +22,15 @@ from tests.builders import make_customer, make_product, make_subscription, month
 TODAY = today()
 
 
-def run_night(run_date=TODAY, batch_size=50, run_id=None):
-    return subs.run_lane(session_scope, run_date, batch_size, run_id or str(uuid.uuid4()))
+@pytest.fixture(autouse=True)
+def _today_as_the_test_starts():
+    """TODAY again for each test, so a suite that runs across 00:00 UTC does not use yesterday's date."""
+    global TODAY
+    TODAY = today()
+
+
+def run_night(run_date=None, batch_size=50, run_id=None):
+    return subs.run_lane(session_scope, run_date or TODAY, batch_size, run_id or str(uuid.uuid4()))
 
 
 def scalar(pg, sql, **params):
