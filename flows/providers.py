@@ -10,6 +10,7 @@ importable without Prefect (tests/unit/test_notify_summary.py checks it).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from typing import Any
 from lib.config import get_settings
 from lib.notify.email_channel import SmtpConfig
 from lib.notify.sms_channel import SmsConfig
+
+log = logging.getLogger(__name__)
 
 SMTP_LIMIT = "smtp-provider"
 SMS_LIMIT = "sms-provider"
@@ -54,6 +57,9 @@ _limits_seen: dict[str, tuple[float, bool]] = {}
 _limits_lock = threading.Lock()
 
 
+API_DOWN_RECHECK_SECONDS = 10.0
+
+
 def limit_exists(name: str, ttl: float = 60.0) -> bool:
     """Whether the global concurrency limit exists (checked at most once a minute per process).
 
@@ -74,6 +80,11 @@ def limit_exists(name: str, ttl: float = 60.0) -> bool:
         exists = True
     except ObjectNotFound:
         exists = False
+    except Exception as exc:  # noqa: BLE001 - the API is down: limits live there, messages must still go
+        # A task worker keeps sending while the Prefect API is away (the outbox needs only PostgreSQL);
+        # the provider's limit is not applied until the API answers again, and the log says so.
+        log.warning("Prefect API unreachable (%s): sending without the %s limit for now", type(exc).__name__, name)
+        exists, now = False, now - ttl + API_DOWN_RECHECK_SECONDS
     with _limits_lock:
         _limits_seen[name] = (now, exists)
     return exists

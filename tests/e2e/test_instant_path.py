@@ -134,7 +134,15 @@ def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_
             ).scalar()
         assert runs == 3  # sent in task runs of the restarted API
 
-        server.stop()  # now the API is down for good
+        server.stop()  # now the API is down for good, and a worker starts without ever having reached it
+        worker.stop()
+        worker = Proc(
+            "task-worker-no-api",
+            [sys.executable, "-m", "deployments.cli", "task-worker"],
+            env | {"TASK_POLL_SECONDS": "0.5"},
+            tmp_path,
+        )
+        task_workers.wait_listening(worker)
         during = [old.send_email_task.delay(to_email=f"down{i}@example.in", subject="Down", body="b") for i in range(2)]
         assert [h.get(timeout=60)["sent"] for h in during] == [1, 1]
         assert {h.status for h in during} == {"SUCCESS"}
