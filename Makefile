@@ -46,3 +46,4 @@ bench: $(VENV)/.synced
 	$(VENV)/bin/python -m bench.cleanup --carts 1000000 --tokens 1000000
 	$(VENV)/bin/python -m bench.notifications --n 10000
 	$(VENV)/bin/python -m bench.capacity
+	$(VENV)/bin/python -m bench.notify_latency
