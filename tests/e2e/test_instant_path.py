@@ -129,19 +129,21 @@ def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_
     env = server_env(tmp_path, free_port(), prefect_database("restart"))
     server = start_server(env, tmp_path, "server-first")
     worker = None
+
+    def task_worker(name: str) -> Proc:
+        proc = Proc(
+            name, [sys.executable, "-m", "deployments.cli", "task-worker"], env | {"TASK_POLL_SECONDS": "0.5"}, tmp_path
+        )
+        task_workers.wait_listening(proc)
+        return proc
+
     try:
         queued = [
             old.send_email_task.delay(to_email=f"queued{i}@example.in", subject="Queued", body="b") for i in range(3)
         ]
         server.stop()  # the API restarts with three tasks waiting and no worker
         server = start_server(env, tmp_path, "server-again")
-        worker = Proc(
-            "task-worker",
-            [sys.executable, "-m", "deployments.cli", "task-worker"],
-            env | {"TASK_POLL_SECONDS": "0.5"},
-            tmp_path,
-        )
-        task_workers.wait_listening(worker)
+        worker = task_worker("task-worker")
         listening = time.monotonic()
         assert all(h.get(timeout=60)["sent"] == 1 for h in queued)
         assert time.monotonic() - listening < 60
@@ -154,13 +156,7 @@ def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_
 
         server.stop()  # now the API is down for good, and a worker starts without ever having reached it
         worker.stop()
-        worker = Proc(
-            "task-worker-no-api",
-            [sys.executable, "-m", "deployments.cli", "task-worker"],
-            env | {"TASK_POLL_SECONDS": "0.5"},
-            tmp_path,
-        )
-        task_workers.wait_listening(worker)
+        worker = task_worker("task-worker-no-api")
         during = [old.send_email_task.delay(to_email=f"down{i}@example.in", subject="Down", body="b") for i in range(2)]
         assert [h.get(timeout=60)["sent"] for h in during] == [1, 1]
         assert {h.status for h in during} == {"SUCCESS"}
