@@ -186,6 +186,13 @@ def test_every_old_task_name_takes_its_old_arguments(pg, smtp, sms_gateway, api,
             with pytest.raises(TimeoutError, match=r"not finished after 0\.2 s"):
                 handle.get(timeout=0.2)
 
+        # Celery's countdown on a job task: a Scheduled run an hour ahead; revoke() cancels it before it starts.
+        later = old.cleanup_expired_carts.apply_async(kwargs={"days_old": 30}, countdown=3600)
+        run = client.read_flow_run(later.id)
+        ahead = (run.expected_start_time - dt.datetime.now(dt.UTC)).total_seconds()
+        assert run.state_type.value == "SCHEDULED" and 3500 < ahead <= 3600, (run.state_type, ahead)
+        assert later.revoke() is True and later.status == "REVOKED"
+
 
 def test_a_finished_background_task_posts_a_signed_webhook(pg, smtp, sms_gateway, api, start_worker):
     """With TASK_WEBHOOK_URL set, the backend receives a signed POST naming the task, its state and counts."""
