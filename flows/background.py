@@ -185,8 +185,34 @@ class TaskWorker:
     def stop(self) -> None:
         self._stop.set()
 
+    RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
     def run(self, ready: Callable[[], None] | None = None) -> None:
-        """Listen and send until ``stop()``; then finish the batches in hand and give back anything else."""
+        """Listen and send until ``stop()``; then finish the batches in hand and give back anything else.
+
+        When the worker's own connection dies (PostgreSQL restarted, a proxy cut it) it connects again
+        under a new holder key; the rows it held under the old one are taken back by the lock test.
+        """
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._listen(ready)
+                return
+            except Exception as exc:
+                if not is_transient(exc):  # a lost connection is transient; anything else stops the worker
+                    raise
+                wait = self.RECONNECT_SECONDS[min(failures, len(self.RECONNECT_SECONDS) - 1)]
+                failures += 1
+                print(
+                    f"task worker {self.name} lost its database connection ({type(exc).__name__}); "
+                    f"connecting again in {wait:g} s",
+                    flush=True,
+                )
+                ready = None
+                self._stop.wait(wait)
+        self._pool.shutdown(wait=True)
+
+    def _listen(self, ready: Callable[[], None] | None) -> None:
         engine = db.get_engine()
         with outbox.holder(engine) as (conn, key):
             self._holder = key
@@ -231,13 +257,13 @@ class TaskWorker:
             return False
         with self._lock:
             self._in_flight.update(r.id for r in rows)
-        self._pool.submit(self._send, rows)
+        self._pool.submit(self._send, rows, self._holder)
         return len(rows) == self.batch_size
 
-    def _send(self, rows: list[outbox.Claimed]) -> None:
+    def _send(self, rows: list[outbox.Claimed], key: int) -> None:
         try:
             ids = [str(r.id) for r in rows]
-            counts, where = self._in_task_run(rows, ids)
+            counts, where = self._in_task_run(rows, ids, key)
             outcome = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
             print(f"batch {where} sent {len(rows)} task(s) [{outcome}]: {' '.join(ids)}", flush=True)
         except Exception:
@@ -249,7 +275,7 @@ class TaskWorker:
                 self._in_flight.difference_update(r.id for r in rows)
             self._slots.release()
 
-    def _in_task_run(self, rows: list[outbox.Claimed], ids: list[str]) -> tuple[dict[str, int], str]:
+    def _in_task_run(self, rows: list[outbox.Claimed], ids: list[str], key: int) -> tuple[dict[str, int], str]:
         """Run the batch as a Prefect task run; if the API does not answer, run it here and say so."""
         ran: list[dict[str, int]] = []
         run_id: list[str] = []
@@ -262,8 +288,8 @@ class TaskWorker:
                     run_id.append(task_run.id)
                     with db.get_engine().connect() as c:
                         c = c.execution_options(isolation_level="AUTOCOMMIT")
-                        outbox.mark_task_run(c, self._holder, [r.id for r in rows], uuid.UUID(task_run.id))
-                ran.append(self._settle(rows))
+                        outbox.mark_task_run(c, key, [r.id for r in rows], uuid.UUID(task_run.id))
+                ran.append(self._settle(rows, key))
             except Exception as exc:
                 failed.append(exc)
                 raise
@@ -285,12 +311,11 @@ class TaskWorker:
             run()
         return ran[0], run_id[0] if run_id else "local"
 
-    def _settle(self, rows: list[outbox.Claimed]) -> dict[str, int]:
+    def _settle(self, rows: list[outbox.Claimed], key: int) -> dict[str, int]:
+        """Run the batch and record each row's outcome under the holder key it was claimed with."""
         outcomes = run_batch(rows)
         with db.get_engine().connect() as c:
-            kept = outbox.settle(
-                c.execution_options(isolation_level="AUTOCOMMIT"), self._holder, list(outcomes.values())
-            )
+            kept = outbox.settle(c.execution_options(isolation_level="AUTOCOMMIT"), key, list(outcomes.values()))
         by_status: dict[str, int] = {}
         names = {r.id: r.name for r in rows}
         for o in outcomes.values():

@@ -27,6 +27,7 @@ each) or an Engine; ``enqueue`` and ``revoke`` are what the backend calls.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import secrets
 import uuid
@@ -37,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from lib.errors import InvalidInputError, no_nul
@@ -188,8 +190,11 @@ def holder(engine: Engine) -> Iterator[tuple[Connection, int]]:
         try:
             yield conn, key
         finally:
-            conn.execute(text(f"UNLISTEN {CHANNEL}"))
-            conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": HOLDER_NAMESPACE, "k": key})
+            # A dead connection took its lock and LISTEN with it: nothing left to undo.
+            if not conn.invalidated and not conn.closed:
+                with contextlib.suppress(DBAPIError):
+                    conn.execute(text(f"UNLISTEN {CHANNEL}"))
+                    conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": HOLDER_NAMESPACE, "k": key})
 
 
 def wait(conn: Connection, timeout: float) -> bool:

@@ -278,3 +278,46 @@ def test_a_batch_that_fails_before_it_settles_is_queued_again_by_its_own_worker(
     handle = old.send_email_task.delay(to_email="again@example.in", subject="Again", body="Once")
     assert handle.get(timeout=10)["sent"] == 1
     assert len(calls) == 2 and _row(handle.id)["tries"] == 2 and len(smtp.messages) == 1
+
+
+def test_a_worker_whose_database_connection_is_cut_connects_again_and_keeps_sending(pg, worker, smtp, capsys):
+    """pg_terminate_backend on the worker's own connection (what a PostgreSQL restart or a proxy does to it):
+    the worker says so, connects again under a new holder key, and the next .delay still goes out once."""
+    worker()
+    first = old.send_email_task.delay(to_email="before@example.in", subject="Before", body="b")
+    assert first.get(timeout=10)["sent"] == 1
+    with pg.connect() as c:
+        cut = (
+            c.execute(
+                text(
+                    """SELECT pg_terminate_backend(pid) FROM pg_locks
+                    WHERE locktype = 'advisory' AND classid = :ns AND granted AND database =
+                          (SELECT oid FROM pg_database WHERE datname = current_database())"""
+                ),
+                {"ns": outbox.HOLDER_NAMESPACE},
+            )
+            .scalars()
+            .all()
+        )
+    assert cut == [True]  # the one worker's holder connection
+    said: list[str] = []
+
+    def listening_again() -> bool:
+        said.append(capsys.readouterr().out)
+        return "".join(said).count("listening (holder") >= 2 and _holders() == 1
+
+    _until(listening_again, timeout=15)
+    assert "lost its database connection" in "".join(said)
+    after = old.send_email_task.delay(to_email="after@example.in", subject="After", body="b")
+    assert after.get(timeout=15)["sent"] == 1
+    assert sorted(m.rcpt_tos[0] for m in smtp.messages) == ["after@example.in", "before@example.in"]
+
+
+def _holders() -> int:
+    with db.get_engine().connect() as c:
+        return int(
+            c.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :ns AND granted"),
+                {"ns": outbox.HOLDER_NAMESPACE},
+            ).scalar()
+        )
