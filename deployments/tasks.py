@@ -29,6 +29,7 @@ README's "Moving from Celery" section lists each old call and its arguments.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
@@ -208,8 +209,6 @@ def _refuse(task: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> 
 
 def _aware(value: Any, what: str) -> Any:
     """A datetime as UTC-aware (a naive one is UTC, as Celery's enable_utc reads it); TypeError otherwise."""
-    import datetime as dt
-
     if not isinstance(value, dt.datetime):
         raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
@@ -221,15 +220,11 @@ def _seconds(value: Any, what: str) -> float:
     return float(value)
 
 
-def _plain(params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters as the row stores them (JSON): dates as ISO text, which the requests accept."""
-
-    def iso(value: Any) -> str:
-        if hasattr(value, "isoformat"):
-            return str(value.isoformat())
-        raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-    return dict(json.loads(json.dumps(params, default=iso)))
+def _schedule(task: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """TypeError, nothing queued, for an option this kind of task cannot honour or for countdown with eta."""
+    _refuse(task, options, allowed)
+    if "countdown" in options and "eta" in options:
+        raise TypeError(f"{task}.apply_async(): give countdown or eta, not both; nothing was queued")
 
 
 @dataclass(frozen=True)
@@ -241,9 +236,11 @@ class MessageTask:
     translate: Callable[..., dict[str, Any]]
 
     def _params(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments as the row stores them (JSON, dates as ISO text), checked by building the request."""
         from lib.notify.kinds import BACKGROUND_TASKS
+        from lib.notify.messages import iso_default
 
-        params = _plain(self.translate(*args, **kwargs))
+        params = dict(json.loads(json.dumps(self.translate(*args, **kwargs), default=iso_default)))
         BACKGROUND_TASKS[self.task_name](**params)  # bad input raises here, before anything is recorded
         return params
 
@@ -257,10 +254,9 @@ class MessageTask:
         datetime: not sent after it, REVOKED) and ``task_id``; any other option raises TypeError."""
         from lib import db, outbox
 
-        _refuse(self.name, options, TASK_OPTIONS)
-        if "countdown" in options and "eta" in options:
-            raise TypeError(f"{self.name}.apply_async(): give countdown or eta, not both; nothing was queued")
+        _schedule(self.name, options, TASK_OPTIONS)
         expires = options.get("expires")
+        seconds = isinstance(expires, int | float)
         task_id = options.get("task_id")
         task_id, _ = outbox.enqueue(
             db.get_engine(),
@@ -269,10 +265,8 @@ class MessageTask:
             task_id=uuid.UUID(str(task_id)) if task_id is not None else None,
             countdown=_seconds(options.get("countdown", 0), "countdown"),
             eta=_aware(options["eta"], "eta") if "eta" in options else None,
-            expires_in=_seconds(expires, "expires") if isinstance(expires, int | float) else None,
-            expires_at=_aware(expires, "expires")
-            if expires is not None and not isinstance(expires, int | float)
-            else None,
+            expires_in=_seconds(expires, "expires") if seconds else None,
+            expires_at=_aware(expires, "expires") if expires is not None and not seconds else None,
         )
         return AsyncResult(task_id, "task")
 
@@ -297,11 +291,7 @@ class JobTask:
         self, args: tuple[Any, ...] | list[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncResult:
         """Celery's long form: ``countdown`` or ``eta`` schedule the flow run; any other option raises TypeError."""
-        import datetime as dt
-
-        _refuse(self.name, options, JOB_OPTIONS)
-        if "countdown" in options and "eta" in options:
-            raise TypeError(f"{self.name}.apply_async(): give countdown or eta, not both; nothing was queued")
+        _schedule(self.name, options, JOB_OPTIONS)
         when = None
         if "countdown" in options:
             when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(options["countdown"], "countdown"))

@@ -168,6 +168,7 @@ class TaskWorker:
     """Claims due rows in batches and sends them, up to ``concurrency`` batches at a time, until ``stop()``."""
 
     API_RETRY_SECONDS = 30.0
+    RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)  # waits before connecting again after losing the database
 
     def __init__(self, batch_size: int, concurrency: int, poll_seconds: float) -> None:
         self.batch_size = batch_size
@@ -184,8 +185,6 @@ class TaskWorker:
 
     def stop(self) -> None:
         self._stop.set()
-
-    RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
     def run(self, ready: Callable[[], None] | None = None) -> None:
         """Listen and send until ``stop()``; then finish the batches in hand and give back anything else.
@@ -276,40 +275,36 @@ class TaskWorker:
             self._slots.release()
 
     def _in_task_run(self, rows: list[outbox.Claimed], ids: list[str], key: int) -> tuple[dict[str, int], str]:
-        """Run the batch as a Prefect task run; if the API does not answer, run it here and say so."""
-        ran: list[dict[str, int]] = []
-        run_id: list[str] = []
+        """Run the batch as a Prefect task run; if the API does not answer, run it here and say so.
+
+        Returns (rows by outcome, where it ran: the task run's id or "local")."""
+        done: dict[str, Any] = {}  # "where" once the batch started, "counts" once it settled
 
         def run() -> dict[str, int]:
             from prefect.runtime import task_run
 
-            try:
-                if task_run.id:
-                    run_id.append(task_run.id)
-                    with db.get_engine().connect() as c:
-                        c = c.execution_options(isolation_level="AUTOCOMMIT")
-                        outbox.mark_task_run(c, key, [r.id for r in rows], uuid.UUID(task_run.id))
-                ran.append(self._settle(rows, key))
-            except Exception as exc:
-                failed.append(exc)
-                raise
-            return ran[0]
+            done["where"] = task_run.id or "local"
+            if task_run.id:
+                with db.get_engine().connect() as c:
+                    c = c.execution_options(isolation_level="AUTOCOMMIT")
+                    outbox.mark_task_run(c, key, [r.id for r in rows], uuid.UUID(task_run.id))
+            done["counts"] = self._settle(rows, key)
+            return done["counts"]
 
-        failed: list[Exception] = []
         if time.monotonic() >= self._api_down_until:
             try:
                 send_background_batch(len(rows), ids, run)
-            except Exception as exc:  # noqa: BLE001 - the Prefect side failed unless run() says it did
-                if failed:
-                    raise failed[0] from None
+            except Exception as exc:  # the Prefect side failed, unless the batch itself did
+                if "where" in done and "counts" not in done:
+                    raise  # the batch started and failed: not the API's doing
                 self._api_down_until = time.monotonic() + self.API_RETRY_SECONDS
                 print(
                     f"task worker {self.name}: Prefect API unusable ({type(exc).__name__}); sending without it",
                     flush=True,
                 )
-        if not ran:
+        if "where" not in done:
             run()
-        return ran[0], run_id[0] if run_id else "local"
+        return done["counts"], done["where"]
 
     def _settle(self, rows: list[outbox.Claimed], key: int) -> dict[str, int]:
         """Run the batch and record each row's outcome under the holder key it was claimed with."""

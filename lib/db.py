@@ -8,6 +8,7 @@ rolls back on error. Alembic migrations are the only way the schema is made.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -116,6 +117,32 @@ def ensure_database(url: str) -> bool:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
         log.info("created database %s", name)
         return True
+
+
+@contextmanager
+def advisory_session(engine: Engine, namespace: int) -> Iterator[tuple[Connection, int]]:
+    """An AUTOCOMMIT connection holding a session-level advisory lock (``namespace``, a new random key) for
+    as long as the block runs; yields (connection, key). The lock goes with the connection, so a killed
+    holder's lock is gone at once: ``lock_held`` is how the others tell."""
+    key = secrets.randbelow(2**31 - 2) + 1
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": namespace, "k": key})
+        try:
+            yield conn, key
+        finally:
+            # A session-level lock would outlive us on the pooled connection; a dead one took it along.
+            if not conn.invalidated and not conn.closed:
+                conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": namespace, "k": key})
+
+
+def lock_held(namespace: int, key_column: str) -> str:
+    """SQL: true while some session of this database holds the advisory lock (``namespace``, ``key_column``)."""
+    return f"""EXISTS (
+        SELECT 1 FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {int(namespace)} AND l.objsubid = 2
+           AND l.objid = {key_column} AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    )"""
 
 
 def with_database(url: str, database: str | None = None, driver: str | None = None) -> str:

@@ -27,9 +27,7 @@ each) or an Engine; ``enqueue`` and ``revoke`` are what the backend calls.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import secrets
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,14 +36,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from lib.db import advisory_session, lock_held
 from lib.errors import InvalidInputError, no_nul
 
 CHANNEL = "indostar_background_tasks"  # NOTIFY channel: a task became due now
 HOLDER_NAMESPACE = 0x1D06  # classid of the workers' advisory locks (the delivery log's is 0x1D05)
-WAITING = ("queued", "retry")
 FINAL = ("done", "failed", "revoked")
 MAX_NAME = 64
 
@@ -182,19 +179,13 @@ def holder(engine: Engine) -> Iterator[tuple[Connection, int]]:
 
     The same connection LISTENs for new tasks (``wait``), so it is the worker's own, not pooled work.
     """
-    key = secrets.randbelow(2**31 - 2) + 1
-    with engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": HOLDER_NAMESPACE, "k": key})
+    with advisory_session(engine, HOLDER_NAMESPACE) as (conn, key):
         conn.execute(text(f"LISTEN {CHANNEL}"))
         try:
             yield conn, key
         finally:
-            # A dead connection took its lock and LISTEN with it: nothing left to undo.
-            if not conn.invalidated and not conn.closed:
-                with contextlib.suppress(DBAPIError):
-                    conn.execute(text(f"UNLISTEN {CHANNEL}"))
-                    conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": HOLDER_NAMESPACE, "k": key})
+            if not conn.invalidated and not conn.closed:  # a dead connection took its LISTEN along
+                conn.execute(text(f"UNLISTEN {CHANNEL}"))
 
 
 def wait(conn: Connection, timeout: float) -> bool:
@@ -211,11 +202,7 @@ def wait(conn: Connection, timeout: float) -> bool:
     return woke
 
 
-_HELD = f"""
-    EXISTS (SELECT 1 FROM pg_locks l
-             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {HOLDER_NAMESPACE} AND l.objsubid = 2
-               AND l.objid = t.holder AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-"""
+_HELD = lock_held(HOLDER_NAMESPACE, "t.holder")
 
 
 def reclaim_abandoned(conn: Connection) -> list[uuid.UUID]:
@@ -288,33 +275,35 @@ def mark_task_run(conn: Connection, holder_key: int, ids: Sequence[uuid.UUID], t
 
 _SETTLE = text(
     """
-    UPDATE background_tasks SET status = :status, result = :result, error = :error, error_type = :error_type,
-           not_before = now() + make_interval(secs => :delay),
-           holder = CASE WHEN :status = 'retry' THEN NULL ELSE holder END,
-           finished_at = CASE WHEN :status IN ('done', 'failed') THEN now() END,
+    UPDATE background_tasks t SET status = o.status, result = o.result, error = o.error, error_type = o.error_type,
+           not_before = now() + make_interval(secs => o.delay),
+           holder = CASE WHEN o.status = 'retry' THEN NULL ELSE t.holder END,
+           finished_at = CASE WHEN o.status IN ('done', 'failed') THEN now() END,
            updated_at = now()
-     WHERE id = :id AND holder = :holder AND status = 'running'
-    RETURNING id
+      FROM jsonb_to_recordset(:outcomes) AS o(id uuid, status text, result jsonb, error text, error_type text,
+                                                delay float8)
+     WHERE t.id = o.id AND t.holder = :holder AND t.status = 'running'
+    RETURNING t.id
     """
-).bindparams(bindparam("result", type_=JSONB))
+).bindparams(bindparam("outcomes", type_=JSONB))
 
 
 def settle(conn: Connection, holder_key: int, outcomes: Sequence[Outcome]) -> list[uuid.UUID]:
-    """Record how each row ended (each committed as it is written); returns the ids this worker still held."""
-    kept = []
-    for o in outcomes:
-        args = {
-            "id": o.id,
-            "holder": holder_key,
+    """Record how each row ended, the whole batch in one statement; returns the ids this worker still held."""
+    if not outcomes:
+        return []
+    rows = [
+        {
+            "id": str(o.id),
             "status": o.status,
             "result": o.result,
             "error": o.error[:2000] if o.error else None,
             "error_type": o.error_type,
             "delay": float(o.delay),
         }
-        if conn.execute(_SETTLE, args).first():
-            kept.append(o.id)
-    return kept
+        for o in outcomes
+    ]
+    return [r[0] for r in conn.execute(_SETTLE, {"outcomes": rows, "holder": holder_key})]
 
 
 def requeue_held(conn: Connection, holder_key: int, busy: Sequence[uuid.UUID]) -> int:
@@ -345,7 +334,7 @@ def release(conn: Connection, holder_key: int) -> int:
     )
 
 
-# ---- retention and counts ----------------------------------------------------------------------
+# ---- retention ----------------------------------------------------------------------
 
 
 def delete_finished(session: Session, before: dt.datetime, limit: int) -> int:
@@ -361,9 +350,3 @@ def delete_finished(session: Session, before: dt.datetime, limit: int) -> int:
             {"before": before, "limit": limit},
         ).all()
     )
-
-
-def counts(session: Session) -> dict[str, int]:
-    """Rows by status (waiting ones are what the workers have not caught up with)."""
-    rows = session.execute(text("SELECT status, count(*) FROM background_tasks GROUP BY status"))
-    return {str(s): int(n) for s, n in rows}

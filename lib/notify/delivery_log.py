@@ -29,7 +29,6 @@ Read-only and bulk functions take a Session and never commit.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from sqlalchemy import Connection, Engine, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from lib.db import advisory_session, lock_held
 from lib.errors import InvalidInputError
 from lib.models import NOTIFICATION_STATUSES, Notification
 
@@ -153,28 +153,18 @@ def delivery_session(engine: Engine, durable: bool | None = None) -> Iterator[tu
     from lib.config import get_settings
 
     durable = get_settings().notification_durable_marks if durable is None else durable
-    token = secrets.randbelow(2**31 - 2) + 1
-    with engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
+    with advisory_session(engine, LOCK_NAMESPACE) as (conn, token):
         if not durable:
             conn.execute(text("SET synchronous_commit = off"))
         try:
             yield conn, token
         finally:
-            # Session-level settings and locks would outlive us on the pooled connection.
+            # A session-level setting would outlive us on the pooled connection.
             conn.execute(text("RESET synchronous_commit"))
-            conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": LOCK_NAMESPACE, "k": token})
 
 
 # A `sending` row is abandoned when no session of this database holds the advisory lock it names.
-_ABANDONED = f"""
-    n.status = 'sending' AND NOT EXISTS (
-        SELECT 1 FROM pg_locks l
-         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {LOCK_NAMESPACE} AND l.objsubid = 2
-           AND l.objid = n.claimed_by AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    )
-"""
+_ABANDONED = f"n.status = 'sending' AND NOT {lock_held(LOCK_NAMESPACE, 'n.claimed_by')}"
 
 _CLAIM = text(
     f"""

@@ -103,12 +103,13 @@ def _nonce(key: str | None) -> str:
 def _plain_json(context: dict[str, Any]) -> dict[str, Any]:
     """The context as stored (JSON): dates as ISO text, which the template filters accept."""
     try:
-        return dict(json.loads(json.dumps(context, default=_iso)))
+        return dict(json.loads(json.dumps(context, default=iso_default)))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"context must be JSON-serialisable: {exc}") from None
 
 
-def _iso(value: Any) -> str:
+def iso_default(value: Any) -> str:
+    """``json.dumps``'s default for what messages carry: dates and datetimes as ISO text; TypeError otherwise."""
     if isinstance(value, dt.date | dt.datetime):
         return value.isoformat()
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
