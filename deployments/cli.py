@@ -1,4 +1,5 @@
-"""The `indostar-jobs` command: migrate, seed, serve, up (what `make up` runs), automations, setup-pool, token.
+"""The `indostar-jobs` command: migrate, seed, serve, up (`make up`), automations, setup-pool, task-worker,
+metrics, schedule, token.
 
 Every error we can foresee (a bad setting, a service down, a database not migrated, an
 unknown revision, no Prefect API) prints one line saying what to do and exits 2, without
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lib.config import get_settings, redacted_url
-from lib.errors import JobError, PermanentError, ServiceUnavailableError
+from lib.errors import InvalidInputError, JobError, PermanentError, ServiceUnavailableError
 
 log = logging.getLogger("indostar_jobs")
 
@@ -281,8 +282,79 @@ def cmd_task_worker(args: argparse.Namespace) -> int:
 
     batch = args.batch_size or s.task_batch_size
     concurrency = args.concurrency or s.task_worker_concurrency
+    if args.metrics_port:
+        from lib.worker_metrics import serve_worker_metrics
+
+        serve_worker_metrics(args.metrics_port, args.metrics_host)
+        print(f"task worker metrics on http://{args.metrics_host}:{args.metrics_port}/metrics", flush=True)
     print(f"task worker: batches of up to {batch}, {concurrency} at a time", flush=True)
     serve_background_tasks(batch, concurrency, s.task_poll_seconds)
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from deployments import schedules
+
+    if args.action == "retention" and args.days is None and args.batch_size is None:
+        raise InvalidInputError("nothing to change: pass --days and/or --batch-size")
+    if args.action == "set":
+        schedules.cron_schedule(args.cron)  # a bad cron is refused before the API is asked anything
+    prefect_api_url()
+    if args.action == "show":
+        rows = schedules.describe()
+        width = max(len(r["job"]) for r in rows)
+        for r in rows:
+            extra = f"  {r['retention']}" if r.get("retention") else ""
+            print(f"{r['job']:<{width}}  {r['cron']:<14} {r['timezone']:<4} {r['state']:<12}{extra}")
+    elif args.action == "set":
+        print(schedules.set_cron(args.job, args.cron))
+    elif args.action in ("pause", "resume"):
+        print(schedules.set_active(args.job, args.action == "resume"))
+    elif args.action == "retention":
+        print(schedules.set_retention(args.job, args.days, args.batch_size))
+    else:
+        created = schedules.ensure_default_schedules()
+        print("default schedule created for: " + ", ".join(created) if created else "every job has its schedule")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    # What owners set survives: paused deployments stay paused, schedules stay as they are.
+    from deployments import schedules
+    from deployments.serve import paused_deployments, repause
+
+    prefect_api_url()
+    paused = paused_deployments()
+    done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], check=False)
+    if done.returncode != 0:
+        raise ServiceUnavailableError(f"prefect deploy --all exited {done.returncode} (its output is above)")
+    again = repause(paused)
+    created = schedules.ensure_default_schedules()
+    print(f"deployed; paused again: {', '.join(again) or 'none'}; default schedules created: {len(created)}")
+    return 0
+
+
+def cmd_prefect_database(args: argparse.Namespace) -> int:
+    from deployments import prefect_db
+
+    url = prefect_db.configured_url(get_settings().database_url)
+    created = prefect_db.migrate_prefect_database(url)
+    print(f"Prefect database {redacted_url(url)} {'created and ' if created else ''}migrated")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from deployments.metrics import serve_exporter
+    from lib import db
+
+    db.require_schema(get_settings().database_url)
+    try:
+        prefect_api_url()
+    except ServiceUnavailableError as exc:
+        # The database's series are served all the same; the API's come back when it answers.
+        print(f"warning: {exc}; serving the database's series until it answers", flush=True)
+    print(f"metrics on http://{args.host}:{args.port}/metrics", flush=True)
+    serve_exporter(args.port, args.host)
     return 0
 
 
@@ -357,7 +429,37 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("task-worker", help="serve every background task (messages on .delay()) from this process")
     k.add_argument("--batch-size", type=_positive, help="tasks claimed at once (default TASK_BATCH_SIZE, 50)")
     k.add_argument("--concurrency", type=_positive, help="batches sent at a time (default TASK_WORKER_CONCURRENCY, 2)")
+    k.add_argument("--metrics-port", type=_port, help="serve this worker's Prometheus metrics on this port")
+    k.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     k.set_defaults(func=cmd_task_worker)
+
+    pd = sub.add_parser(
+        "prefect-database", help="create (if missing) and migrate the Prefect server's PostgreSQL database"
+    )
+    pd.set_defaults(func=cmd_prefect_database)
+
+    dp = sub.add_parser("deploy", help="prefect deploy --all, keeping the owners' pauses and schedules")
+    dp.set_defaults(func=cmd_deploy)
+
+    x = sub.add_parser("metrics", help="the Prometheus exporter: the Prefect API's and the database's series")
+    x.add_argument("--port", type=_port, default=9464, help="default 9464")
+    x.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 in a container)")
+    x.set_defaults(func=cmd_metrics)
+
+    sc = sub.add_parser("schedule", help="show or change the jobs' schedules and retention (kept across deploys)")
+    sa = sc.add_subparsers(dest="action", required=True)
+    sa.add_parser("show", help="every schedulable job: cron, state, retention")
+    cron = sa.add_parser("set", help="give a job a new cron (UTC)")
+    cron.add_argument("job", help="flow name (cleanup-expired-carts) or flow/deployment")
+    cron.add_argument("--cron", required=True, help="e.g. '30 1 * * *'")
+    for verb in ("pause", "resume"):
+        sa.add_parser(verb, help=f"{verb} a job's schedule").add_argument("job")
+    ret = sa.add_parser("retention", help="how long a cleanup job keeps data")
+    ret.add_argument("job")
+    ret.add_argument("--days", type=_positive, help="days_old, days or inactive_days, by job")
+    ret.add_argument("--batch-size", type=_positive)
+    sa.add_parser("ensure", help="create the default schedule of each job that has none (after prefect deploy)")
+    sc.set_defaults(func=cmd_schedule)
 
     t = sub.add_parser("token", help="issue, check or revoke password-reset, verification and OTP tokens")
     actions = t.add_subparsers(dest="action", required=True)
@@ -384,6 +486,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _port(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 1-65535")
+    return n
+
+
 def _non_negative(value: str) -> int:
     n = int(value)
     if n < 0:
@@ -398,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     try:
+        from lib import sentry
+
+        sentry.init()
         return int(args.func(args))
     except JobError as exc:
         print(f"indostar-jobs {args.command}: {_one_line(exc)}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """Serve every deployment of prefect.yaml from one process (the single-machine default).
 
-Same names, schedules, parameters, tags and concurrency limits as `prefect deploy
---all`, read from the same file, so the two never drift. Schedules stay active when
-the process stops unless asked otherwise (Prefect pauses them by default).
+Same names, parameters, tags and concurrency limits as `prefect deploy --all`, read from
+the same file, so the two never drift. Schedules are the owners' (deployments/schedules.py):
+registering leaves a deployment's schedules as they are, and a job that has none yet gets
+its ``default_schedule``. They stay active when the process stops unless asked otherwise
+(Prefect pauses them by default).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import yaml
 from prefect import Flow, serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
-from prefect.schedules import Cron
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
@@ -35,10 +36,6 @@ def load_flow(entrypoint: str) -> Flow:
 
 def runner_deployment(spec: dict[str, Any]) -> RunnerDeployment:
     flow = load_flow(spec["entrypoint"])
-    schedules = [
-        Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
-        for s in spec.get("schedules") or []
-    ]
     limit = spec.get("concurrency_limit")
     concurrency = (
         ConcurrencyLimitConfig(
@@ -50,7 +47,7 @@ def runner_deployment(spec: dict[str, Any]) -> RunnerDeployment:
     )
     return flow.to_deployment(
         name=spec["name"],
-        schedules=schedules or None,
+        schedules=None,  # Prefect then leaves the owner's schedules as they are
         concurrency_limit=concurrency,
         parameters=spec.get("parameters") or {},
         tags=spec.get("tags") or [],
@@ -62,6 +59,50 @@ def all_deployments() -> list[RunnerDeployment]:
     return [runner_deployment(spec) for spec in deployment_specs()]
 
 
+def register_all() -> list[RunnerDeployment]:
+    """Register every deployment with the API, then give each job without a schedule its default one."""
+    from prefect.client.orchestration import get_client
+
+    from deployments.schedules import ensure_default_schedules
+
+    deployments = all_deployments()
+    paused = paused_deployments()
+    for deployment in deployments:
+        # Prefect sends paused=False with every registration: a deployment paused in the UI stays paused.
+        deployment.paused = deployment.full_name in paused
+        deployment.apply()
+    with get_client(sync_client=True) as client:
+        ensure_default_schedules(client)
+    return deployments
+
+
+def paused_deployments() -> set[str]:
+    """``flow/deployment`` of every deployment paused on the server (the UI's pause toggle)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        return {f"{flows.get(d.flow_id)}/{d.name}" for d in client.read_deployments() if d.paused}
+
+
+def repause(names: set[str]) -> list[str]:
+    """Pause again those of ``names`` a `prefect deploy` unpaused (it sends paused=False); the names paused."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    done = []
+    with get_client(sync_client=True) as client:
+        for name in sorted(names):
+            try:
+                dep = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if not dep.paused:
+                client.pause_deployment(dep.id)
+                done.append(name)
+    return done
+
+
 def serve_all(pause_on_shutdown: bool = False, limit: int | None = None) -> None:
     """Serve every deployment until interrupted."""
-    serve(*all_deployments(), pause_on_shutdown=pause_on_shutdown, limit=limit)
+    serve(*register_all(), pause_on_shutdown=pause_on_shutdown, limit=limit)

@@ -36,7 +36,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.hooks import background_task_finished
+from flows.hooks import background_task_failed, background_task_finished
 from flows.notifications import deliver_email_keys, deliver_sms_keys, undelivered_error
 from lib import db, outbox, retry, tokens
 from lib.errors import InvalidInputError, is_transient, rebuild
@@ -45,6 +45,7 @@ from lib.notify import kinds
 from lib.notify import messages as req
 from lib.notify.address import scrub
 from lib.notify.templates import environment
+from lib.worker_metrics import record_task
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class TaskWorker:
                 with db.get_engine().connect() as c:
                     c = c.execution_options(isolation_level="AUTOCOMMIT")
                     outbox.mark_task_run(c, key, [r.id for r in rows], uuid.UUID(task_run.id))
-            done["counts"] = self._settle(rows, key)
+            done["counts"] = self._settle(rows, key, task_run.id)
             return done["counts"]
 
         if time.monotonic() >= self._api_down_until:
@@ -306,17 +307,25 @@ class TaskWorker:
             run()
         return done["counts"], done["where"]
 
-    def _settle(self, rows: list[outbox.Claimed], key: int) -> dict[str, int]:
+    def _settle(self, rows: list[outbox.Claimed], key: int, task_run_id: str | None) -> dict[str, int]:
         """Run the batch and record each row's outcome under the holder key it was claimed with."""
+        started = time.monotonic()
         outcomes = run_batch(rows)
         with db.get_engine().connect() as c:
             kept = outbox.settle(c.execution_options(isolation_level="AUTOCOMMIT"), key, list(outcomes.values()))
+        each = (time.monotonic() - started) / max(1, len(rows))
         by_status: dict[str, int] = {}
-        names = {r.id: r.name for r in rows}
+        claimed = {r.id: r for r in rows}
         for o in outcomes.values():
             by_status[o.status] = by_status.get(o.status, 0) + 1
-            if o.id in kept and o.status in ("done", "failed"):
-                background_task_finished(names[o.id], o.id, o.status, o.result, o.error)
+            if o.id not in kept:
+                continue  # taken back from us meanwhile: whoever settles it counts it
+            row = claimed[o.id]
+            record_task(row.name, o.status, each)
+            if o.status in ("done", "failed"):
+                background_task_finished(row.name, o.id, o.status, o.result, o.error)
+            if o.status == "failed":
+                background_task_failed(row.name, o.id, task_run_id, row.tries, o.error)
         return by_status
 
 

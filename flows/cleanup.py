@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat, PositiveInt
 
-from flows.common import flow_options, publish_table, scheduled_start, task_options
-from lib import cleanup, outbox, tokens
+from flows.common import flow_options, owner_retention, publish_table, scheduled_start, task_options
+from lib import cleanup, outbox, retention, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
 from lib.db import session_scope
@@ -26,7 +26,7 @@ from lib.notify import delivery_log as dlog
 if TYPE_CHECKING:
     import pandas as pd
 
-BATCH_SIZE = 10_000  # rows per delete transaction: short locks, few round trips
+BATCH_SIZE = retention.DEFAULT_BATCH_SIZE
 
 
 def _limits(soft_limit_seconds: float | None, max_batches: int | None) -> Limits:
@@ -103,14 +103,16 @@ def purge_ttl_lost_tokens(limits: Limits, dry_run: bool) -> PassStats:
 
 @flow(**flow_options("cleanup-expired-carts"))
 def cleanup_expired_carts(
-    days_old: PositiveInt = 30,
-    batch_size: PositiveInt = BATCH_SIZE,
+    days_old: PositiveInt | None = None,
+    batch_size: PositiveInt | None = None,
     dry_run: bool = False,
     max_batches: PositiveInt | None = None,
     soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
-    """Delete carts not updated for days_old days, empty carts first, in short batches."""
-    days, size, limits = days_old, batch_size, _limits(soft_limit_seconds, max_batches)
+    """Delete carts not updated for days_old days (the owner's setting, 30 unless changed), empty carts first,
+    in short batches."""
+    kept = owner_retention("cleanup-expired-carts", days_old=days_old, batch_size=batch_size)
+    days, size, limits = kept["days_old"], kept["batch_size"], _limits(soft_limit_seconds, max_batches)
     now = scheduled_start()
     cutoff = cleanup.cutoff_for(now, days, "days_old")
     stats = delete_stale_carts("empty_carts", cutoff, now, size, limits, dry_run)
@@ -143,29 +145,31 @@ def cleanup_expired_tokens(dry_run: bool = False, soft_limit_seconds: PositiveFl
 
 @flow(**flow_options("cleanup-old-audit-logs"))
 def cleanup_old_audit_logs(
-    days: PositiveInt = 90,
-    batch_size: PositiveInt = BATCH_SIZE,
+    days: PositiveInt | None = None,
+    batch_size: PositiveInt | None = None,
     dry_run: bool = False,
     max_batches: PositiveInt | None = None,
     soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
-    """Delete audit logs older than days (default 90) in short batches."""
-    size, limits = batch_size, _limits(soft_limit_seconds, max_batches)
-    cutoff = cleanup.cutoff_for(scheduled_start(), days, "days")
+    """Delete audit logs older than days (the owner's setting, 90 unless changed) in short batches."""
+    kept = owner_retention("cleanup-old-audit-logs", days=days, batch_size=batch_size)
+    size, limits = kept["batch_size"], _limits(soft_limit_seconds, max_batches)
+    cutoff = cleanup.cutoff_for(scheduled_start(), kept["days"], "days")
     stats = delete_aged_rows("audit_logs", cutoff, size, limits, dry_run)
     return _report("cleanup-old-audit-logs", stats, cutoff, dry_run, ("audit_logs",))
 
 
 @flow(**flow_options("cleanup-abandoned-sessions"))
 def cleanup_abandoned_sessions(
-    inactive_days: PositiveInt = 30,
-    batch_size: PositiveInt = BATCH_SIZE,
+    inactive_days: PositiveInt | None = None,
+    batch_size: PositiveInt | None = None,
     dry_run: bool = False,
     max_batches: PositiveInt | None = None,
     soft_limit_seconds: PositiveFloat | None = None,
 ) -> dict:
-    """Delete user sessions inactive for inactive_days in short batches."""
-    days, size, limits = inactive_days, batch_size, _limits(soft_limit_seconds, max_batches)
+    """Delete user sessions inactive for inactive_days (the owner's setting, 30 unless changed) in short batches."""
+    kept = owner_retention("cleanup-abandoned-sessions", inactive_days=inactive_days, batch_size=batch_size)
+    days, size, limits = kept["inactive_days"], kept["batch_size"], _limits(soft_limit_seconds, max_batches)
     cutoff = cleanup.cutoff_for(scheduled_start(), days, "inactive_days")
     stats = delete_aged_rows("user_sessions", cutoff, size, limits, dry_run)
     return _report("cleanup-abandoned-sessions", stats, cutoff, dry_run, ("user_sessions",))

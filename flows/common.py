@@ -19,13 +19,16 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from flows.hooks import flow_run_finished
-from lib import retry
+from flows.hooks import flow_run_ended, flow_run_started, task_run_ended_badly
+from lib import retention, retry, sentry
 from lib.config import get_settings
-from lib.errors import is_transient
+from lib.errors import InvalidInputError, is_transient
 
 if TYPE_CHECKING:
     import pandas as pd
+
+# Every process that runs a flow (serve, a pool worker's flow-run process, a task worker) reports to Sentry.
+sentry.init()
 
 # Flow parameter types: the UI form shows and validates them, Prefect rejects bad values before the run.
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=160)]
@@ -53,17 +56,24 @@ def retry_options() -> dict[str, Any]:
 
 def task_options(name: str, *, retries: bool = True, persist_result: bool = False) -> dict[str, Any]:
     """Options of every task: a name, never a cached result (side effects run every time), the retry policy."""
-    options: dict[str, Any] = {"name": name, "cache_policy": NO_CACHE, "persist_result": persist_result}
+    options: dict[str, Any] = {
+        "name": name,
+        "cache_policy": NO_CACHE,
+        "persist_result": persist_result,
+        "on_failure": [task_run_ended_badly],
+    }
     return options | (retry_options() if retries else {"retries": 0})
 
 
 def flow_options(name: str, *, timeout_seconds: float | None = None, **extra: Any) -> dict[str, Any]:
     """Options of every flow: a kebab-case name, the hard timeout (FLOW_TIMEOUT_SECONDS unless given), and
-    the hooks that keep a backend-started run's result for its handle and post the task webhook."""
-    hooks = [flow_run_finished]
+    the hooks that keep a backend-started run's result for its handle, post the task webhook, and tell
+    Sentry of a run that ended badly and of a cron run's start and end (flows.hooks)."""
+    hooks = [flow_run_ended]
     return {
         "name": name,
         "timeout_seconds": timeout_seconds or get_settings().flow_timeout_seconds,
+        "on_running": [flow_run_started],
         "on_completion": hooks,
         "on_failure": hooks,
         "on_crashed": hooks,
@@ -117,3 +127,24 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
     """Publish a markdown artifact under a stable kebab-case key (no-op outside a flow run)."""
     if FlowRunContext.get() is not None:
         create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+
+def stored_retention(flow_name: str) -> dict[str, Any]:
+    """The owner's retention values for a cleanup job (Prefect Variable ``retention_<flow>``), {} if never set."""
+    from prefect.variables import Variable
+
+    spec = retention.job(flow_name)
+    stored = Variable.get(spec.variable, default=None)
+    if stored is not None and not isinstance(stored, dict):
+        raise InvalidInputError(
+            f'Prefect variable {spec.variable} must be a JSON object like {{"{spec.days.name}": 30}}, got {stored!r}'
+        )
+    return stored or {}
+
+
+def owner_retention(flow_name: str, **given: int | None) -> dict[str, int]:
+    """A cleanup run's retention: a value passed to the run, else the owner's (set in the UI's Variables or
+    with `indostar-jobs schedule retention`), else the default. An owner's value under its floor fails the
+    run with one line naming the variable."""
+    source = f"Prefect variable {retention.job(flow_name).variable}"
+    return retention.resolve(flow_name, given, stored_retention(flow_name), source)

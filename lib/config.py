@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     flow_soft_limit_seconds: float = Field(default=25 * 60, gt=0)
     flow_timeout_seconds: float = Field(default=30 * 60, gt=0)
 
+    # Error tracking (lib/sentry.py): off while SENTRY_DSN is unset. SENTRY_ENVIRONMENT defaults to INDOSTAR_ENV.
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str | None = None
+    sentry_traces_sample_rate: float = Field(default=0.0, ge=0, le=1)
+
+    # The metrics exporter (deployments/metrics.py) reads its sources at most every METRICS_CACHE_SECONDS and
+    # counts the flow runs that finished from METRICS_LOOKBACK_SECONDS before it started.
+    metrics_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    metrics_lookback_seconds: float = Field(default=3600.0, ge=0)
+
     ops_email: str = "ops@indostar.example"
     public_ui_url: str = "http://127.0.0.1:4200"
     # Where the weekly ops report writes its PNG chart and markdown (relative to the worker's directory).

@@ -136,13 +136,15 @@ def advisory_session(engine: Engine, namespace: int) -> Iterator[tuple[Connectio
                 conn.execute(text("SELECT pg_advisory_unlock(:ns, :k)"), {"ns": namespace, "k": key})
 
 
+def advisory_locks(namespace: int) -> str:
+    """SQL condition on ``pg_locks l``: the granted two-key advisory locks of ``namespace`` in this database."""
+    return f"""l.locktype = 'advisory' AND l.granted AND l.classid = {int(namespace)} AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+
+
 def lock_held(namespace: int, key_column: str) -> str:
     """SQL: true while some session of this database holds the advisory lock (``namespace``, ``key_column``)."""
-    return f"""EXISTS (
-        SELECT 1 FROM pg_locks l
-         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {int(namespace)} AND l.objsubid = 2
-           AND l.objid = {key_column} AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    )"""
+    return f"EXISTS (SELECT 1 FROM pg_locks l WHERE {advisory_locks(namespace)} AND l.objid = {key_column})"
 
 
 def with_database(url: str, database: str | None = None, driver: str | None = None) -> str:

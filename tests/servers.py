@@ -1,4 +1,4 @@
-"""Loopback peers for integration tests: a scriptable HTTP SMS gateway.
+"""Loopback peers for integration tests: a scriptable HTTP SMS gateway and a Sentry envelope receiver.
 
 The SMTP side is deployments.dev.smtp_sink (real aiosmtpd); faults there are set per recipient.
 The gateway answers like an MSG91/Twilio-style API and can be told to answer the
@@ -116,3 +116,105 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state
+
+
+@dataclass
+class SentryEnvelope:
+    """One envelope as sent by sentry-sdk: its header and its items as (item header, payload) pairs."""
+
+    raw: bytes
+    header: dict
+    items: list[tuple[dict, bytes]]
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [json.loads(payload) for head, payload in self.items if head.get("type") == kind]
+
+
+def parse_envelope(raw: bytes) -> SentryEnvelope:
+    """Sentry's envelope format: a JSON header line, then items (a JSON header line, then `length` bytes or a line)."""
+    header_line, _, rest = raw.partition(b"\n")
+    items: list[tuple[dict, bytes]] = []
+    while rest.strip():
+        item_line, _, rest = rest.partition(b"\n")
+        head = json.loads(item_line)
+        if "length" in head:
+            payload, rest = rest[: head["length"]], rest[head["length"] :].removeprefix(b"\n")
+        else:
+            payload, _, rest = rest.partition(b"\n")
+        items.append((head, payload))
+    return SentryEnvelope(raw, json.loads(header_line), items)
+
+
+@dataclass
+class SentryReceiver:
+    """What reached the loopback Sentry server: every envelope, decoded."""
+
+    envelopes: list[SentryEnvelope] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def events(self) -> list[dict]:
+        with self.lock:
+            return [e for env in self.envelopes for e in env.of_type("event")]
+
+    def check_ins(self) -> list[dict]:
+        with self.lock:
+            return [c for env in self.envelopes for c in env.of_type("check_in")]
+
+    def raw(self) -> bytes:
+        with self.lock:
+            return b"\n".join(env.raw for env in self.envelopes)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.envelopes.clear()
+
+
+def start_sentry(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SentryReceiver]:
+    """An HTTP server that accepts envelopes at any DSN pointing at it (POST /api/<project>/envelope/)."""
+    import gzip
+
+    state = SentryReceiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            encoding = (self.headers.get("content-encoding") or "").lower()
+            if encoding == "gzip":
+                body = gzip.decompress(body)
+            elif encoding == "br":
+                import brotli
+
+                body = brotli.decompress(body)
+            if self.path.rstrip("/").endswith("/envelope"):
+                with state.lock:
+                    state.envelopes.append(parse_envelope(body))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+def prometheus_binary(name: str = "prometheus") -> str:
+    """Path of Debian's ``prometheus`` or ``promtool``; the test fails without it when CI requires it
+    (INDOSTAR_REQUIRE_PROMETHEUS=1, set by .ci/run), and is skipped elsewhere."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed: apt-get install prometheus"
+        if os.environ.get("INDOSTAR_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -26,20 +26,26 @@ def test_every_entrypoint_loads_as_a_named_flow(spec):
 
 
 def test_deployment_names_are_unique_and_schedules_are_utc():
-    """No two deployments share flow/name; every cron runs in UTC with a concurrency limit of 1."""
+    """No two deployments share flow/name; no schedule is written for Prefect to re-apply; every default cron
+    runs in UTC with a concurrency limit of 1."""
     seen = set()
     for spec in SPECS:
         key = (spec["entrypoint"], spec["name"])
         assert key not in seen
         seen.add(key)
-        for schedule in spec.get("schedules") or []:
-            assert schedule["timezone"] == "UTC"
+        # Prefect must leave the owners' schedules alone on every deploy (deployments/schedules.py).
+        assert "schedules" not in spec or spec["schedules"] is None, spec["entrypoint"]
+        if spec.get("default_schedule"):
+            assert spec["default_schedule"]["timezone"] == "UTC"
             assert spec["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
 
 
 def test_cron_times_match_the_design():
     """Subscriptions at 00:00, carts at 02:00, tokens at 03:00; audit logs and sessions unscheduled."""
-    crons = {spec["entrypoint"].split(":")[1]: [s["cron"] for s in spec.get("schedules") or []] for spec in SPECS}
+    crons = {
+        spec["entrypoint"].split(":")[1]: [spec["default_schedule"]["cron"]] if spec.get("default_schedule") else []
+        for spec in SPECS
+    }
     assert crons["process_due_subscriptions"] == ["0 0 * * *"]
     assert crons["cleanup_expired_carts"] == ["0 2 * * *"]
     assert crons["cleanup_expired_tokens"] == ["0 3 * * *"]

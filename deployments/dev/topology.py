@@ -10,7 +10,7 @@ Every part is its own OS process talking over TCP, as across machines:
   ordering, concurrency leases, the worker cleanup queue and Docket, all in one
   Redis database index of their own (their keys carry no configurable prefix);
 - work pool `indostar` with its queues (`indostar-jobs setup-pool`), every
-  deployment of prefect.yaml (`prefect deploy --all`), the automations;
+  deployment of prefect.yaml (`indostar-jobs deploy`), the automations;
 - one `indostar-jobs task-worker` for the background tasks (messages sent with `.delay()`),
 - one process worker per queue, three on `subscriptions` with one flow run each,
   so a nightly run with worker_runs=2 holds one worker while its two lane runs
@@ -39,12 +39,14 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 
 from deployments.dev.processes import ROOT, Proc
-from deployments.prefect_db import configured_url, ensure_prefect_database
+from deployments.prefect_db import configured_url
 from lib.db import ServiceUnavailableError
 from lib.errors import JobError
 
 DEFAULT_PORT = 4200
 DEFAULT_REDIS_DB = 1
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_TASK_METRICS_PORT = 9465
 # queue: workers. A nightly run with worker_runs=N needs N + 1 subscriptions workers.
 WORKERS = {"critical": 1, "notifications": 1, "subscriptions": 3, "default": 1}
 # One flow run at a time per subscriptions worker: otherwise whichever worker polls first
@@ -72,6 +74,77 @@ class TopologyError(JobError):
     """A step of the topology failed; the message names the step and its log."""
 
 
+@dataclass(frozen=True)
+class Process:
+    """One process of the topology: what `up --production` starts and compose.yaml runs (one list, `processes`)."""
+
+    name: str
+    argv: tuple[str, ...]  # "python" stands for this interpreter (the image's, in a container)
+    side: str  # "server": the server's environment; "client": a worker machine's
+    once: bool = False  # a step that runs to completion (exit 0) before what needs it
+
+    @property
+    def is_worker(self) -> bool:
+        return self.name.startswith(("worker-", "task-worker-")) or self.name == "metrics"
+
+
+def _py(*args: str) -> tuple[str, ...]:
+    return ("python", "-m", *args)
+
+
+def processes(config: TopologyConfig) -> list[Process]:
+    """Every process of the topology, in start order (Prometheus apart: ``prometheus_config``)."""
+    out = [
+        Process("prefect-database", _py("deployments.cli", "prefect-database"), "server", once=True),
+        Process(
+            "prefect-api",
+            _py("prefect", "server", "start", "--host", config.host, "--port", str(config.port), "--no-services"),
+            "server",
+        ),
+        Process("prefect-services", _py("prefect", "server", "services", "start"), "server"),
+        Process("setup-pool", _py("deployments.cli", "setup-pool"), "client", once=True),
+    ]
+    for queue, count in config.workers.items():
+        for i in range(1, count + 1):
+            name = f"{queue}-{i}"
+            args = _py("prefect", "worker", "start", "--pool", "indostar", "--work-queue", queue, "--name", name)
+            if queue in WORKER_LIMITS:
+                args += ("--limit", str(WORKER_LIMITS[queue]))
+            out.append(Process(f"worker-{queue}-{i}", args, "client"))
+    for i in range(1, config.task_workers + 1):
+        args = _py("deployments.cli", "task-worker")
+        if config.task_metrics_port:
+            args += ("--metrics-port", str(config.task_metrics_port + i - 1), "--metrics-host", config.metrics_host)
+        out.append(Process(f"task-worker-{i}", args, "client"))
+    if config.metrics_port:
+        metrics = _py("deployments.cli", "metrics", "--port", str(config.metrics_port), "--host", config.metrics_host)
+        out.append(Process("metrics", metrics, "client"))
+    out.append(Process("deploy", _py("deployments.cli", "deploy"), "client", once=True))
+    out.append(Process("automations", _py("deployments.cli", "automations"), "client", once=True))
+    return out
+
+
+def scrape_targets(config: TopologyConfig, host_of: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """Prometheus job: targets, from ``processes`` (``host_of``: a process's address other than metrics_host)."""
+    targets: dict[str, list[str]] = {}
+    for proc in processes(config):
+        if "--metrics-port" in proc.argv or proc.name == "metrics":
+            flag = "--metrics-port" if "--metrics-port" in proc.argv else "--port"
+            port = proc.argv[proc.argv.index(flag) + 1]
+            host = (host_of or {}).get(proc.name, config.metrics_host)
+            targets.setdefault("exporter" if proc.name == "metrics" else "task-worker", []).append(f"{host}:{port}")
+    return targets
+
+
+def prometheus_config(targets: Mapping[str, list[str]], rules: str) -> dict:
+    """Prometheus's configuration: scrape every 15 s, evaluate deploy/prometheus/alerts.yml (at ``rules``)."""
+    return {
+        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "rule_files": [rules],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
+    }
+
+
 @dataclass
 class TopologyConfig:
     """Where each part listens and keeps its state."""
@@ -85,12 +158,19 @@ class TopologyConfig:
     host: str = "127.0.0.1"
     workers: Mapping[str, int] = field(default_factory=lambda: dict(WORKERS))
     task_workers: int = 1  # `indostar-jobs task-worker` processes: messages a customer waits for (.delay())
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # `indostar-jobs metrics`; None: no exporter
+    task_metrics_port: int | None = DEFAULT_TASK_METRICS_PORT  # task worker i serves on this + i - 1
+    prometheus_port: int | None = None  # a Prometheus scraping them (when installed); None: none
+    metrics_host: str = "127.0.0.1"  # where the exporter and the workers' metrics listen
+    public_host: str | None = None  # how clients reach the API (default: host)
+    workdir: Path = ROOT  # the code's directory, as workers see it
+    indostar_env: str = "dev"  # a rehearsal on one machine runs on the dev defaults
     extra_server_env: Mapping[str, str] = field(default_factory=dict)
     extra_client_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ui_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.public_host or self.host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -103,11 +183,11 @@ class TopologyConfig:
     def common_env(self, base: Mapping[str, str]) -> dict[str, str]:
         return {
             **base,
-            "INDOSTAR_ENV": "dev",  # a rehearsal on one machine runs on the dev defaults
+            "INDOSTAR_ENV": self.indostar_env,
             "PREFECT_HOME": str(self.rundir / "prefect-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_URL": self.ui_url,
-            "PWD": str(ROOT),  # prefect.yaml's pull step records {{ $PWD }} as the workers' directory
+            "PWD": str(self.workdir),  # prefect.yaml's pull step records {{ $PWD }} as the workers' directory
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -202,23 +282,18 @@ class Topology:
 
     # --- steps ---------------------------------------------------------------------------------
 
+    def process(self, name: str) -> Process:
+        return next(p for p in processes(self.config) if p.name == name)
+
     def migrate_prefect_database(self) -> None:
         """Create the server's database if missing and upgrade it, before any server process starts."""
-        name = make_url(self.config.prefect_database_url).database
-        created = ensure_prefect_database(self.config.prefect_database_url)
-        upgrade = ["-m", "prefect", "server", "database", "upgrade", "-y"]
-        self.run_steps(("prefect-db-upgrade", upgrade), env=self.config.server_env(self.base_env))
-        self.say(f"Prefect database {name} {'created and ' if created else ''}migrated")
+        self.run_steps(self.process("prefect-database"))
+        self.say(f"Prefect database {make_url(self.config.prefect_database_url).database} ready")
 
     def start_server(self, wait: float = 120) -> None:
         cfg = self.config
-        env = cfg.server_env(self.base_env)
-        api = self._spawn(
-            "prefect-api",
-            ["-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.port), "--no-services"],
-            env,
-        )
-        self._spawn("prefect-services", ["-m", "prefect", "server", "services", "start"], env)
+        api = self._start(self.process("prefect-api"))
+        self._start(self.process("prefect-services"))
         deadline = time.monotonic() + wait
         while not _api_healthy(cfg.api_url):
             self.check_alive()
@@ -229,30 +304,46 @@ class Topology:
         self.say(f"Prefect API + UI at {cfg.ui_url} (pid {api.popen.pid}); services pid {self.procs[-1].popen.pid}")
 
     def setup_pool(self) -> None:
-        self.run_steps(("setup-pool", ["-m", "deployments.cli", "setup-pool"]))
+        self.run_steps(self.process("setup-pool"))
         self.say("work pool indostar and its queues ready")
 
     def deploy(self, automations: bool = True) -> None:
-        """`prefect deploy --all` and the automations, side by side (neither needs the other)."""
-        steps = [("deploy", ["-m", "prefect", "--no-prompt", "deploy", "--all"])]
+        """`indostar-jobs deploy` (prefect deploy --all, then the jobs' default schedules) and the automations,
+        side by side (neither needs the other)."""
+        steps = [self.process("deploy")]
         if automations:
-            steps.append(("automations", ["-m", "deployments.cli", "automations"]))
+            steps.append(self.process("automations"))
         self.run_steps(*steps)
         self.say("every deployment of prefect.yaml" + (" and the automations" if automations else "") + " registered")
 
     def start_workers(self) -> None:
-        env = self.config.client_env(self.base_env)
-        for queue, count in self.config.workers.items():
-            for i in range(1, count + 1):
-                name = f"{queue}-{i}"
-                args = ["-m", "prefect", "worker", "start", "--pool", "indostar", "--work-queue", queue, "--name", name]
-                if queue in WORKER_LIMITS:
-                    args += ["--limit", str(WORKER_LIMITS[queue])]
-                self.workers[name] = self._spawn(f"worker-{name}", args, env)
-        for i in range(1, self.config.task_workers + 1):
-            name = f"task-worker-{i}"
-            self.workers[name] = self._spawn(name, ["-m", "deployments.cli", "task-worker"], env)
+        """Pool workers, task workers and the metrics exporter; Prometheus too when asked for and installed."""
+        for proc in processes(self.config):
+            if proc.is_worker:
+                self.workers[proc.name.removeprefix("worker-")] = self._start(proc)  # by worker name: subscriptions-1
+        self.start_prometheus()
         self.say("workers: " + ", ".join(f"{n} (pid {p.popen.pid})" for n, p in self.workers.items()))
+
+    def start_prometheus(self) -> None:
+        import shutil
+
+        import yaml
+
+        binary = shutil.which("prometheus")
+        if not self.config.prometheus_port or not binary:
+            return
+        config = self.config.rundir / "prometheus.yml"
+        rules = str(ROOT / "deploy" / "prometheus" / "alerts.yml")
+        config.write_text(yaml.safe_dump(prometheus_config(scrape_targets(self.config), rules), sort_keys=False))
+        args = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.config.rundir / 'prometheus-data'}",
+            f"--web.listen-address={self.config.metrics_host}:{self.config.prometheus_port}",
+        ]
+        proc = Proc("prometheus", args, self.config.client_env(self.base_env), self.config.rundir)
+        self.procs.append(proc)
+        self.workers["prometheus"] = proc
 
     def start(self, automations: bool = True) -> Topology:
         """Every step in order; on a failure, what was started is stopped again."""
@@ -270,15 +361,20 @@ class Topology:
 
     # --- processes -----------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
-        proc = Proc(name, [sys.executable, *args], env, self.config.rundir)
-        self.procs.append(proc)
-        return proc
+    def _argv(self, proc: Process) -> list[str]:
+        return [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(proc.argv)]
 
-    def run_steps(self, *steps: tuple[str, list[str]], env: dict[str, str] | None = None, timeout: float = 600) -> None:
+    def _env(self, proc: Process) -> dict[str, str]:
+        return (self.config.server_env if proc.side == "server" else self.config.client_env)(self.base_env)
+
+    def _start(self, proc: Process) -> Proc:
+        started = Proc(proc.name, self._argv(proc), self._env(proc), self.config.rundir)
+        self.procs.append(started)
+        return started
+
+    def run_steps(self, *steps: Process, timeout: float = 600) -> None:
         """Run one-off commands (as an operator would) side by side; fail with the failures' logs."""
-        env = env or self.config.client_env(self.base_env)
-        running = [(name, Proc(name, [sys.executable, *args], env, self.config.rundir)) for name, args in steps]
+        running = [(p.name, Proc(p.name, self._argv(p), self._env(p), self.config.rundir)) for p in steps]
         deadline = time.monotonic() + timeout
         failed: list[str] = []
         try:
@@ -356,6 +452,7 @@ def config_from_environment(rundir: Path) -> TopologyConfig:
         redis_db=int(os.environ.get("PREFECT_REDIS_MESSAGING_DB") or DEFAULT_REDIS_DB),
         rundir=rundir,
         port=int(os.environ.get("PREFECT_SERVER_API_PORT") or DEFAULT_PORT),
+        prometheus_port=int(os.environ.get("PROMETHEUS_PORT") or 9090),
     )
 
 

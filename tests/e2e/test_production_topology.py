@@ -61,6 +61,7 @@ def topology(migrated_database, redis_session, smtp_server, tmp_path_factory) ->
         redis_db=claim_free_redis_db(host, port, owner),
         rundir=tmp_path_factory.mktemp("topology"),
         port=free_port(),
+        metrics_port=free_port(),  # the exporter, as `up --production` starts it (Prometheus: tests/e2e/test_metrics)
         # The queues this test uses; critical and default workers would only poll (CPU on a shared machine).
         workers={"notifications": 1, "subscriptions": 3},
         task_workers=0,  # background tasks have their own e2e tests
@@ -272,3 +273,20 @@ def test_an_order_confirmation_from_the_backend_is_sent_once_by_the_notification
     time.sleep(2)  # a duplicate would have arrived by now
     sent = [m for m in smtp_server.messages[before:] if "asha.rao@example.in" in m.rcpt_tos]
     assert len(sent) == 1 and len(smtp_server.messages) == before + 1
+
+
+def test_the_topologys_exporter_counts_the_nights_runs(topology, night):
+    """`indostar-jobs metrics`, started by the topology, answers /metrics with the night's completed run."""
+    import urllib.request
+
+    port = topology.config.metrics_port
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text_ = r.read().decode()
+        line = 'indostar_flow_runs_total{flow="process-due-subscriptions",state="COMPLETED"}'
+        if line in text_ or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert f"{line} 1.0" in text_, text_[-3000:]
+    assert 'indostar_metrics_source_up{source="prefect"} 1.0' in text_

@@ -321,3 +321,26 @@ def _holders() -> int:
                 {"ns": outbox.HOLDER_NAMESPACE},
             ).scalar()
         )
+
+
+def test_a_background_task_that_fails_for_good_sends_one_sentry_event(worker, sentry_server):
+    """Its tags find the row and the batch's task run; nothing for the task of the same batch that was sent."""
+    from lib import sentry
+
+    missing = old.send_order_confirmation_task.delay(order_id=987654)
+    good = old.send_order_confirmation_task.delay(order_id=make_order(db.get_engine()))
+    worker()
+    with pytest.raises(NotFoundError, match="order 987654 does not exist"):
+        missing.get(timeout=10)
+    assert good.get(timeout=10)["sent"] == 2
+    # The worker reports right after it settles the rows, which is when get() returns: wait for it.
+    events = _until(lambda: sentry.flush() or sentry_server.events(), timeout=10)
+    time.sleep(0.5)
+    sentry.flush()
+    assert len(sentry_server.events()) == 1, sentry_server.events()
+    row = _row(missing.id)
+    tags = events[0]["tags"]
+    assert tags["task"] == row["name"] and tags["task_id"] == str(missing.id)
+    assert tags["task_run_id"] == str(row["task_run_id"]) and tags["work_queue"] == "background-tasks"
+    # The error's text, with every 4-8 digit number masked as a possible one-time code (an order id too).
+    assert tags["attempt"] == "1" and "order ****** does not exist" in events[0]["contexts"]["prefect"]["message"]
