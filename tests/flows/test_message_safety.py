@@ -229,8 +229,15 @@ def _runs_started(api, top: list) -> tuple[list, list]:
         )
         frontier = [r.id for r in children if r.id not in flows]
         flows += frontier
-    task_runs = api.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flows)))
-    return flows, task_runs
+    # The server records task runs from their events, a moment after the runs end (longer on a busy machine).
+    # Read until two reads a second apart agree (and found some), or 30 s have passed.
+    deadline, before = time.monotonic() + 30, -1
+    while True:
+        task_runs = api.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flows)))
+        if (task_runs and len(task_runs) == before) or time.monotonic() > deadline:
+            return flows, task_runs
+        before = len(task_runs)
+        time.sleep(1)
 
 
 def _redis_values(client) -> list[str]:
