@@ -146,8 +146,7 @@ def test_prometheus_sees_the_series_with_the_values_the_database_and_api_hold(
     value_of(base, "sum(indostar_background_runs_waiting) or vector(0)", 0)
     value_of(base, "sum(indostar_late_flow_runs) or vector(0)", 0)
     value_of(base, 'indostar_metrics_source_up{source="prefect"}', 1)
-    last = query(base, "indostar_last_success_timestamp_seconds")
-    assert last == [] or all(float(r["value"][1]) > 0 for r in last)
+    # indostar_last_success_timestamp_seconds is per deployment: the production topology's test reads it.
     with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=5) as r:  # noqa: S310 - loopback
         rules = {rule["name"] for g in json.load(r)["data"]["groups"] for rule in g["rules"]}
     assert {"NightlyRunNotCompleted", "NoTaskWorkerOnline", "PaymentsHeld"} <= rules

@@ -290,3 +290,8 @@ def test_the_topologys_exporter_counts_the_nights_runs(topology, night):
         time.sleep(1)
     assert f"{line} 1.0" in text_, text_[-3000:]
     assert 'indostar_metrics_source_up{source="prefect"} 1.0' in text_
+    last = re.search(
+        r'indostar_last_success_timestamp_seconds\{deployment="process-due-subscriptions/daily"\} (\S+)', text_
+    )
+    assert last, text_[-3000:]
+    assert abs(float(last.group(1)) - night.parent.end_time.timestamp()) < 1  # the night's own end
