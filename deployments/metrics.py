@@ -89,8 +89,11 @@ class FlowRunTally:
         runs = CounterMetricFamily(
             "indostar_flow_runs", "Finished flow runs by flow and state", labels=["flow", "state"]
         )
-        for (flow, state), n in sorted(self.counts.items()):
-            runs.add_metric([flow, state], n)
+        # Every state of a flow from its first run on, at 0 until it happens: increase() ignores a series'
+        # first sample, so a FAILED series born at 1 would hide the first failure from the alert.
+        for flow in sorted({f for f, _ in self.counts}):
+            for state in TERMINAL:
+                runs.add_metric([flow, state], self.counts.get((flow, state), 0))
         yield runs
         hist = HistogramMetricFamily(
             "indostar_flow_run_duration_seconds", "Run time of finished flow runs", labels=["flow"]

@@ -66,7 +66,8 @@ def register_all() -> list[RunnerDeployment]:
     from deployments.schedules import ensure_default_schedules
 
     deployments = all_deployments()
-    paused = paused_deployments()
+    # Paused by the owner stays paused; paused by our own `serve --pause-on-shutdown` is resumed.
+    paused = paused_deployments() - _take_paused_by_serve()
     for deployment in deployments:
         # Prefect sends paused=False with every registration: a deployment paused in the UI stays paused.
         deployment.paused = deployment.full_name in paused
@@ -103,6 +104,38 @@ def repause(names: set[str]) -> list[str]:
     return done
 
 
+PAUSED_BY_SERVE = "indostar_paused_by_serve"  # Prefect Variable: what `serve --pause-on-shutdown` paused
+
+
+def _take_paused_by_serve() -> set[str]:
+    from prefect.variables import Variable
+
+    names = Variable.get(PAUSED_BY_SERVE, default=None) or []
+    if names:
+        Variable.unset(PAUSED_BY_SERVE)
+    return set(names)
+
+
 def serve_all(pause_on_shutdown: bool = False, limit: int | None = None) -> None:
-    """Serve every deployment until interrupted."""
-    serve(*register_all(), pause_on_shutdown=pause_on_shutdown, limit=limit)
+    """Serve every deployment until interrupted (Ctrl-C, SIGTERM).
+
+    With ``pause_on_shutdown`` every deployment not already paused is paused as the process stops
+    (done here: Prefect 3.9's own flag did not pause on Ctrl-C in our tests), and noted, so the next
+    start resumes those and only those; an owner's pause is kept."""
+    deployments = register_all()
+    try:
+        serve(*deployments, pause_on_shutdown=False, limit=limit)
+    finally:
+        if pause_on_shutdown:
+            _pause_for_shutdown({d.full_name for d in deployments})
+
+
+def _pause_for_shutdown(names: set[str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.variables import Variable
+
+    ours = sorted(names - paused_deployments())
+    with get_client(sync_client=True) as client:
+        for name in ours:
+            client.pause_deployment(client.read_deployment_by_name(name).id)
+    Variable.set(PAUSED_BY_SERVE, ours, overwrite=True)

@@ -7,8 +7,10 @@ registers the deployments again is taken, and the server is asked what it has.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -120,3 +122,34 @@ def test_a_bad_cron_or_a_retention_under_its_floor_is_refused_in_one_line_and_no
     register_all()  # a restart leaves the variable alone
     assert Variable.get("retention_cleanup_expired_carts") == {"days_old": 10}
     Variable.unset("retention_cleanup_expired_carts")
+
+
+def test_serve_pause_on_shutdown_is_undone_at_the_next_start_but_an_owners_pause_is_kept(api, prefect_server, spawn):
+    """`serve --pause-on-shutdown` pauses every deployment as it stops; the next start resumes those it paused
+    and only those."""
+    from prefect.client.orchestration import get_client
+    from prefect.variables import Variable
+
+    from deployments.serve import PAUSED_BY_SERVE
+
+    register_all()
+    with get_client(sync_client=True) as client:
+        client.pause_deployment(client.read_deployment_by_name("ops-report/weekly").id)  # the owner's
+        serve = spawn(
+            "serve", "-m", "deployments.cli", "serve", "--pause-on-shutdown", extra_env={"INDOSTAR_ENV": "dev"}
+        )
+        deadline = time.monotonic() + 90
+        while "being served" not in serve.tail(200):
+            assert serve.popen.poll() is None and time.monotonic() < deadline, serve.tail()
+            time.sleep(0.5)
+        serve.stop(signal.SIGINT)  # Ctrl-C
+        paused = {j.full_name: client.read_deployment_by_name(j.full_name).paused for j in schedules.jobs().values()}
+        assert all(paused.values()), paused  # paused on the way out
+        assert "ops-report/weekly" not in Variable.get(PAUSED_BY_SERVE)
+        assert "cleanup-expired-carts/daily" in Variable.get(PAUSED_BY_SERVE)
+
+        register_all()  # the next `serve` or `make up`
+        after = {j.full_name: client.read_deployment_by_name(j.full_name).paused for j in schedules.jobs().values()}
+        assert after == {name: name == "ops-report/weekly" for name in after}
+        assert Variable.get(PAUSED_BY_SERVE, default=None) is None
+        client.resume_deployment(client.read_deployment_by_name("ops-report/weekly").id)
