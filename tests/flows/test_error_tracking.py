@@ -80,7 +80,9 @@ def test_a_failed_run_sends_one_event_with_its_tags_and_a_retry_that_succeeds_se
     assert "p***@example.in" in raw  # masked as in the logs, still useful
 
 
-def test_an_otp_run_the_gateway_refuses_sends_one_event_without_the_phone_or_the_code(pg, sentry_server, sms_gateway):
+def test_an_otp_run_the_gateway_refuses_sends_one_event_without_the_phone_or_the_code(
+    pg, redis_client, sentry_server, sms_gateway
+):
     customer = make_customer(pg, phone="+919812345678")
     sms_gateway.fail_next(400)
     state = send_otp(customer_id=customer, return_state=True)
