@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lib.config import get_settings, redacted_url
-from lib.errors import InvalidInputError, JobError, PermanentError, ServiceUnavailableError
+from lib.errors import JobError, PermanentError, ServiceUnavailableError
 
 log = logging.getLogger("indostar_jobs")
 
@@ -295,8 +295,6 @@ def cmd_task_worker(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from deployments import schedules
 
-    if args.action == "retention" and args.days is None and args.batch_size is None:
-        raise InvalidInputError("nothing to change: pass --days and/or --batch-size")
     if args.action == "set":
         schedules.cron_schedule(args.cron)  # a bad cron is refused before the API is asked anything
     prefect_api_url()

@@ -24,12 +24,11 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lib.config import get_settings
@@ -37,7 +36,7 @@ from lib.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-DURATION_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+DURATION_BUCKETS = (0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 POOL = "indostar"
 BACKGROUND_QUEUE = "background-tasks"
@@ -61,49 +60,58 @@ class _Cached:
 
 
 class FlowRunTally:
-    """Finished flow runs seen so far, by flow and state, with their run times (the counter behind the families)."""
+    """Finished flow runs seen so far (a counter by flow and state, a run-time histogram by flow) and each
+    deployment's last success, fed by the runs that finish."""
 
     def __init__(self, since: dt.datetime):
         self.watermark = since
-        self.seen: dict[Any, dt.datetime] = {}
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self.buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(DURATION_BUCKETS))
-        self.sums: Counter[str] = Counter()
+        self.seen: dict[Any, dt.datetime] = {}  # run ids read in the overlap, so a re-read does not count twice
+        self.runs = Counter(
+            "indostar_flow_runs", "Finished flow runs by flow and state", ["flow", "state"], registry=None
+        )
+        self.durations = Histogram(
+            "indostar_flow_run_duration_seconds",
+            "Run time of finished flow runs",
+            ["flow"],
+            buckets=DURATION_BUCKETS,
+            registry=None,
+        )
+        self.flows: set[str] = set()
+        self.last_success: dict[Any, float] = {}  # deployment id: unix end time of its last Completed run
 
-    def add(self, run_id: Any, flow: str, state: str, ended: dt.datetime, seconds: float) -> None:
-        if run_id in self.seen:
+    def add(self, run: Any, flow: str) -> None:
+        if run.id in self.seen:
             return
-        self.seen[run_id] = ended
-        self.counts[(flow, state)] += 1
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.buckets[flow][i] += 1
-        self.sums[flow] += seconds
+        self.seen[run.id] = run.end_time
+        if flow not in self.flows:
+            # Every state at 0 from the flow's first run on: increase() ignores a series' first sample, so a
+            # FAILED series born at 1 would hide the first failure from the alert.
+            self.flows.add(flow)
+            for state in TERMINAL:
+                self.runs.labels(flow, state)
+        state = run.state_type.value
+        self.runs.labels(flow, state).inc()
+        self.durations.labels(flow).observe(run.total_run_time.total_seconds() if run.total_run_time else 0.0)
+        if state == "COMPLETED" and run.deployment_id:
+            self.succeeded(run.deployment_id, run.end_time)
+
+    def succeeded(self, deployment_id: Any, ended: dt.datetime) -> None:
+        self.last_success[deployment_id] = max(self.last_success.get(deployment_id, 0.0), ended.timestamp())
 
     def advance(self, newest: dt.datetime, overlap: dt.timedelta) -> None:
         """Move the watermark; forget ids that ended before it (a re-read of the overlap skips the rest)."""
         self.watermark = max(self.watermark, newest - overlap)
         self.seen = {k: v for k, v in self.seen.items() if v >= self.watermark}
 
-    def families(self) -> Iterator[Metric]:
-        runs = CounterMetricFamily(
-            "indostar_flow_runs", "Finished flow runs by flow and state", labels=["flow", "state"]
-        )
-        # Every state of a flow from its first run on, at 0 until it happens: increase() ignores a series'
-        # first sample, so a FAILED series born at 1 would hide the first failure from the alert.
-        for flow in sorted({f for f, _ in self.counts}):
-            for state in TERMINAL:
-                runs.add_metric([flow, state], self.counts.get((flow, state), 0))
-        yield runs
-        hist = HistogramMetricFamily(
-            "indostar_flow_run_duration_seconds", "Run time of finished flow runs", labels=["flow"]
-        )
-        for flow, counts in sorted(self.buckets.items()):
-            bounds = [
-                ("+Inf" if b == float("inf") else str(b), c) for b, c in zip(DURATION_BUCKETS, counts, strict=True)
-            ]
-            hist.add_metric([flow], bounds, self.sums[flow])
-        yield hist
+    def families(self) -> list[Metric]:
+        return [*self.runs.collect(), *self.durations.collect()]
+
+
+def _gauge(name: str, help_: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, help_, labels=[label])
+    for key, n in sorted(values.items()):
+        g.add_metric([key], n)
+    return g
 
 
 class PrefectSource:
@@ -112,6 +120,7 @@ class PrefectSource:
     def __init__(self, lookback: float):
         self.tally = FlowRunTally(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=lookback))
         self.flow_names: dict[Any, str] = {}
+        self.deployments_seen: set[Any] = set()
 
     def read(self, online: GaugeMetricFamily) -> list[Metric]:
         """The API's families (``online`` gets the pool queues); raises if the API cannot be read."""
@@ -123,8 +132,11 @@ class PrefectSource:
             raise ServiceUnavailableError("PREFECT_API_URL is not set")
         with get_client(sync_client=True) as client:
             self._count_finished(client)
-            late = self._late(client)
-            self._queues(client, online)
+            queues = self._pool_queues(client)
+            for queue in queues:
+                status = getattr(queue.status, "value", queue.status)
+                online.add_metric([queue.name], 1 if status == "READY" else 0)
+            late = self._late(client, [q.name for q in queues])
             last = self._last_success(client)
         return [*self.tally.families(), late, last]
 
@@ -132,6 +144,17 @@ class PrefectSource:
         if flow_id not in self.flow_names:
             self.flow_names[flow_id] = client.read_flow(flow_id).name
         return self.flow_names[flow_id]
+
+    @staticmethod
+    def _runs(client: Any, flt: Any, **options: Any) -> Iterator[Any]:
+        """Every flow run matching ``flt``, a page at a time."""
+        offset = 0
+        while True:
+            page = client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=offset, **options)
+            yield from page
+            if len(page) < PAGE:
+                return
+            offset += PAGE
 
     def _count_finished(self, client: Any) -> None:
         from prefect.client.schemas.filters import (
@@ -143,49 +166,26 @@ class PrefectSource:
         from prefect.client.schemas.sorting import FlowRunSort
 
         overlap = dt.timedelta(seconds=60)  # runs whose end time is written late (clock skew, slow commits)
-        start = self.tally.watermark
-        newest = start
+        newest = self.tally.watermark
         flt = FlowRunFilter(
-            end_time=FlowRunFilterEndTime(after_=start),
+            end_time=FlowRunFilterEndTime(after_=newest),
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(TERMINAL))),
         )
-        offset = 0
-        while True:
-            page = client.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.END_TIME_DESC, limit=PAGE, offset=offset)
-            for run in page:
-                if run.end_time is None or run.state_type is None:
-                    continue
-                seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0
-                flow = self._flow_name(client, run.flow_id)
-                self.tally.add(run.id, flow, run.state_type.value, run.end_time, seconds)
+        for run in self._runs(client, flt, sort=FlowRunSort.END_TIME_DESC):
+            if run.end_time is not None and run.state_type is not None:
+                self.tally.add(run, self._flow_name(client, run.flow_id))
                 newest = max(newest, run.end_time)
-            if len(page) < PAGE:
-                break
-            offset += PAGE
         self.tally.advance(newest, overlap)
 
-    def _late(self, client: Any) -> Metric:
+    def _late(self, client: Any, queues: list[str]) -> Metric:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
 
-        late: Counter[str] = Counter()
+        late = dict.fromkeys(queues, 0)
         flt = FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Late"])))
-        offset = 0
-        while True:
-            page = client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=offset)
-            for run in page:
-                late[run.work_queue_name or "none"] += 1
-            if len(page) < PAGE:
-                break
-            offset += PAGE
-        for queue in self._queue_names(client):
-            late.setdefault(queue, 0)
-        g = GaugeMetricFamily("indostar_late_flow_runs", "Flow runs in state Late", labels=["work_queue"])
-        for queue, n in sorted(late.items()):
-            g.add_metric([queue], n)
-        return g
-
-    def _queue_names(self, client: Any) -> list[str]:
-        return [q.name for q in self._pool_queues(client)]
+        for run in self._runs(client, flt):
+            queue = run.work_queue_name or "none"
+            late[queue] = late.get(queue, 0) + 1
+        return _gauge("indostar_late_flow_runs", "Flow runs in state Late", "work_queue", late)
 
     def _pool_queues(self, client: Any) -> list[Any]:
         from prefect.exceptions import ObjectNotFound
@@ -195,12 +195,9 @@ class PrefectSource:
         except ObjectNotFound:  # served deployments (`make up`): no pool
             return []
 
-    def _queues(self, client: Any, online: GaugeMetricFamily) -> None:
-        for queue in self._pool_queues(client):
-            status = getattr(queue.status, "value", queue.status)
-            online.add_metric([queue.name], 1 if status == "READY" else 0)
-
     def _last_success(self, client: Any) -> Metric:
+        """From the tally, except for a deployment seen for the first time: its last success may be older than
+        the look-back, so it is asked for once (a night that ended before the exporter started still counts)."""
         from prefect.client.schemas.filters import (
             DeploymentFilter,
             DeploymentFilterId,
@@ -210,22 +207,27 @@ class PrefectSource:
         )
         from prefect.client.schemas.sorting import FlowRunSort
 
-        g = GaugeMetricFamily(
+        done = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"])))
+        last: dict[str, float] = {}
+        for dep in client.read_deployments():
+            if dep.id not in self.deployments_seen:
+                runs = client.read_flow_runs(
+                    flow_run_filter=done,
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                    sort=FlowRunSort.END_TIME_DESC,
+                    limit=1,
+                )
+                if runs and runs[0].end_time:
+                    self.tally.succeeded(dep.id, runs[0].end_time)
+                self.deployments_seen.add(dep.id)
+            if dep.id in self.tally.last_success:
+                last[f"{self._flow_name(client, dep.flow_id)}/{dep.name}"] = self.tally.last_success[dep.id]
+        return _gauge(
             "indostar_last_success_timestamp_seconds",
             "End time of the last Completed flow run of each deployment (unix seconds)",
-            labels=["deployment"],
+            "deployment",
+            last,
         )
-        done = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"])))
-        for dep in client.read_deployments():
-            runs = client.read_flow_runs(
-                flow_run_filter=done,
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                sort=FlowRunSort.END_TIME_DESC,
-                limit=1,
-            )
-            if runs and runs[0].end_time:
-                g.add_metric([f"{self._flow_name(client, dep.flow_id)}/{dep.name}"], runs[0].end_time.timestamp())
-        return g
 
 
 def read_shop(online: GaugeMetricFamily) -> list[Metric]:
@@ -240,11 +242,9 @@ def read_shop(online: GaugeMetricFamily) -> list[Metric]:
     )
     for (channel, status), n in sorted(h.notifications.items()):
         notes.add_metric([channel, status], n)
-    waiting = GaugeMetricFamily(
-        "indostar_background_runs_waiting", "Background tasks queued or waiting to retry", labels=["task"]
+    waiting = _gauge(
+        "indostar_background_runs_waiting", "Background tasks queued or waiting to retry", "task", h.waiting
     )
-    for name, n in sorted(h.waiting.items()):
-        waiting.add_metric([name], n)
     return [
         notes,
         GaugeMetricFamily("indostar_dead_letters", "Messages given up on (status dead)", value=h.dead_letters),

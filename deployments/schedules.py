@@ -97,9 +97,16 @@ def _ours(deployment: Any) -> Any | None:
     return next((s for s in deployment.schedules or [] if s.slug == SLUG), None)
 
 
+def _add_schedule(client: Any, deployment_id: Any, schedule: Any) -> None:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+
+    client.create_deployment_schedules(
+        deployment_id, [DeploymentScheduleCreate(schedule=schedule, active=True, slug=SLUG)]
+    )
+
+
 def ensure_default_schedules(client: Any | None = None) -> list[str]:
     """Create each registered job's default schedule where it has none of slug ``cron``; the names created."""
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.exceptions import ObjectNotFound
 
     created = []
@@ -112,8 +119,7 @@ def ensure_default_schedules(client: Any | None = None) -> list[str]:
             except ObjectNotFound:
                 continue
             if _ours(dep) is None:
-                new = DeploymentScheduleCreate(schedule=cron_schedule(j.cron, j.timezone), active=True, slug=SLUG)
-                c.create_deployment_schedules(dep.id, [new])
+                _add_schedule(c, dep.id, cron_schedule(j.cron, j.timezone))
                 created.append(j.full_name)
     return created
 
@@ -132,15 +138,13 @@ def _client(given: Any | None) -> Iterator[Any]:
 
 def set_cron(name: str, cron: str, client: Any | None = None) -> str:
     """Give a job this cron (creating its schedule if it had none); returns what it says."""
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
-
     j = job(name)
     schedule = cron_schedule(cron, j.timezone)
     with _client(client) as c:
         dep = _deployment(c, j)
         ours = _ours(dep)
         if ours is None:
-            c.create_deployment_schedules(dep.id, [DeploymentScheduleCreate(schedule=schedule, active=True, slug=SLUG)])
+            _add_schedule(c, dep.id, schedule)
         else:
             c.update_deployment_schedule(dep.id, ours.id, schedule=schedule)
     return f"{j.full_name}: cron {cron} ({j.timezone})"
@@ -148,7 +152,6 @@ def set_cron(name: str, cron: str, client: Any | None = None) -> str:
 
 def set_active(name: str, active: bool, client: Any | None = None) -> str:
     """Pause (False) or resume (True) a job's schedule; resuming also resumes a deployment paused in the UI."""
-
     j = job(name)
     with _client(client) as c:
         dep = _deployment(c, j)
@@ -173,7 +176,7 @@ def set_retention(name: str, days: int | None, batch_size: int | None) -> str:
     changes = retention.check(j.flow, {k: v for k, v in given.items() if v is not None}, f"retention of {j.flow}")
     if not changes:
         raise InvalidInputError("nothing to change: pass --days and/or --batch-size")
-    current = retention.check(j.flow, stored_retention(j.flow), f"Prefect variable {spec.variable}")
+    current = retention.check(j.flow, stored_retention(j.flow), spec.source)
     Variable.set(spec.variable, {**current, **changes}, overwrite=True)
     return f"{j.full_name}: " + ", ".join(f"{k} {v}" for k, v in {**current, **changes}.items())
 
@@ -198,10 +201,9 @@ def describe(client: Any | None = None) -> list[dict[str, Any]]:
             else:
                 row["state"] = "unscheduled"
             if j.flow in retention.JOBS:
-                from flows.common import stored_retention
+                from flows.common import owner_retention
 
-                spec = retention.JOBS[j.flow]
-                values = retention.resolve(j.flow, {}, stored_retention(j.flow), f"Prefect variable {spec.variable}")
+                values = owner_retention(j.flow)
                 row["retention"] = ", ".join(f"{k} {v}" for k, v in values.items())
             rows.append(row)
     return rows

@@ -136,9 +136,7 @@ def stored_retention(flow_name: str) -> dict[str, Any]:
     spec = retention.job(flow_name)
     stored = Variable.get(spec.variable, default=None)
     if stored is not None and not isinstance(stored, dict):
-        raise InvalidInputError(
-            f'Prefect variable {spec.variable} must be a JSON object like {{"{spec.days.name}": 30}}, got {stored!r}'
-        )
+        raise InvalidInputError(f'{spec.source} must be a JSON object like {{"{spec.days.name}": 30}}, got {stored!r}')
     return stored or {}
 
 
@@ -146,5 +144,4 @@ def owner_retention(flow_name: str, **given: int | None) -> dict[str, int]:
     """A cleanup run's retention: a value passed to the run, else the owner's (set in the UI's Variables or
     with `indostar-jobs schedule retention`), else the default. An owner's value under its floor fails the
     run with one line naming the variable."""
-    source = f"Prefect variable {retention.job(flow_name).variable}"
-    return retention.resolve(flow_name, given, stored_retention(flow_name), source)
+    return retention.resolve(flow_name, given, stored_retention(flow_name), retention.job(flow_name).source)

@@ -87,7 +87,6 @@ def flow_run_ended(flw: Any, run: Any, state: Any) -> None:
 
 # ---- error tracking (lib/sentry.py) ------------------------------------------------------------------
 
-_reported: set[Any] = set()  # run ids already sent from this process: one event per run, whatever calls twice
 _check_ins: dict[Any, tuple[str, str | None]] = {}  # flow run id: (monitor slug, check-in id)
 
 
@@ -117,9 +116,8 @@ def _deployment_name(run: Any) -> str | None:
 
 def flow_run_ended_badly(flw: Any, run: Any, state: Any) -> None:
     """Flow hook (failed, crashed): one Sentry event for the run, after its retries."""
-    if not sentry.enabled() or run.id in _reported:
+    if not sentry.enabled():
         return
-    _reported.add(run.id)
     deployment = _deployment_name(run)
     tags = {
         "flow": flw.name,
@@ -135,9 +133,8 @@ def flow_run_ended_badly(flw: Any, run: Any, state: Any) -> None:
 
 def task_run_ended_badly(tsk: Any, task_run: Any, state: Any) -> None:
     """Task hook (failed): one Sentry event for the task run, after its retries."""
-    if not sentry.enabled() or task_run.id in _reported:
+    if not sentry.enabled():
         return
-    _reported.add(task_run.id)
     from prefect.runtime import flow_run
 
     tags = {
@@ -155,9 +152,8 @@ def task_run_ended_badly(tsk: Any, task_run: Any, state: Any) -> None:
 
 def background_task_failed(name: str, task_id: Any, task_run_id: Any, tries: int, error: str | None) -> None:
     """A background task failed for good (its retries used up): one Sentry event."""
-    if not sentry.enabled() or task_id in _reported:
+    if not sentry.enabled():
         return
-    _reported.add(task_id)
     tags = {
         "task": name,
         "task_id": task_id,
@@ -204,4 +200,3 @@ def flow_run_checked_out(run: Any, state: Any) -> None:
     slug, check_in_id = _check_ins.pop(run.id, (None, None))
     if slug:
         sentry.check_in(slug, "ok" if state.is_completed() else "error", check_in_id=check_in_id)
-        sentry.flush()

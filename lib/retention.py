@@ -39,6 +39,11 @@ class JobRetention:
         return "retention_" + self.flow.replace("-", "_")
 
     @property
+    def source(self) -> str:
+        """How an error names where the owner's values came from."""
+        return f"Prefect variable {self.variable}"
+
+    @property
     def settings(self) -> tuple[Setting, Setting]:
         return self.days, self.batch_size
 

@@ -35,20 +35,24 @@ _SECRET_KEY = re.compile(
 )
 # Left as they are: our own tags and the run's context are ids, names of flows and a link to the UI.
 _OURS = ("tags", "contexts.prefect", "contexts.monitor", "contexts.trace", "level", "event_id", "fingerprint")
+_OURS_PREFIXES = tuple(f"{p}." for p in _OURS)
 _ID_KEY = re.compile(r"(^|_)id$")
 
 _dsn: str | None = None
+_secret_values: list[str] = []
+_sent: set[tuple[str, ...]] = set()  # fingerprints already reported by this process
 
 
 def init(*, force: bool = False) -> bool:
     """Start the SDK for this process (idempotent); False when SENTRY_DSN is unset."""
-    global _dsn
+    global _dsn, _secret_values
     s = get_settings()
     dsn = s.sentry_dsn.get_secret_value() if s.sentry_dsn else None
     if not dsn:
         return False
     if _dsn == dsn and not force:
         return True
+    _secret_values = _secrets()
     if _dsn is not None:
         sentry_sdk.get_client().close(timeout=2)  # the previous client's transport thread goes with it
     sentry_sdk.init(
@@ -74,6 +78,7 @@ def enabled() -> bool:
 
 
 def _secrets() -> list[str]:
+    """Every configured secret (longest first, so one holding another is removed whole); read once at init."""
     s = get_settings()
     values = [s.token_secret, s.razorpay_webhook_secret, s.smtp_password, s.sms_api_key, s.task_webhook_secret]
     values.append(s.sentry_dsn)
@@ -83,13 +88,13 @@ def _secrets() -> list[str]:
 
 def scrub_text(text: str) -> str:
     """A string fit to leave: configured secrets removed, links, codes, emails and phone numbers masked."""
-    for secret in _secrets():
+    for secret in _secret_values:
         text = text.replace(secret, FILTERED)
     return mask_secrets(text)
 
 
 def _scrub(value: Any, path: str) -> Any:
-    if path in _OURS or path.startswith(tuple(f"{p}." for p in _OURS)):
+    if path in _OURS or path.startswith(_OURS_PREFIXES):
         return value
     if isinstance(value, dict):
         if path.endswith("parameters"):
@@ -127,9 +132,12 @@ def _breadcrumb(crumb: Any, hint: Any) -> Any:
 def capture_failure(
     message: str, tags: dict[str, Any], fingerprint: list[str], url: str | None, exc: BaseException | None = None
 ) -> None:
-    """One error event for a run that ended for good, grouped by ``fingerprint`` (one issue per run)."""
-    if not enabled():
+    """One error event for a run that ended for good, grouped by ``fingerprint`` (one issue per run); a second
+    call with the same fingerprint in this process (a hook run twice) sends nothing."""
+    sent_as = tuple(fingerprint)
+    if not enabled() or sent_as in _sent:
         return
+    _sent.add(sent_as)
     with sentry_sdk.new_scope() as scope:
         for key, value in tags.items():
             if value is not None:

@@ -8,6 +8,7 @@ only on a bad day.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -99,23 +100,31 @@ def start_gateway(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SMSGate
                 if status < 300
                 else {"type": "error", "message": state.error_body or f"gateway says {status}"}
             )
-            raw = json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client timed out first: that is the point of a delay
+            # The client may have timed out first: that is the point of a delay.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                _reply_json(self, status, payload)
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer((host, 0), Handler)
+    return _serve(host, Handler), state
+
+
+def _reply_json(handler: BaseHTTPRequestHandler, status: int, payload: object) -> None:
+    raw = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(raw)))
+    handler.end_headers()
+    handler.wfile.write(raw)
+
+
+def _serve(host: str, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """An HTTP server on a free loopback port, answering from a daemon thread."""
+    server = ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, state
+    return server
 
 
 @dataclass
@@ -188,19 +197,12 @@ def start_sentry(host: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, SentryRe
             if self.path.rstrip("/").endswith("/envelope"):
                 with state.lock:
                     state.envelopes.append(parse_envelope(body))
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
+            _reply_json(self, 200, {})
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer((host, 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, state
+    return _serve(host, Handler), state
 
 
 def prometheus_binary(name: str = "prometheus") -> str:

@@ -21,7 +21,7 @@ from lib.errors import PermanentError, TransientError
 from tests.builders import make_customer
 
 
-def settled(received) -> None:
+def settled() -> None:
     """Everything queued has reached the loopback server (flush returns once the transport has sent it)."""
     sentry.flush()
     time.sleep(0.2)
@@ -59,12 +59,12 @@ def nightly(fail: bool = False) -> str:
 
 def test_a_failed_run_sends_one_event_with_its_tags_and_a_retry_that_succeeds_sends_none(pg, sentry_server):
     assert flaky_then_fine(str(uuid.uuid4())) == 2
-    settled(sentry_server)
+    settled()
     assert sentry_server.events() == []
 
     state = always_fails("priya.sharma@example.in", "+919876543210", return_state=True)
     assert state.is_failed()
-    settled(sentry_server)
+    settled()
     events = sentry_server.events()
     assert len(events) == 1, [e.get("message") or e.get("exception") for e in events]
     event = events[0]
@@ -87,7 +87,7 @@ def test_an_otp_run_the_gateway_refuses_sends_one_event_without_the_phone_or_the
     sms_gateway.fail_next(400)
     state = send_otp(customer_id=customer, return_state=True)
     assert state.is_failed()
-    settled(sentry_server)
+    settled()
     events = sentry_server.events()
     assert len(events) == 1 and events[0]["tags"]["flow"] == "send-otp"
     sent = sms_gateway.requests[0].data()
@@ -111,7 +111,7 @@ def test_a_cron_deployments_runs_check_in_to_their_monitor_with_its_schedule(pg,
             run = client.create_flow_run_from_deployment(deployment_id, parameters={"fail": fail})
         outcomes.append(run_flow(nightly, flow_run=run, parameters={"fail": fail}, return_type="state"))
     assert outcomes[0].is_completed() and outcomes[1].is_failed()
-    settled(sentry_server)
+    settled()
     check_ins = sentry_server.check_ins()
     assert [c["status"] for c in check_ins] == ["in_progress", "ok", "in_progress", "error"]
     assert {c["monitor_slug"] for c in check_ins} == {"tracking-nightly-nightly"}
