@@ -14,6 +14,7 @@ COPY README.md prefect.yaml ./
 COPY lib ./lib
 COPY flows ./flows
 COPY deployments ./deployments
+COPY indostar_client ./indostar_client
 RUN uv sync --frozen --no-dev
 
 # --- runtime: the venv and the code, a user of its own, no build tools, no secrets ---------------

@@ -18,11 +18,11 @@ $(VENV)/.synced: $(UV) uv.lock pyproject.toml
 deps: $(VENV)/.synced
 
 up: $(VENV)/.synced
-	INDOSTAR_ENV=dev $(VENV)/bin/indostar-jobs up
+	INDOSTAR_ENV=dev $(VENV)/bin/python -m devtools up
 
 # The production topology on this machine: see "Production topology" in README.md.
 up-production: $(VENV)/.synced
-	$(VENV)/bin/indostar-jobs up --production
+	$(VENV)/bin/python -m devtools up --production
 
 test: $(VENV)/.synced
 	INDOSTAR_ENV=dev $(VENV)/bin/pytest

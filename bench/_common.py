@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
-from deployments.dev.processes import Proc
+from devtools.processes import Proc
 
 os.environ.setdefault("INDOSTAR_ENV", "dev")  # every benchmark runs with the development defaults
 
@@ -118,7 +118,7 @@ def prefect_harness() -> Iterator[None]:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from deployments import prefect_db
-    from deployments.dev.prefect_harness import prefect_harness as harness
+    from devtools.prefect_harness import prefect_harness as harness
     from lib.config import get_settings
 
     url = prefect_db.prefect_database_url(get_settings().database_url, "indostar_bench_prefect")

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes must be positive")
 
     from bench.notifications import SmtpSink, environment
-    from deployments.dev.smtp_sink import free_port
+    from devtools.smtp_sink import free_port
 
     port = free_port()
     os.environ.update(environment(port))

@@ -65,7 +65,7 @@ def _sql_autocommit(base: str, sql: str) -> None:
 
 def seed_carts(url: str, n: int, rng_seed: int = 11) -> dict[str, int]:
     """A migrated database with n carts aged 0-120 days (~70 % with 1-3 items), loaded with COPY."""
-    from deployments.dev.seed import copy_rows
+    from devtools.seed import copy_rows
     from lib.db import build_engine, migrate
 
     migrate(url)
@@ -276,7 +276,7 @@ def bench_carts(base: str, n: int, repeats: int, batch_size: int) -> dict[str, A
 
 
 def bench_tokens(n: int) -> dict[str, Any]:
-    from deployments.dev import tokens as dev_tokens
+    from devtools import tokens as dev_tokens
     from lib import tokens
     from lib.config import get_settings
 

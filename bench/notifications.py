@@ -2,7 +2,7 @@
 
     python -m bench.notifications --n 10000
 
-All three send to the same loopback aiosmtpd server (deployments.dev.smtp_sink), run in a separate
+All three send to the same loopback aiosmtpd server (devtools.smtp_sink), run in a separate
 process so the server does not share the client's GIL; it counts what it accepts.
 
 - reference: raw smtplib, one connection, N messages built (with the same MIME builder
@@ -19,7 +19,7 @@ process so the server does not share the client's GIL; it counts what it accepts
 Runs against a temporary Prefect API (prefect_test_harness; flows without heartbeats, which
 would add up to a second of thread joining to each flow's end) and a database of its own
 (indostar_bench_notify, made by the migrations and dropped at the end). Prints a table
-and a JSON document. The client-to-SMTP latency of deployments/client.py with served
+and a JSON document. The client-to-SMTP latency of indostar_client/client.py with served
 deployments is not measured here: bench/notify_latency.py measures it.
 """
 
@@ -49,9 +49,9 @@ SENDER = "IndoStar Naturals <orders@indostar.example>"
 
 
 def _serve(port: int, count, ready, stop) -> None:  # runs in the child process
-    from deployments.dev.smtp_sink import DevSMTPServer, RecordingHandler
+    from devtools.smtp_sink import DevSMTPServer, RecordingHandler
 
-    logging.getLogger("deployments.dev.smtp_sink").setLevel(logging.WARNING)
+    logging.getLogger("devtools.smtp_sink").setLevel(logging.WARNING)
 
     class Counting(RecordingHandler):
         async def handle_DATA(self, server, session, envelope):  # noqa: N802
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         os.environ["NOTIFICATION_BATCH_SIZE"] = str(args.batch_size)
 
-    from deployments.dev.smtp_sink import free_port
+    from devtools.smtp_sink import free_port
 
     port = free_port()
     os.environ.update(environment(port))

@@ -2,7 +2,7 @@
 
     python -m bench.notify_latency [--calls 30] [--burst 500] [--threads 8] [--workers 1]
 
-The backend is this process, calling ``deployments.tasks`` as the shop does; ``.delay`` records
+The backend is this process, calling ``indostar_client.tasks`` as the shop does; ``.delay`` records
 a row of the outbox (lib.outbox) and warm ``indostar-jobs task-worker`` subprocesses send it.
 Scenarios, measured in one run on the same machine:
 
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import database_url, percentile, wait_for
-from deployments.dev.processes import Proc
+from devtools.processes import Proc
 
 BENCH_DB = "indostar_bench_latency"
 REDIS_PREFIX = "indostar-bench-latency:"
@@ -66,7 +66,7 @@ TARGET = {
 
 def _smtp_server(port: int):
     """A DevSMTPServer whose handler also notes when (perf_counter) each recipient's message arrived."""
-    from deployments.dev.smtp_sink import DevSMTPServer, RecordingHandler
+    from devtools.smtp_sink import DevSMTPServer, RecordingHandler
 
     class Timed(RecordingHandler):
         def __init__(self) -> None:
@@ -104,7 +104,7 @@ def _start_worker(name: str, env: dict[str, str], workdir: Path) -> Proc:
 
 def sequential(tag: str, calls: int, smtp: Any, procs: list[Proc]) -> dict[str, Any]:
     """Back-to-back calls: each right after the previous email was accepted."""
-    from deployments import tasks
+    from indostar_client import tasks
 
     latency, call, lag, ids = [], [], [], []
     for i in range(calls + 1):  # the first is a warm-up (the worker's first batch opens its clients)
@@ -125,7 +125,7 @@ def sequential(tag: str, calls: int, smtp: Any, procs: list[Proc]) -> dict[str, 
 
 def burst(n: int, threads: int, smtp: Any, procs: list[Proc]) -> dict[str, Any]:
     """``n`` calls from ``threads`` threads; then every handle's .get(), timed against its email's arrival."""
-    from deployments import tasks
+    from indostar_client import tasks
 
     calls: list[float] = []
     handles: list[tuple[str, Any]] = []
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from deployments import prefect_db
-    from deployments.cli import api_healthy
-    from deployments.dev.smtp_sink import free_port
+    from deployments.prefect_api import api_healthy
+    from devtools.smtp_sink import free_port
     from lib import db
     from lib.config import get_settings
 

@@ -158,7 +158,7 @@ def build_template(
     stay never analyzed, as after `indostar-jobs migrate`); "none" leaves every table as
     loaded, with no statistics (a restore or import the first night follows at once).
     """
-    from deployments.dev.seed import copy_rows
+    from devtools.seed import copy_rows
     from lib import db
 
     url = _url(base_url, name)

@@ -1,5 +1,5 @@
-"""The `indostar-jobs` command: migrate, seed, serve, up (`make up`), automations, setup-pool, task-worker,
-metrics, schedule, token.
+"""The `indostar-jobs` command, the operator's: migrate, serve, automations, setup-pool, task-worker,
+prefect-database, deploy, metrics, schedule, token (the dev commands `up` and `seed` are `python -m devtools`).
 
 Every error we can foresee (a bad setting, a service down, a database not migrated, an
 unknown revision, no Prefect API) prints one line saying what to do and exits 2, without
@@ -9,23 +9,18 @@ a traceback. Prefect is imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
 import logging
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from deployments.prefect_api import prefect_api_url
 from lib.config import get_settings, redacted_url
-from lib.errors import JobError, PermanentError, ServiceUnavailableError
+from lib.errors import JobError, ServiceUnavailableError
 
 log = logging.getLogger("indostar_jobs")
-
-DEFAULT_API = "http://127.0.0.1:4200/api"
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -40,58 +35,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_seed(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
-    from deployments.dev import seed
-    from lib import db
-
-    db.require_schema(get_settings().database_url)
-    with db.get_engine().connect() as conn:
-        if not args.append and not seed.is_empty(conn):
-            raise PermanentError(
-                "the database already has customers; seed fills an empty database (pass --append to add more)"
-            )
-
-    counts = seed.SeedCounts(**{f.name: getattr(args, f.name) for f in dataclasses.fields(seed.SeedCounts)})
-    steps = ["customers", "products", "subscriptions", "carts", "audit_logs", "sessions", "tokens"]
-    started = time.perf_counter()
-    with Progress(transient=False) as bar:
-        task = bar.add_task("seeding", total=len(steps))
-
-        def tick(name: str, n: int) -> None:
-            bar.update(task, advance=1, description=f"{name}: {n:,}")
-
-        with db.get_engine().begin() as conn:
-            out = seed.seed(conn, counts, args.today or dt.date.today(), args.rng_seed, tick, _token_sink())
-    print(", ".join(f"{k} {v:,}" for k, v in out.items()) + f" in {time.perf_counter() - started:.1f} s")
-    return 0
-
-
-def _token_sink():
-    from deployments.dev.tokens import seed_demo_tokens
-
-    return seed_demo_tokens
-
-
-def prefect_api_url() -> str:
-    """PREFECT_API_URL as Prefect reads it; ServiceUnavailableError unless a server answers there."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise ServiceUnavailableError(
-            "PREFECT_API_URL is not set; point it at your Prefect server (e.g. export "
-            f"PREFECT_API_URL={DEFAULT_API}) or start one with `make up`"
-        )
-    if not api_healthy(url, timeout=3.0):
-        raise ServiceUnavailableError(
-            f"the Prefect API does not answer at {url} (PREFECT_API_URL); start one with `make up` or "
-            "`prefect server start`, or fix PREFECT_API_URL"
-        )
-    return str(url)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
@@ -102,57 +45,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve_all(pause_on_shutdown=args.pause_on_shutdown)
     return 0
-
-
-def api_healthy(api_url: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:  # noqa: S310
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def start_prefect_server(api_url: str, database: str = "postgresql", wait: float = 120.0) -> subprocess.Popen | None:
-    """Start `prefect server start` on 127.0.0.1:4200 unless a server already answers there.
-
-    Its state goes to PostgreSQL (``indostar_prefect`` beside DATABASE_URL, or
-    PREFECT_API_DATABASE_CONNECTION_URL), created if missing and migrated as the server starts;
-    ``database="sqlite"`` keeps Prefect's own SQLite file under PREFECT_HOME instead.
-    """
-    if api_healthy(api_url):
-        print(f"Prefect API already answering at {api_url}")
-        return None
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    if database == "sqlite":
-        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
-        print("Prefect server on SQLite (asked for): expect 503 'database is locked' under background work")
-    else:
-        from deployments import prefect_db
-
-        url = prefect_db.configured_url(get_settings().database_url)
-        created = prefect_db.ensure_prefect_database(url)
-        env |= prefect_db.server_env(url, migrated=False)
-        where = redacted_url(url)
-        print(f"Prefect server on PostgreSQL: {where}{' (created)' if created else ''}")
-    os.makedirs(".run", exist_ok=True)
-    logfile = open(".run/prefect-server.log", "ab")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "4200"],
-        env=env,
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if api_healthy(api_url):
-            print(f"Prefect server started (pid {proc.pid}); log in .run/prefect-server.log")
-            return proc
-        if proc.poll() is not None:
-            raise ServiceUnavailableError("Prefect server exited at start; see .run/prefect-server.log")
-        time.sleep(0.5)
-    proc.terminate()
-    raise ServiceUnavailableError(f"Prefect server did not answer at {api_url} within {wait:.0f} s")
 
 
 def check_redis() -> None:
@@ -166,79 +58,6 @@ def check_redis() -> None:
             f"Redis is not reachable at {redacted_url(url)} (REDIS_URL): {exc}; start it with "
             '`redis-server --daemonize yes --bind 127.0.0.1 --save ""` or set REDIS_URL'
         ) from None
-
-
-TRY_COMMANDS = """
-Try, from another terminal in this directory:
-  export PREFECT_API_URL={api}
-  .venv/bin/prefect deployment run process-due-subscriptions/daily
-  .venv/bin/prefect deployment run cleanup-expired-carts/daily
-  .venv/bin/prefect deployment run send-email/default -p to=you@example.in -p subject=Hi -p body=Hello
-  .venv/bin/prefect deployment ls
-  .venv/bin/python -c 'from deployments.tasks import send_email_task as t; \
-    print(t.delay(to_email="you@example.in", subject="Hi", body="Hello").get(timeout=10))'
-"""
-
-
-def start_task_worker() -> Any:
-    """`indostar-jobs task-worker` beside `serve`, in its own process; log in .run/task-worker.log."""
-    from pathlib import Path
-
-    from deployments.dev.processes import Proc
-
-    os.makedirs(".run", exist_ok=True)
-    proc = Proc("task-worker", [sys.executable, "-m", "deployments.cli", "task-worker"], dict(os.environ), Path(".run"))
-    print(f"task worker started (pid {proc.popen.pid}); log in .run/task-worker.log")
-    return proc
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    if args.production:
-        from deployments.dev.topology import run_production
-
-        if args.prefect_database != "postgresql":
-            raise PermanentError("up --production runs the Prefect server on PostgreSQL only; drop --prefect-database")
-
-        return run_production()
-    from deployments.dev import seed
-    from deployments.dev.smtp_sink import DevSMTPServer, port_open
-    from lib import db
-
-    api_url = os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
-    s = get_settings()
-    db.migrate(s.database_url)
-    check_redis()
-    with db.get_engine().begin() as conn:
-        if seed.is_empty(conn):
-            print("empty database: seeding demo data")
-            seed.seed(conn, seed.SeedCounts(), dt.date.today(), token_sink=_token_sink())
-    smtp = None
-    if s.smtp_host in ("127.0.0.1", "localhost") and not port_open(s.smtp_host, s.smtp_port):
-        smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
-        print(f"dev SMTP sink listening on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
-    server = start_prefect_server(api_url, args.prefect_database)
-    tasks = start_task_worker()
-    print(f"\nPrefect UI: {api_url.removesuffix('/api')}\n{TRY_COMMANDS.format(api=api_url)}")
-    try:
-        from deployments.serve import serve_all
-
-        serve_all(pause_on_shutdown=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        tasks.stop()
-        if smtp:
-            smtp.stop()
-        if server:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        print("stopped what `up` started")
-    return 0
 
 
 def cmd_automations(args: argparse.Namespace) -> int:
@@ -377,73 +196,48 @@ def cmd_token(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indostar-jobs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    _add_setup_commands(sub)
+    _add_process_commands(sub)
+    _add_schedule_command(sub)
+    _add_token_command(sub)
+    return p
 
+
+def _add_setup_commands(sub: Any) -> None:
+    """One-off steps of an install or a release."""
     m = sub.add_parser("migrate", help="create the database if missing and upgrade it")
     m.add_argument("--revision", default="head")
     m.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
     m.set_defaults(func=cmd_migrate)
+    sub.add_parser("automations", help="create or update the alerting automations").set_defaults(func=cmd_automations)
+    w = sub.add_parser("setup-pool", help="create or update work pool indostar and its queues (before deploy)")
+    w.set_defaults(func=cmd_setup_pool)
+    pd = sub.add_parser(
+        "prefect-database", help="create (if missing) and migrate the Prefect server's PostgreSQL database"
+    )
+    pd.set_defaults(func=cmd_prefect_database)
+    dp = sub.add_parser("deploy", help="prefect deploy --all, keeping the owners' pauses and schedules")
+    dp.set_defaults(func=cmd_deploy)
 
-    s = sub.add_parser("seed", help="insert realistic demo data (COPY)")
-    for name, default in (
-        ("customers", 1000),
-        ("products", 200),
-        ("subscriptions", 2000),
-        ("carts", 1000),
-        ("tokens", 1000),
-        ("audit-logs", 2000),
-        ("sessions", 1000),
-    ):
-        s.add_argument(f"--{name}", type=_non_negative, default=default)
-    s.add_argument("--today", type=dt.date.fromisoformat, default=None, help="date the data is relative to")
-    s.add_argument("--rng-seed", type=int, default=7)
-    s.add_argument("--append", action="store_true", help="add to a database that already has data")
-    s.set_defaults(func=cmd_seed)
 
+def _add_process_commands(sub: Any) -> None:
+    """The long-running processes: serve, task workers, the metrics exporter."""
     v = sub.add_parser("serve", help="serve every deployment of prefect.yaml from this process")
     v.add_argument("--pause-on-shutdown", action="store_true", help="pause the schedules when stopping")
     v.set_defaults(func=cmd_serve)
-
-    u = sub.add_parser("up", help="Prefect server, migrations, demo data, dev SMTP, serve (make up)")
-    u.add_argument(
-        "--production",
-        action="store_true",
-        help="the production topology instead: server on PostgreSQL + Redis, services apart, pool workers",
-    )
-    u.add_argument(
-        "--prefect-database",
-        choices=["postgresql", "sqlite"],
-        default="postgresql",
-        help="where the Prefect server keeps its state (default postgresql: indostar_prefect beside DATABASE_URL, "
-        "or PREFECT_API_DATABASE_CONNECTION_URL); sqlite only if you ask for it",
-    )
-    u.set_defaults(func=cmd_up)
-
-    a = sub.add_parser("automations", help="create or update the alerting automations")
-    a.set_defaults(func=cmd_automations)
-
-    w = sub.add_parser("setup-pool", help="create or update work pool indostar and its queues (before deploy)")
-    w.set_defaults(func=cmd_setup_pool)
-
     k = sub.add_parser("task-worker", help="serve every background task (messages on .delay()) from this process")
     k.add_argument("--batch-size", type=_positive, help="tasks claimed at once (default TASK_BATCH_SIZE, 50)")
     k.add_argument("--concurrency", type=_positive, help="batches sent at a time (default TASK_WORKER_CONCURRENCY, 2)")
     k.add_argument("--metrics-port", type=_port, help="serve this worker's Prometheus metrics on this port")
     k.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     k.set_defaults(func=cmd_task_worker)
-
-    pd = sub.add_parser(
-        "prefect-database", help="create (if missing) and migrate the Prefect server's PostgreSQL database"
-    )
-    pd.set_defaults(func=cmd_prefect_database)
-
-    dp = sub.add_parser("deploy", help="prefect deploy --all, keeping the owners' pauses and schedules")
-    dp.set_defaults(func=cmd_deploy)
-
     x = sub.add_parser("metrics", help="the Prometheus exporter: the Prefect API's and the database's series")
     x.add_argument("--port", type=_port, default=9464, help="default 9464")
     x.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (0.0.0.0 in a container)")
     x.set_defaults(func=cmd_metrics)
 
+
+def _add_schedule_command(sub: Any) -> None:
     sc = sub.add_parser("schedule", help="show or change the jobs' schedules and retention (kept across deploys)")
     sa = sc.add_subparsers(dest="action", required=True)
     sa.add_parser("show", help="every schedulable job: cron, state, retention")
@@ -459,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     sa.add_parser("ensure", help="create the default schedule of each job that has none (after prefect deploy)")
     sc.set_defaults(func=cmd_schedule)
 
+
+def _add_token_command(sub: Any) -> None:
     t = sub.add_parser("token", help="issue, check or revoke password-reset, verification and OTP tokens")
     actions = t.add_subparsers(dest="action", required=True)
     issue = actions.add_parser("issue", help="print a new token (an OTP is a 6-digit code)")
@@ -474,7 +270,6 @@ def parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke-all", help="delete every token of a user")
     revoke.add_argument("user")
     t.set_defaults(func=cmd_token)
-    return p
 
 
 def _positive(value: str) -> int:
@@ -491,26 +286,24 @@ def _port(value: str) -> int:
     return n
 
 
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return n
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(parser(), argv)
+
+
+def run(cli: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command: a foreseen error (JobError) is one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Per-request and per-SMTP-command chatter would bury the lines an operator needs.
     for noisy in ("alembic.runtime.plugins", "httpx", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = parser().parse_args(argv)
+    args = cli.parse_args(argv)
     try:
         from lib import sentry
 
         sentry.init()
         return int(args.func(args))
     except JobError as exc:
-        print(f"indostar-jobs {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{cli.prog} {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

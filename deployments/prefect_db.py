@@ -5,7 +5,7 @@ benchmarks' servers) keeps its state in PostgreSQL, never SQLite: under backgrou
 answers "database is locked" (HTTP 503) and the client sleeps seconds in its retries. The
 database lives on the shop's PostgreSQL server unless PREFECT_API_DATABASE_CONNECTION_URL
 names another; the shop's tables are never in it. SQLite stays possible when a user asks
-for it (``indostar-jobs up --prefect-database sqlite``).
+for it (``python -m devtools up --prefect-database sqlite``).
 """
 
 from __future__ import annotations

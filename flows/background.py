@@ -1,7 +1,7 @@
 """Background tasks: the messages a customer waits for, sent by a warm task worker in batches.
 
 Where a customer waits (OTP, password reset, order confirmation) a deployment run is too
-slow (a process start and Prefect's imports per message). ``deployments.tasks`` records
+slow (a process start and Prefect's imports per message). ``indostar_client.tasks`` records
 each ``.delay()`` as one row of the outbox (lib.outbox: one INSERT and a NOTIFY); a task
 worker (``indostar-jobs task-worker``, ``TaskWorker`` here) wakes on the NOTIFY, claims
 the due rows with SKIP LOCKED and sends them as one batch: every row's messages recorded

@@ -2,9 +2,9 @@
 
 A background task's result is kept in its outbox row (lib.outbox); the task worker posts its
 webhook with ``background_task_finished``. A flow
-run started by the backend (deployments.client, deployments.tasks: tagged ``backend``) keeps
+run started by the backend (indostar_client.client, indostar_client.tasks: tagged ``backend``) keeps
 a JSON copy of its return value in Redis under ``<prefix>prefect/flow-results/<run id>`` for
-TASK_STORAGE_TTL_SECONDS, which is what ``deployments.tasks`` handles return from ``get()``.
+TASK_STORAGE_TTL_SECONDS, which is what ``indostar_client.tasks`` handles return from ``get()``.
 With TASK_WEBHOOK_URL set, each such run's end is POSTed there, signed (lib.webhooks), from
 a thread so that a slow receiver never holds a worker.
 """

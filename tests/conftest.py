@@ -44,7 +44,7 @@ os.environ.update(
     }
 )
 
-from deployments.dev.smtp_sink import DevSMTPServer, free_port  # noqa: E402
+from devtools.smtp_sink import DevSMTPServer, free_port  # noqa: E402
 from lib import db  # noqa: E402
 from lib.config import get_settings  # noqa: E402
 from tests.servers import start_gateway  # noqa: E402
@@ -178,7 +178,7 @@ def prefect_harness(prefect_database):
     """One temporary Prefect API on PostgreSQL for the whole session (it is slow to start)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from deployments.dev.prefect_harness import prefect_harness as harness
+    from devtools.prefect_harness import prefect_harness as harness
 
     # Flows called in-process need no heartbeat (no worker to lose), and Prefect 3.9's heartbeat
     # thread sleeps in whole seconds: joining it adds up to 1 s to the end of every flow run.

@@ -1,6 +1,6 @@
 """Loopback peers for integration tests: a scriptable HTTP SMS gateway and a Sentry envelope receiver.
 
-The SMTP side is deployments.dev.smtp_sink (real aiosmtpd); faults there are set per recipient.
+The SMTP side is devtools.smtp_sink (real aiosmtpd); faults there are set per recipient.
 The gateway answers like an MSG91/Twilio-style API and can be told to answer the
 next requests with given status codes or delays, faults a real provider gives
 only on a bad day.

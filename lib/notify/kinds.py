@@ -1,6 +1,6 @@
 """The background tasks by name, each the request (lib.notify.messages) its parameters make.
 
-One table both sides read: ``deployments.tasks`` checks a call's parameters with it before
+One table both sides read: ``indostar_client.tasks`` checks a call's parameters with it before
 recording the row (bad input never reaches the outbox) and the task worker builds the same
 request from the stored row (flows.background). The names are the Prefect-era task names,
 kept so rows and dashboards read the same.

@@ -21,9 +21,9 @@ from uuid import UUID
 
 import pytest
 
-from deployments.cli import api_healthy
-from deployments.dev.processes import Proc
-from deployments.dev.smtp_sink import free_port
+from deployments.prefect_api import api_healthy
+from devtools.processes import Proc
+from devtools.smtp_sink import free_port
 from tests.e2e import task_workers
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
 """Background tasks end to end: `indostar-jobs task-worker` processes, the old Celery API, crash recovery, webhooks.
 
 A real Prefect server and real task-worker subprocesses; the backend side is this test process
-calling deployments.tasks exactly as the shop's backend does.
+calling indostar_client.tasks exactly as the shop's backend does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 from sqlalchemy import text
 
-from deployments import tasks as old
+from indostar_client import tasks as old
 from lib import webhooks
 from tests.builders import make_customer, make_order, make_subscription
 from tests.e2e.conftest import WEBHOOK_SECRET

@@ -1,7 +1,7 @@
 """The instant path end to end: what a migrating Celery shop calls most, against task-worker subprocesses.
 
 A real Prefect server, real `indostar-jobs task-worker` processes, the loopback SMTP server and SMS
-gateway; this test process is the backend, calling deployments.tasks. Speed is measured by
+gateway; this test process is the backend, calling indostar_client.tasks. Speed is measured by
 bench/notify_latency.py, not asserted here: these tests check what a customer would notice
 (each message once, nothing early, nothing revoked sent, one OTP code that works).
 """
@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from deployments import tasks as old
+from indostar_client import tasks as old
 from lib import tokens
 from tests.builders import make_customer
 
@@ -123,8 +123,8 @@ def test_tasks_queued_across_an_api_restart_go_out_and_answer_get_while_the_api_
     still answers from its row."""
     from sqlalchemy import text
 
-    from deployments.dev.processes import Proc
-    from deployments.dev.smtp_sink import free_port
+    from devtools.processes import Proc
+    from devtools.smtp_sink import free_port
     from tests.e2e import task_workers
     from tests.e2e.conftest import server_env, start_server
 

@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 
-from deployments import tasks as old
-from deployments.dev.smtp_sink import free_port
+from devtools.smtp_sink import free_port
+from indostar_client import tasks as old
 from tests.builders import make_cart, make_customer, make_product, make_subscription, today
 from tests.e2e.conftest import ROOT
 from tests.servers import prometheus_binary

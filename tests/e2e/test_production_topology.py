@@ -1,6 +1,6 @@
 """End to end on the production topology: API and services apart on PostgreSQL + Redis, pool workers.
 
-The module starts the same `Topology` as `indostar-jobs up --production` once, with
+The module starts the same `Topology` as `python -m devtools up --production` once, with
 its own port, Prefect database and Redis database index; runs one night whose lanes
 two subscriptions workers share, and one order confirmation through the
 notifications worker; and checks through the Prefect API that every flow and task
@@ -27,9 +27,9 @@ from uuid import UUID
 import pytest
 from sqlalchemy import text
 
-from deployments.dev.smtp_sink import free_port
-from deployments.dev.topology import Topology, TopologyConfig, claim_free_redis_db, release_redis_db
 from deployments.prefect_db import drop_prefect_database, prefect_database_url
+from devtools.smtp_sink import free_port
+from devtools.topology import Topology, TopologyConfig, claim_free_redis_db, release_redis_db
 from lib import db
 from lib.config import get_settings
 from tests.builders import make_customer, make_order, make_product, make_subscription, today
@@ -259,7 +259,7 @@ def test_every_flow_and_task_run_of_the_night_is_recorded_with_its_artifact(topo
 
 def test_an_order_confirmation_from_the_backend_is_sent_once_by_the_notifications_worker(topology, api, smtp_server):
     """client.send_order_confirmation is sent once by the notifications worker; the same call again is the same run."""
-    from deployments import client
+    from indostar_client import client
 
     engine = db.get_engine()
     customer = make_customer(engine, email="asha.rao@example.in")

@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from deployments.dev.smtp_sink import DevSMTPServer, free_port
+from devtools.smtp_sink import DevSMTPServer, free_port
 from flows import notifications as nf
 from flows.cleanup import cleanup_delivery_log
 from lib import tokens

@@ -1,10 +1,10 @@
-"""deployments/client.py against the real (test) Prefect API: one flow run per idempotency key."""
+"""indostar_client/client.py against the real (test) Prefect API: one flow run per idempotency key."""
 
 from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-from deployments import client
 from flows import notifications as nf
+from indostar_client import client
 
 
 def _runs(deployment_id) -> list:
@@ -73,7 +73,7 @@ def test_async_client_starts_the_same_runs_as_the_sync_one():
     """aclient's awaitable functions create the run the sync ones would, keyed the same way."""
     import asyncio
 
-    from deployments import aclient
+    from indostar_client import aclient
 
     deployment_id = nf.send_order_confirmation.to_deployment(name="default").apply()
     sync_id = client.send_order_confirmation(777)
@@ -90,7 +90,7 @@ def test_a_backend_started_flow_run_keeps_its_result_and_posts_a_signed_webhook(
     from prefect import tags
     from pydantic import SecretStr
 
-    from deployments.tasks import AsyncResult
+    from indostar_client.tasks import AsyncResult
     from lib import webhooks
     from lib.config import get_settings
     from lib.tokens import get_redis

@@ -17,8 +17,8 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from deployments import tasks as old
 from flows.background import TaskWorker
+from indostar_client import tasks as old
 from lib import db, outbox, tokens
 from lib.errors import InvalidInputError, NotFoundError
 from tests.builders import count_rows, make_customer, make_order
@@ -249,7 +249,7 @@ def test_finished_tasks_are_deleted_after_the_storage_ttl_and_waiting_ones_are_k
 
 def test_a_nul_in_any_argument_is_refused_in_one_line_before_anything_is_recorded(pg):
     """PostgreSQL holds no U+0000 (ours, or Prefect's flow-run parameters): refused by name, nothing written."""
-    from deployments import client
+    from indostar_client import client
 
     context = {"customer_name": "A\x00", "order_id": 1, "total_paise": 1, "tracking_number": "T", "carrier": "C"}
     with pytest.raises(InvalidInputError, match=r"^context\.customer_name contains a NUL character$"):

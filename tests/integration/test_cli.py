@@ -1,4 +1,4 @@
-"""The `indostar-jobs` command fails in one line, exit code 2, saying what to do, for every mistake we foresee.
+"""`indostar-jobs` (and `python -m devtools`) fail in one line, exit code 2, saying what to do, for each mistake.
 
 Each case runs the real console script in a subprocess against the real PostgreSQL and Redis.
 """
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from deployments.dev.smtp_sink import free_port
+from devtools.smtp_sink import free_port
 from lib import db
 from lib.config import get_settings
 from tests.builders import make_customer
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).with_name("indostar-jobs"))
+CLI = [str(Path(sys.executable).with_name("indostar-jobs"))]
+DEV_CLI = [sys.executable, "-m", "devtools"]  # up and seed: the developer's commands
 
 
 def run(*args: str, **env: str | None) -> subprocess.CompletedProcess[str]:
@@ -30,7 +31,8 @@ def run(*args: str, **env: str | None) -> subprocess.CompletedProcess[str]:
             environ.pop(key, None)
         else:
             environ[key] = value
-    return subprocess.run([CLI, *args], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    command = DEV_CLI if args[0] in ("up", "seed") else CLI
+    return subprocess.run([*command, *args], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
 
 
 def one_line_failure(done: subprocess.CompletedProcess[str], *expected: str) -> str:

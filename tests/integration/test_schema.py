@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from deployments.dev.seed import SeedCounts, seed
+from devtools.seed import SeedCounts, seed
 from lib import db
 from lib.config import get_settings
 from tests import builders
@@ -119,7 +119,7 @@ def test_migrations_match_the_models(pg):
 def test_ping_warms_the_pool_or_names_the_unreachable_database(pg, monkeypatch):
     """db.ping() leaves a pooled connection open on the test database; against a closed port it raises
     ServiceUnavailableError naming DATABASE_URL's address and how to start PostgreSQL."""
-    from deployments.dev.smtp_sink import free_port
+    from devtools.smtp_sink import free_port
     from lib.errors import ServiceUnavailableError
 
     db.ping()

@@ -15,8 +15,8 @@ import redis
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
-from deployments.dev import tokens as dev_tokens
-from deployments.dev.smtp_sink import free_port
+from devtools import tokens as dev_tokens
+from devtools.smtp_sink import free_port
 from lib import tokens
 from lib.config import get_settings
 from lib.errors import InvalidInputError

@@ -2,7 +2,7 @@
 
 No Docker engine runs on these machines, so the images are not built here: the Dockerfile is
 linted by hadolint in `make lint`, and these tests hold compose.yaml (and Prometheus's
-configuration) to deployments/dev/topology.py, the code `indostar-jobs up --production` runs.
+configuration) to devtools/topology.py, the code `python -m devtools up --production` runs.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from deployments.dev import compose
-from deployments.dev.topology import TopologyConfig, processes
+from devtools import compose
+from devtools.topology import TopologyConfig, processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_committed_files_are_what_the_topology_code_writes():
-    """Regenerate with `python -m deployments.dev.compose` after changing the topology."""
+    """Regenerate with `python -m devtools.compose` after changing the topology."""
     for path, build in compose.FILES.items():
-        assert path.read_text() == compose.render(build()), f"{path.name} is stale: python -m deployments.dev.compose"
+        assert path.read_text() == compose.render(build()), f"{path.name} is stale: python -m devtools.compose"
 
 
 def test_compose_runs_each_process_of_up_production_with_its_command_and_environment(tmp_path):

@@ -24,7 +24,7 @@ def prefect_harness(database_url: str, startup_timeout: int = 120) -> Iterator[s
         temporary_settings,
     )
 
-    from deployments.dev.smtp_sink import free_port
+    from devtools.smtp_sink import free_port
 
     database = {PREFECT_SERVER_DATABASE_CONNECTION_URL: database_url, PREFECT_API_DATABASE_MIGRATE_ON_START: False}
     with temporary_settings(updates=database):

@@ -1,6 +1,6 @@
-"""The backend client for asyncio code: every function of deployments.client, awaitable.
+"""The backend client for asyncio code: every function of indostar_client.client, awaitable.
 
-    from deployments import aclient
+    from indostar_client import aclient
 
     run_id = await aclient.send_order_confirmation(order_id)
     await aclient.handle_razorpay_event(raw_body, signature, event_id)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments import client as _client
+from indostar_client import client as _client
 
 
 def _awaitables() -> dict[str, Any]:
@@ -24,6 +24,6 @@ def _awaitables() -> dict[str, Any]:
     }
 
 
-# Built from deployments.client rather than listed, so a new client function is here at once.
+# Built from indostar_client.client rather than listed, so a new client function is here at once.
 __all__ = sorted(_awaitables())
 globals().update(_awaitables())

@@ -1,4 +1,4 @@
-"""The production topology on one machine: what `indostar-jobs up --production` starts.
+"""The production topology on one machine: what `python -m devtools up --production` starts.
 
 Every part is its own OS process talking over TCP, as across machines:
 
@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 
-from deployments.dev.processes import ROOT, Proc
 from deployments.prefect_db import configured_url
+from devtools.processes import ROOT, Proc
 from lib.db import ServiceUnavailableError
 from lib.errors import JobError
 
@@ -263,12 +263,6 @@ def release_redis_db(host: str, port: int, db: int, owner: str) -> None:
         client.close()
 
 
-def _api_healthy(api_url: str) -> bool:
-    from deployments.cli import api_healthy
-
-    return api_healthy(api_url)
-
-
 class Topology:
     """Starts the parts in order, and stops every process it started (workers first)."""
 
@@ -291,16 +285,12 @@ class Topology:
         self.say(f"Prefect database {make_url(self.config.prefect_database_url).database} ready")
 
     def start_server(self, wait: float = 120) -> None:
+        from deployments.prefect_api import wait_for_api
+
         cfg = self.config
         api = self._start(self.process("prefect-api"))
         self._start(self.process("prefect-services"))
-        deadline = time.monotonic() + wait
-        while not _api_healthy(cfg.api_url):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise TopologyError(f"Prefect API did not answer at {cfg.api_url} within {wait:.0f} s; see {api.log}")
-            time.sleep(0.5)
-        self.check_alive()
+        wait_for_api(cfg.api_url, wait, self.check_alive, str(api.log))
         self.say(f"Prefect API + UI at {cfg.ui_url} (pid {api.popen.pid}); services pid {self.procs[-1].popen.pid}")
 
     def setup_pool(self) -> None:
@@ -457,23 +447,11 @@ def config_from_environment(rundir: Path) -> TopologyConfig:
 
 
 def run_production() -> int:
-    """`indostar-jobs up --production`: migrate and seed the shop, start the topology, wait for Ctrl-C."""
-    import datetime as dt
-
-    from deployments.cli import _token_sink, check_redis
-    from deployments.dev import seed
-    from deployments.dev.smtp_sink import DevSMTPServer, port_open
-    from lib import db
-    from lib.config import get_settings
+    """`python -m devtools up --production`: prepare the shop, start the topology, wait for Ctrl-C."""
+    from devtools.smtp_sink import port_open
+    from devtools.up import prepare_shop
 
     os.environ["INDOSTAR_ENV"] = "dev"
-    s = get_settings()
-    check_redis()
-    db.migrate(s.database_url)
-    with db.get_engine().begin() as conn:
-        if seed.is_empty(conn):
-            print("empty database: seeding demo data")
-            seed.seed(conn, seed.SeedCounts(), dt.date.today(), token_sink=_token_sink())
     config = config_from_environment(ROOT / ".run" / "production")
     if port_open(config.host, config.port):
         raise TopologyError(
@@ -481,10 +459,7 @@ def run_production() -> int:
         )
     owner = make_url(config.prefect_database_url).render_as_string(hide_password=True)
     claim_redis_db(config.redis_host, config.redis_port, config.redis_db, owner=owner)
-    smtp = None
-    if s.smtp_host in ("127.0.0.1", "localhost") and not port_open(s.smtp_host, s.smtp_port):
-        smtp = DevSMTPServer(s.smtp_host, s.smtp_port).start()
-        print(f"dev SMTP sink on {s.smtp_host}:{s.smtp_port} (messages are logged, not delivered)")
+    smtp = prepare_shop()
     topology = Topology(config)
     try:
         with _interrupt_on_signals():

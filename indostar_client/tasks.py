@@ -2,7 +2,7 @@
 
 Backend code written for the old system keeps working::
 
-    from deployments.tasks import send_email_task, cleanup_expired_carts
+    from indostar_client.tasks import send_email_task, cleanup_expired_carts
 
     result = send_email_task.delay(to_email="asha@example.in", subject="Hi", body="Hello")
     result.get(timeout=10)          # {'sent': 1, 'dead': 0, ...}, or the task's own error
@@ -14,7 +14,7 @@ Backend code written for the old system keeps working::
   batch. The row is the task's record: ``.get()`` reads its result or error there, so it
   answers even when the Prefect API is down or lost a state.
 - Job tasks (``process_due_subscriptions``, ``cleanup_*``, ...) start their deployment
-  through the Prefect API, as deployments.client does.
+  through the Prefect API, as indostar_client.client does.
 
 Celery's semantics are kept or refused: each ``.delay()`` sends (a call without an
 ``idempotency_key`` is keyed by its own id, so a retried or recovered task still sends
@@ -37,8 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from deployments import client
-from deployments.client import Call
+from indostar_client import client
+from indostar_client.client import Call
 
 # Celery's states for Prefect's state types (flow runs) and for outbox rows (message tasks).
 CELERY_STATUS = {

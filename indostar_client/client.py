@@ -8,9 +8,9 @@ are about (``order-confirmation:<order>``: one confirmation per order) unless yo
 plain, templated and token messages without a key are new every call, as Celery's were (the
 run's id keys their messages, so a retried run still sends once): pass your request id as
 the key to make a backend retry safe. Every function has an awaitable twin ``f.aio(...)`` for
-asyncio backends, also importable by name from ``deployments.aclient``.
+asyncio backends, also importable by name from ``indostar_client.aclient``.
 
-Messages a customer waits for go faster as background tasks (deployments.tasks); these
+Messages a customer waits for go faster as background tasks (indostar_client.tasks); these
 deployment runs remain the way to trigger the jobs and any message from anywhere.
 
 Equivalent operator commands::

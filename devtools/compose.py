@@ -1,8 +1,8 @@
 """compose.yaml and deploy/prometheus/prometheus.yml, written from the production topology's own code.
 
-`python -m deployments.dev.compose` rewrites both files; tests/ops/test_containers.py fails
+`python -m devtools.compose` rewrites both files; tests/ops/test_containers.py fails
 when the committed files differ from what this writes, so the containers run exactly the
-processes `indostar-jobs up --production` starts (deployments.dev.topology.processes), with
+processes `python -m devtools up --production` starts (devtools.topology.processes), with
 the same commands and the same environment, only their addresses changed to the compose
 services' names. PostgreSQL, Redis, the shop's migration and Prometheus are added here.
 Secrets are not in either file: POSTGRES_PASSWORD and the shop's settings come from `.env`.
@@ -16,15 +16,15 @@ from typing import Any
 
 import yaml
 
-from deployments.dev.processes import ROOT
-from deployments.dev.topology import TopologyConfig, processes, prometheus_config, scrape_targets
+from devtools.processes import ROOT
+from devtools.topology import TopologyConfig, processes, prometheus_config, scrape_targets
 
 IMAGE = "indostar-jobs:latest"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
 POSTGRES_IMAGE = "postgres:15-bookworm"
 REDIS_IMAGE = "redis:7-bookworm"
 PASSWORD = "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}"  # noqa: S105 - compose fills it in from .env
-HEADER = "# Written by `python -m deployments.dev.compose` from deployments/dev/topology.py: do not edit by hand.\n"
+HEADER = "# Written by `python -m devtools.compose` from devtools/topology.py: do not edit by hand.\n"
 
 
 def compose_config() -> TopologyConfig:
