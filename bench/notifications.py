@@ -122,7 +122,7 @@ def _bench_flows():
     from flows.common import task_options
     from lib.config import get_settings
     from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
-    from lib.notify.messages import EmailRequest, MessageBatch, OrderConfirmationRequest
+    from lib.notify.requests import EmailRequest, MessageBatch, OrderConfirmationRequest
 
     class PlainEmails:
         """A batch of plain emails as one request (the bulk path records a request per batch)."""

@@ -39,30 +39,24 @@ from prefect.cache_policies import NO_CACHE
 from flows.hooks import background_task_failed, background_task_finished
 from flows.notifications import deliver_email_keys, deliver_sms_keys, undelivered_error
 from lib import db, outbox, retry, tokens
-from lib.errors import InvalidInputError, is_transient, rebuild
+from lib.errors import is_transient, rebuild
 from lib.notify import delivery_log as dlog
 from lib.notify import kinds
-from lib.notify import messages as req
+from lib.notify import requests as req
 from lib.notify.address import scrub
 from lib.notify.templates import environment
 from lib.worker_metrics import record_task
 
 log = logging.getLogger(__name__)
 
-# ---- the tasks: name -> the request its parameters make (lib.notify.kinds) --------------------------
+# ---- the tasks: one per message kind (lib.notify.kinds) ---------------------------------------------
 
 
 def build_request(row: outbox.Claimed) -> req.MessageRequest:
     """The request a row names; without a caller's key the row's own id keys its messages."""
-    builder = kinds.BACKGROUND_TASKS.get(row.name)
-    if builder is None:
-        raise InvalidInputError(f"unknown background task {row.name!r}; known: {', '.join(kinds.BACKGROUND_TASKS)}")
     params = dict(row.params)
-    params["idempotency_key"] = params.get("idempotency_key") or f"task-{row.id}"
-    try:
-        return builder(**params)
-    except TypeError as exc:
-        raise InvalidInputError(f"{row.name}: {exc}") from None
+    key = params.pop(kinds.KEY, None) or f"task-{row.id}"
+    return kinds.by_task(row.name).request(params, key)
 
 
 # ---- one batch -------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ class TaskWorker:
         with outbox.holder(engine) as (conn, key):
             self._holder = key
             print(
-                f"task worker {self.name} listening (holder {key}): {len(kinds.BACKGROUND_TASKS)} background tasks",
+                f"task worker {self.name} listening (holder {key}): {len(kinds.KINDS)} background tasks",
                 flush=True,
             )
             if ready:

@@ -1,5 +1,5 @@
-"""Notification flows: one per message kind, each one hop from its deployment to the lib request
-that builds its messages (lib.notify.messages), plus dead-letter replay and the stuck-message sweep.
+"""Notification flows: one per message kind of the registry (lib.notify.kinds), each one hop from its
+deployment to the lib request that builds its messages, plus dead-letter replay and the stuck-message sweep.
 
 Every flow has the same three steps: record the request's messages in the delivery log
 (one transaction), deliver them (one task per channel: one SMTP session, one pooled HTTP
@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import task_run
 from pydantic import NonNegativeInt
@@ -35,23 +35,10 @@ from lib import db
 from lib import markdown as md
 from lib.config import get_settings
 from lib.errors import InvalidInputError, JobError, PermanentError, TransientError
-from lib.notify import delivery
+from lib.notify import delivery, kinds
 from lib.notify import delivery_log as dlog
 from lib.notify.address import scrub
-from lib.notify.messages import (
-    EmailRequest,
-    LinkRequest,
-    MessageBatch,
-    MessageRequest,
-    OrderConfirmationRequest,
-    OrderShippedRequest,
-    OtpRequest,
-    PaymentFailedRequest,
-    RenewalReminderRequest,
-    SmsRequest,
-    TemplatedRequest,
-    positive_id,
-)
+from lib.notify.requests import MessageBatch, MessageRequest, positive_id
 
 RECORD_AHEAD = 2
 
@@ -242,106 +229,44 @@ def send_in_batches(
     return raise_if_undelivered(flow_name, counts | {"deferred": len(deferring)})
 
 
-# --- flows: plain and templated ----------------------------------------------------------------
+# --- flows: one per message kind (lib.notify.kinds) -------------------------------------------------
 
 
-@flow(**flow_options("send-email"))
-def send_email(
-    to: str, subject: str, body: str, html: str | None = None, idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Send one email (plain text, optional HTML alternative), once per idempotency key."""
-    return send_messages(EmailRequest(to, subject, body, html, run_key(idempotency_key)), "send-email")
+_KIND_FLOWS: dict[str, Flow[..., dict[str, Any]]] = {}
 
 
-@flow(**flow_options("send-sms"))
-def send_sms(phone: str, text: str, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
-    """Send one free-text SMS (no DLT template: for the log provider or non-Indian routes)."""
-    return send_messages(SmsRequest(phone, text, run_key(idempotency_key)), "send-sms")
+def kind_flow(kind: kinds.Kind) -> Flow[..., dict[str, Any]]:
+    """The flow of a message kind: its parameters checked as declared, then record, deliver, report.
+
+    Without a caller's key, a kind keyed by the run (plain, templated, token messages) takes the
+    run's id, so a retried run sends once; the others are keyed by what they are about."""
+    if kind.name in _KIND_FLOWS:
+        return _KIND_FLOWS[kind.name]
+    signature = kind.signature(id_type=PositiveId, key_type=IdempotencyKey)
+
+    def send(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        params, key = kinds.bind(kind, args, kwargs)
+        return send_messages(kind.request(params, run_key(key) if kind.keyless == "run" else key), kind.name)
+
+    send.__name__ = send.__qualname__ = kind.function
+    send.__doc__ = kind.doc
+    send.__module__ = __name__
+    send.__signature__ = signature  # type: ignore[attr-defined]  # what Prefect reads for the parameters
+    send.__annotations__ = {n: p.annotation for n, p in signature.parameters.items()} | {"return": dict[str, Any]}
+    _KIND_FLOWS[kind.name] = flow(**flow_options(kind.name))(send)
+    return _KIND_FLOWS[kind.name]
 
 
-@flow(**flow_options("send-templated-email"))
-def send_templated_email(
-    template: str, context: dict[str, Any], to: str, idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Render a template's subject, HTML and text with the context and email it once."""
-    return send_messages(
-        TemplatedRequest("email", template, context, to, run_key(idempotency_key)), "send-templated-email"
-    )
+for _kind in kinds.KINDS.values():
+    globals()[_kind.function] = kind_flow(_kind)
 
 
-@flow(**flow_options("send-templated-sms"))
-def send_templated_sms(
-    template: str, context: dict[str, Any], phone: str, idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Render a template's DLT-registered SMS text with the context and send it once."""
-    return send_messages(
-        TemplatedRequest("sms", template, context, phone, run_key(idempotency_key)), "send-templated-sms"
-    )
-
-
-# --- flows: orders and subscriptions -------------------------------------------------------------
-
-
-@flow(**flow_options("send-order-confirmation"))
-def send_order_confirmation(order_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
-    """Email and SMS the confirmation of one order (keys order-confirmation:<order>:<channel>)."""
-    request = OrderConfirmationRequest((order_id,), idempotency_key, require_all=True)
-    return send_messages(request, "send-order-confirmation")
-
-
-@flow(**flow_options("send-order-shipped"))
-def send_order_shipped(
-    order_id: PositiveId, tracking_number: str, carrier: str, idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Email and SMS that an order has shipped, with carrier and tracking number."""
-    request = OrderShippedRequest(order_id, tracking_number, carrier, idempotency_key)
-    return send_messages(request, "send-order-shipped")
-
-
-@flow(**flow_options("send-payment-failed"))
-def send_payment_failed(
-    order_id: PositiveId | None = None,
-    subscription_id: PositiveId | None = None,
-    reason: str = "the payment was declined",
-    idempotency_key: IdempotencyKey | None = None,
-) -> dict[str, Any]:
-    """Tell a customer a payment failed, for an order (preferred when both are given) or a subscription."""
-    request = PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key)
-    return send_messages(request, "send-payment-failed")
-
-
-@flow(**flow_options("send-subscription-renewal-reminder"))
-def send_subscription_renewal_reminder(
-    subscription_id: PositiveId, delivery_date: dt.date, idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Remind a customer of a coming delivery, on the channels they opted in to."""
-    request = RenewalReminderRequest(((subscription_id, delivery_date),), idempotency_key, require_all=True)
-    return send_messages(request, "send-subscription-renewal-reminder")
-
-
-# --- flows: token messages (the token is issued inside the run, never passed in or stored) ------------
-
-
-@flow(**flow_options("send-otp"))
-def send_otp(
-    customer_id: PositiveId, purpose: str = "login", idempotency_key: IdempotencyKey | None = None
-) -> dict[str, Any]:
-    """Issue a one-time code for the customer and send it by SMS; the code exists only inside this run."""
-    return send_messages(OtpRequest(customer_id, purpose, run_key(idempotency_key)), "send-otp")
-
-
-@flow(**flow_options("send-password-reset"))
-def send_password_reset(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
-    """Issue a password-reset token and email its link; the token exists only inside this run."""
-    return send_messages(LinkRequest("password_reset", customer_id, run_key(idempotency_key)), "send-password-reset")
-
-
-@flow(**flow_options("send-email-verification"))
-def send_email_verification(customer_id: PositiveId, idempotency_key: IdempotencyKey | None = None) -> dict[str, Any]:
-    """Issue an email-verification token and email its link; the token exists only inside this run."""
-    return send_messages(
-        LinkRequest("email_verification", customer_id, run_key(idempotency_key)), "send-email-verification"
-    )
+def __getattr__(name: str) -> Any:
+    """A kind registered after import (a test's) is a flow here too, as ``flows/notifications.py:<name>``."""
+    kind = kinds.find(name, "function")
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return kind_flow(kind)
 
 
 # --- dead letters and stuck messages -----------------------------------------------------------------

@@ -35,7 +35,7 @@ from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
 from lib.errors import InvalidInputError, JobError, PermanentError, RejectedError, positive_int
-from lib.notify.messages import OrderConfirmationRequest, PaymentFailedRequest, RenewalReminderRequest
+from lib.notify.requests import OrderConfirmationRequest, PaymentFailedRequest, RenewalReminderRequest
 from lib.schedule import check_run_date
 
 REMINDER_CHUNK = 1000

@@ -27,3 +27,11 @@ def _awaitables() -> dict[str, Any]:
 # Built from indostar_client.client rather than listed, so a new client function is here at once.
 __all__ = sorted(_awaitables())
 globals().update(_awaitables())
+
+
+def __getattr__(name: str) -> Any:
+    """A message kind registered after import (a test's) is awaitable here too."""
+    fn = getattr(_client, name)
+    if not callable(getattr(fn, "aio", None)):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return fn.aio

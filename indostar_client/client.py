@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol
 from uuid import UUID
 
 from lib.errors import InvalidInputError, no_nul, positive_int
+from lib.notify import kinds
 
 DEPLOYMENT = "default"
 BACKEND_TAG = "backend"  # the same tag flows.hooks looks for (kept here: the client imports no flow code)
@@ -52,6 +51,7 @@ class ClientFunction(Protocol[P]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> UUID: ...
 
     aio: Callable[P, Awaitable[UUID]]
+    describe: Callable[P, Call]
 
 
 def _run_args(call: Call, scheduled_time: dt.datetime | None = None) -> dict[str, Any]:
@@ -102,122 +102,49 @@ def deployment_call(describe: Callable[P, Call]) -> ClientFunction[P]:
         return UUID(str((await astart(describe(*args, **kwargs))).id))
 
     sync.aio = aio  # type: ignore[attr-defined]
+    sync.describe = describe  # type: ignore[attr-defined]  # the Call it would start, without starting it
     return sync  # type: ignore[return-value]
 
 
-def _digest(*parts: Any) -> str:
-    raw = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
-    return hashlib.sha256(raw.encode()).hexdigest()[:40]
+# ---- messages: one function per kind of lib.notify.kinds -----------------------------------------
+
+_KIND_FUNCTIONS: dict[str, ClientFunction[...]] = {}
 
 
-def _keyed(prefix: str, key: str | None) -> str | None:
-    return f"{prefix}:{key}" if key else None
+def kind_function(kind: kinds.Kind) -> ClientFunction[...]:
+    """The client function of a message kind: the arguments checked here (the request is built and
+    dropped, so bad input raises before a run exists), then the run started under the kind's key."""
+    if kind.name in _KIND_FUNCTIONS:
+        return _KIND_FUNCTIONS[kind.name]
+
+    def describe(*args: Any, **kwargs: Any) -> Call:
+        params, key = kinds.bind(kind, args, kwargs)
+        params = kinds.plain(params)
+        run_key, flow_key = kind.run_keys(params, key)
+        _check(Call(kind.name, params, run_key))  # a NUL is named as such, before the request's own checks
+        kind.request(params, flow_key)
+        return Call(kind.name, params | ({"idempotency_key": flow_key} if flow_key else {}), run_key)
+
+    describe.__name__ = describe.__qualname__ = kind.function
+    describe.__doc__ = f"Start {kind.name}/default: {kind.doc[0].lower()}{kind.doc[1:]}"
+    describe.__signature__ = kind.signature().replace(return_annotation=UUID)  # type: ignore[attr-defined]
+    _KIND_FUNCTIONS[kind.name] = deployment_call(describe)
+    return _KIND_FUNCTIONS[kind.name]
 
 
-# ---- messages ------------------------------------------------------------------------------------
+for _kind in kinds.KINDS.values():
+    globals()[_kind.function] = kind_function(_kind)
 
 
-@deployment_call
-def send_email(to: str, subject: str, body: str, html: str | None = None, idempotency_key: str | None = None) -> Call:
-    """Start send-email; without a key every call is a new run and a new message (the run's id keys it)."""
-    key = idempotency_key
-    return Call("send-email", {"to": to, "subject": subject, "body": body, "html": html, "idempotency_key": key}, key)
+def __getattr__(name: str) -> Any:
+    """A kind registered after import (a test's) has its client function here too."""
+    kind = kinds.find(name, "function")
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return kind_function(kind)
 
 
-@deployment_call
-def send_sms(phone: str, text: str, idempotency_key: str | None = None) -> Call:
-    """Start send-sms; without a key every call is a new run and a new message (the run's id keys it)."""
-    key = idempotency_key
-    return Call("send-sms", {"phone": phone, "text": text, "idempotency_key": key}, key)
-
-
-@deployment_call
-def send_templated_email(template: str, context: dict[str, Any], to: str, idempotency_key: str | None = None) -> Call:
-    """Start send-templated-email with a template name and its context."""
-    key = idempotency_key
-    params = {"template": template, "context": context, "to": to, "idempotency_key": key}
-    return Call("send-templated-email", params, key)
-
-
-@deployment_call
-def send_templated_sms(template: str, context: dict[str, Any], phone: str, idempotency_key: str | None = None) -> Call:
-    """Start send-templated-sms with a template name and its context."""
-    key = idempotency_key
-    params = {"template": template, "context": context, "phone": phone, "idempotency_key": key}
-    return Call("send-templated-sms", params, key)
-
-
-@deployment_call
-def send_order_confirmation(order_id: int, idempotency_key: str | None = None) -> Call:
-    """Start send-order-confirmation (email + SMS); one run per order unless a key says otherwise."""
-    positive_int(order_id, "order_id")
-    params: dict[str, Any] = {"order_id": order_id} | ({"idempotency_key": idempotency_key} if idempotency_key else {})
-    return Call("send-order-confirmation", params, idempotency_key or f"order-confirmation:{order_id}")
-
-
-@deployment_call
-def send_order_shipped(order_id: int, tracking_number: str, carrier: str, idempotency_key: str | None = None) -> Call:
-    """Start send-order-shipped; one run per order and tracking number."""
-    positive_int(order_id, "order_id")
-    params = {"order_id": order_id, "tracking_number": tracking_number, "carrier": carrier}
-    return Call("send-order-shipped", params, idempotency_key or f"order-shipped:{order_id}:{tracking_number}")
-
-
-@deployment_call
-def send_payment_failed(
-    order_id: int | None = None,
-    subscription_id: int | None = None,
-    reason: str = "the payment was declined",
-    idempotency_key: str | None = None,
-) -> Call:
-    """Start send-payment-failed; pass the payment gateway's event id as the key."""
-    if order_id is None and subscription_id is None:
-        raise InvalidInputError("give order_id or subscription_id")
-    params: dict[str, Any] = {"order_id": order_id, "subscription_id": subscription_id, "reason": reason}
-    if idempotency_key:
-        params["idempotency_key"] = f"payment-failed:{idempotency_key}"
-    key = idempotency_key or f"payment-failed:{order_id}:{subscription_id}:{_digest(reason)}"
-    return Call("send-payment-failed", params, key)
-
-
-@deployment_call
-def send_subscription_renewal_reminder(
-    subscription_id: int, delivery_date: dt.date | str, idempotency_key: str | None = None
-) -> Call:
-    """Start send-subscription-renewal-reminder; one run per subscription and delivery date."""
-    positive_int(subscription_id, "subscription_id")
-    day = delivery_date.isoformat() if isinstance(delivery_date, dt.date) else str(delivery_date)
-    params = {"subscription_id": subscription_id, "delivery_date": day}
-    return Call(
-        "send-subscription-renewal-reminder", params, idempotency_key or f"renewal-reminder:{subscription_id}:{day}"
-    )
-
-
-@deployment_call
-def send_otp(customer_id: int, purpose: str = "login", idempotency_key: str | None = None) -> Call:
-    """Start send-otp: the run issues the code and sends it by SMS (the code never passes through here).
-
-    Without a key every call sends a new code; pass your request id to make a retried call safe.
-    """
-    positive_int(customer_id, "customer_id")
-    params = {"customer_id": customer_id, "purpose": purpose, "idempotency_key": idempotency_key}
-    return Call("send-otp", params, _keyed(f"otp:{customer_id}:{purpose}", idempotency_key))
-
-
-@deployment_call
-def send_password_reset(customer_id: int, idempotency_key: str | None = None) -> Call:
-    """Start send-password-reset: the run issues the token and emails the link."""
-    positive_int(customer_id, "customer_id")
-    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
-    return Call("send-password-reset", params, _keyed(f"password-reset:{customer_id}", idempotency_key))
-
-
-@deployment_call
-def send_email_verification(customer_id: int, idempotency_key: str | None = None) -> Call:
-    """Start send-email-verification: the run issues the token and emails the link."""
-    positive_int(customer_id, "customer_id")
-    params = {"customer_id": customer_id, "idempotency_key": idempotency_key}
-    return Call("send-email-verification", params, _keyed(f"email-verification:{customer_id}", idempotency_key))
+# ---- jobs -----------------------------------------------------------------------------------------
 
 
 @deployment_call
@@ -285,18 +212,9 @@ async def _handle_razorpay_event_aio(body: str | bytes, signature: str, event_id
 
 handle_razorpay_event.aio = _handle_razorpay_event_aio  # type: ignore[attr-defined]
 
+# Every client function by name: the message kinds' (lib.notify.kinds), then the jobs'.
 CLIENT_FUNCTIONS = (
-    "send_email",
-    "send_sms",
-    "send_templated_email",
-    "send_templated_sms",
-    "send_order_confirmation",
-    "send_order_shipped",
-    "send_payment_failed",
-    "send_subscription_renewal_reminder",
-    "send_otp",
-    "send_password_reset",
-    "send_email_verification",
+    *(k.function for k in kinds.KINDS.values()),
     "replay_dead_letters",
     "process_single_subscription",
     "handle_razorpay_event",

@@ -39,6 +39,7 @@ from typing import Any
 
 from indostar_client import client
 from indostar_client.client import Call
+from lib.notify import kinds
 
 # Celery's states for Prefect's state types (flow runs) and for outbox rows (message tasks).
 CELERY_STATUS = {
@@ -229,20 +230,24 @@ def _schedule(task: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -
 
 @dataclass(frozen=True)
 class MessageTask:
-    """An old message task: ``.delay`` records a row of the outbox for the background task ``task_name``."""
+    """An old message task: ``.delay`` records a row of the outbox for the kind's background task."""
 
-    name: str
-    task_name: str
-    translate: Callable[..., dict[str, Any]]
+    kind: kinds.Kind
+
+    @property
+    def name(self) -> str:
+        return self.kind.celery_name
+
+    @property
+    def task_name(self) -> str:
+        return self.kind.task_name
 
     def _params(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments as the row stores them (JSON, dates as ISO text), checked by building the request."""
-        from lib.notify.kinds import BACKGROUND_TASKS
-        from lib.notify.messages import iso_default
-
-        params = dict(json.loads(json.dumps(self.translate(*args, **kwargs), default=iso_default)))
-        BACKGROUND_TASKS[self.task_name](**params)  # bad input raises here, before anything is recorded
-        return params
+        params = kinds.plain(old_arguments(self.kind, args, kwargs))
+        key = params.pop(kinds.KEY, None)
+        self.kind.request(params, key)  # bad input raises here, before anything is recorded
+        return params | {kinds.KEY: key}
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.apply_async(args, kwargs)
@@ -301,62 +306,40 @@ class JobTask:
         return AsyncResult(client.start(call, scheduled_time=when).id, "flow")
 
 
-def _pick(kwargs: dict[str, Any], *names: str, default: Any = ...) -> Any:
-    """The first of ``names`` given (old name first, then ours); TypeError naming them if none is."""
-    for name in names:
-        if name in kwargs:
-            return kwargs.pop(name)
-    if default is ...:
-        raise TypeError(f"missing argument {' / '.join(names)}")
-    return default
-
-
 def _check_names(kwargs: Mapping[str, Any], allowed: set[str], task: str) -> None:
     if unknown := set(kwargs) - allowed:
         raise TypeError(f"{task}() got unexpected argument(s): {', '.join(sorted(unknown))}")
 
 
-def _email(
-    to_email: str | None = None, subject: str | None = None, body: str | None = None, **kw: Any
-) -> dict[str, Any]:
-    _check_names(kw, {"to", "text", "message", "html_body", "html", "idempotency_key"}, "send_email_task")
-    out = {
-        "to": to_email if to_email is not None else _pick(kw, "to"),
-        "subject": subject if subject is not None else _pick(kw, "subject"),
-        "body": body if body is not None else _pick(kw, "text", "message"),
-        "html": _pick(kw, "html_body", "html", default=None),
-        "idempotency_key": _pick(kw, "idempotency_key", default=None),
-    }
+def old_arguments(kind: kinds.Kind, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The old task's call as the kind's parameters: its positional order and its names (old or ours).
+
+    TypeError, as a Python call would raise, for an unknown, missing or twice-given argument."""
+    task = kind.celery_name
+    positional = kind.old_positional or (*(p.name for p in kind.params), kinds.KEY)
+    if len(args) > len(positional):
+        raise TypeError(f"{task}() takes {len(positional)} positional argument(s) but {len(args)} were given")
+    given = dict(zip(positional, args, strict=False))
+    for name, value in kwargs.items():
+        if name in given:
+            raise TypeError(f"{task}() got multiple values for argument {name!r}")
+        given[name] = value
+    out: dict[str, Any] = {}
+    for param in (*kind.params, kinds.Param(kinds.KEY, str, None)):
+        names = [n for n in (*param.old_names, param.name) if n in given]
+        if len(names) > 1:
+            raise TypeError(f"{task}() got {' and '.join(names)}: give one")
+        if names:
+            out[param.name] = given.pop(names[0])
+        elif param.old_default is not kinds.REQUIRED:
+            out[param.name] = param.old_default
+        elif param.default is not kinds.REQUIRED:
+            out[param.name] = param.default
+        else:
+            raise TypeError(f"{task}() missing argument {' / '.join((*param.old_names, param.name))}")
+    if given:
+        raise TypeError(f"{task}() got unexpected argument(s): {', '.join(sorted(given))}")
     return out
-
-
-def _sms(phone: str | None = None, message: str | None = None, **kw: Any) -> dict[str, Any]:
-    _check_names(kw, {"to_phone", "phone_number", "text", "body", "idempotency_key"}, "send_sms_task")
-    out = {
-        "phone": phone if phone is not None else _pick(kw, "to_phone", "phone_number"),
-        "text": message if message is not None else _pick(kw, "text", "body"),
-        "idempotency_key": _pick(kw, "idempotency_key", default=None),
-    }
-    return out
-
-
-def _templated(channel: str) -> Callable[..., dict[str, Any]]:
-    address = ("to_email", "to") if channel == "email" else ("phone", "to_phone")
-    target = "to" if channel == "email" else "phone"
-
-    def translate(*args: Any, **kw: Any) -> dict[str, Any]:
-        given = dict(zip((address[0], "template_name", "context"), args, strict=False)) | kw
-        allowed = {*address, "template_name", "template", "context", "idempotency_key"}
-        _check_names(given, allowed, f"send_templated_{channel}_task")
-        out = {
-            target: _pick(given, *address),
-            "template": _pick(given, "template_name", "template"),
-            "context": _pick(given, "context", default={}),
-            "idempotency_key": _pick(given, "idempotency_key", default=None),
-        }
-        return out
-
-    return translate
 
 
 def _same(*names: str, task: str) -> Callable[..., dict[str, Any]]:
@@ -370,24 +353,16 @@ def _same(*names: str, task: str) -> Callable[..., dict[str, Any]]:
     return translate
 
 
-def _kept(name: str, *arguments: str) -> MessageTask:
-    """An old message task whose arguments kept their names; its background task is the name in dashes."""
-    return MessageTask(name, name.replace("_", "-"), _same(*arguments, task=name))
+for _kind in kinds.KINDS.values():
+    globals()[_kind.celery_name] = MessageTask(_kind)
 
 
-send_email_task = MessageTask("send_email_task", "send-email-task", _email)
-send_sms_task = MessageTask("send_sms_task", "send-sms-task", _sms)
-send_templated_email_task = MessageTask("send_templated_email_task", "send-templated-email-task", _templated("email"))
-send_templated_sms_task = MessageTask("send_templated_sms_task", "send-templated-sms-task", _templated("sms"))
-send_order_confirmation_task = _kept("send_order_confirmation_task", "order_id", "idempotency_key")
-send_order_shipped_task = _kept("send_order_shipped_task", "order_id", "tracking_number", "carrier", "idempotency_key")
-send_payment_failed_task = _kept("send_payment_failed_task", "order_id", "subscription_id", "reason", "idempotency_key")
-send_subscription_renewal_reminder_task = _kept(
-    "send_subscription_renewal_reminder_task", "subscription_id", "delivery_date", "idempotency_key"
-)
-send_otp_task = _kept("send_otp_task", "customer_id", "purpose", "idempotency_key")
-send_password_reset_task = _kept("send_password_reset_task", "customer_id", "idempotency_key")
-send_email_verification_task = _kept("send_email_verification_task", "customer_id", "idempotency_key")
+def __getattr__(name: str) -> Any:
+    """A message kind registered after import (a test's) has its old-style task here too."""
+    kind = kinds.find(name, "celery_name")
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return MessageTask(kind)
 
 
 # ---- job tasks: deployment runs -------------------------------------------------------------------

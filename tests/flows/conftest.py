@@ -1,6 +1,10 @@
 """Flow tests run against one session-wide Prefect test harness."""
 
+import threading
+
 import pytest
+
+from flows.background import TaskWorker
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,3 +31,27 @@ def sentry_server(monkeypatch):
         monkeypatch.undo()
         get_settings.cache_clear()
         server.shutdown()
+
+
+POLL = 0.2
+
+
+@pytest.fixture
+def worker(pg, smtp, sms_gateway, redis_client):
+    """A task worker in a thread of this process, listening before the test starts; stopped after it."""
+    started: list[tuple[TaskWorker, threading.Thread]] = []
+
+    def start(batch_size: int = 50) -> TaskWorker:
+        w = TaskWorker(batch_size=batch_size, concurrency=2, poll_seconds=POLL)
+        listening = threading.Event()
+        t = threading.Thread(target=w.run, kwargs={"ready": listening.set}, daemon=True)
+        t.start()
+        assert listening.wait(10), "the task worker did not start listening"
+        started.append((w, t))
+        return w
+
+    yield start
+    for w, t in started:
+        w.stop()
+        t.join(20)
+        assert not t.is_alive(), "the task worker did not stop"

@@ -30,7 +30,7 @@ from lib.config import get_settings
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.notify import delivery_log as dlog
-from lib.notify.messages import EmailRequest, MessageBatch, SmsRequest
+from lib.notify.requests import EmailRequest, MessageBatch, SmsRequest
 from tests.builders import db_now, make_customer, make_order
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -350,7 +350,7 @@ def test_retention_clears_old_texts_and_deletes_old_rows_but_keeps_references_an
     record(EmailRequest("c@example.in", "C", "ancient", key="plain-ancient"))
     record(EmailRequest("d@example.in", "D", "still pending", key="pending-old"))
     with session_scope() as s:
-        from lib.notify.messages import OrderConfirmationRequest
+        from lib.notify.requests import OrderConfirmationRequest
 
         dlog.record(s, OrderConfirmationRequest((oid,), "conf-old").build(s).messages)
         s.execute(text("UPDATE notifications SET status = 'sent' WHERE idempotency_key <> 'pending-old'"))

@@ -13,7 +13,7 @@ from lib.config import get_settings
 from lib.db import get_engine, session_scope
 from lib.errors import InvalidInputError, PermanentError
 from lib.models import Notification
-from lib.notify.messages import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
+from lib.notify.requests import EmailRequest, OrderConfirmationRequest, RenewalReminderRequest
 from tests.builders import db_now, make_customer, make_order, make_product, make_subscription, today
 
 

@@ -10,41 +10,18 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import threading
 import time
 import uuid
 
 import pytest
 from sqlalchemy import text
 
-from flows.background import TaskWorker
 from indostar_client import tasks as old
 from lib import db, outbox, tokens
 from lib.errors import InvalidInputError, NotFoundError
 from tests.builders import count_rows, make_customer, make_order
 
 POLL = 0.2
-
-
-@pytest.fixture
-def worker(pg, smtp, sms_gateway, redis_client):
-    """A task worker in a thread of this process, listening before the test starts; stopped after it."""
-    started: list[tuple[TaskWorker, threading.Thread]] = []
-
-    def start(batch_size: int = 50) -> TaskWorker:
-        w = TaskWorker(batch_size=batch_size, concurrency=2, poll_seconds=POLL)
-        listening = threading.Event()
-        t = threading.Thread(target=w.run, kwargs={"ready": listening.set}, daemon=True)
-        t.start()
-        assert listening.wait(10), "the task worker did not start listening"
-        started.append((w, t))
-        return w
-
-    yield start
-    for w, t in started:
-        w.stop()
-        t.join(20)
-        assert not t.is_alive(), "the task worker did not stop"
 
 
 def _row(task_id: str) -> dict:

@@ -37,7 +37,7 @@ def test_lib_notify_never_imports_prefect_or_pandas():
     import sys
 
     code = (
-        "import sys, lib.notify.delivery, lib.notify.messages, lib.notify.templates, lib.notify.render, "
+        "import sys, lib.notify.delivery, lib.notify.requests, lib.notify.templates, lib.notify.render, "
         "lib.markdown, flows.providers; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pandas', 'matplotlib') or m == 'prefect'); "
         "sys.exit(str(bad[:5]) if bad else 0)"
