@@ -37,9 +37,9 @@ from uuid import UUID
 from prefect.automations import ChangeFlowRunState, EventTrigger, Posture, SendNotification
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
-from prefect.events.schemas.automations import AutomationCore
 
 from deployments.blocks import BLOCK_NAME, IndostarOpsEmail
+from flows.prefect_compat import automation_core
 from lib.config import get_settings
 
 PREFIX = "indostar-"
@@ -77,9 +77,9 @@ def _on_deployment_runs(
     threshold: int = 1,
     within: dt.timedelta = dt.timedelta(0),
     per_run: bool = False,
-) -> AutomationCore:
+) -> Any:
     """A reactive automation on a flow-run event of deployment runs (counted per run if ``per_run``)."""
-    return AutomationCore(
+    return automation_core(
         name=name,
         description=description,
         trigger=EventTrigger(
@@ -95,7 +95,7 @@ def _on_deployment_runs(
     )
 
 
-def definitions(block_id: UUID) -> list[AutomationCore]:
+def definitions(block_id: UUID) -> list[Any]:
     """Every automation we keep on the server, as data (the block id is the alert email block)."""
     subject = "[indostar-jobs] {{ flow.name }} run {{ flow_run.name }} is {{ flow_run.state.name }}"
     send = SendNotification(block_document_id=block_id, subject=subject, body=email_body())
@@ -126,7 +126,7 @@ def definitions(block_id: UUID) -> list[AutomationCore]:
             within=RESCHEDULE_WINDOW,
             per_run=True,
         ),
-        AutomationCore(
+        automation_core(
             name=MARK_ZOMBIES,
             description="A run whose runner stopped heartbeating (killed worker) is marked Crashed.",
             trigger=EventTrigger(

@@ -47,7 +47,7 @@ class Job:
 
 def jobs() -> dict[str, Job]:
     """Every deployment of prefect.yaml with a ``default_schedule``, plus the cleanup jobs deployed without one."""
-    from deployments.serve import deployment_specs, load_flow
+    from deployments.specs import deployment_specs, load_flow
 
     out: dict[str, Job] = {}
     for spec in deployment_specs():

@@ -9,32 +9,16 @@ its ``default_schedule``. They stay active when the process stops unless asked o
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any
 
-import yaml
-from prefect import Flow, serve
+from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import RunnerDeployment
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
-
-
-def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
-    """The deployments section of prefect.yaml (YAML anchors resolved)."""
-    return yaml.safe_load(path.read_text())["deployments"]
+from deployments.specs import deployment_specs, load_flow
+from flows.prefect_compat import set_paused
 
 
-def load_flow(entrypoint: str) -> Flow:
-    """Import ``flows/x.py:func`` as a module attribute (the project root is on sys.path)."""
-    file, func = entrypoint.split(":")
-    module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
-    return getattr(module, func)
-
-
-def runner_deployment(spec: dict[str, Any]) -> RunnerDeployment:
+def runner_deployment(spec: dict[str, Any]) -> Any:
     flow = load_flow(spec["entrypoint"])
     limit = spec.get("concurrency_limit")
     concurrency = (
@@ -55,11 +39,11 @@ def runner_deployment(spec: dict[str, Any]) -> RunnerDeployment:
     )
 
 
-def all_deployments() -> list[RunnerDeployment]:
+def all_deployments() -> list[Any]:
     return [runner_deployment(spec) for spec in deployment_specs()]
 
 
-def register_all() -> list[RunnerDeployment]:
+def register_all() -> list[Any]:
     """Register every deployment with the API, then give each job without a schedule its default one."""
     from prefect.client.orchestration import get_client
 
@@ -70,7 +54,7 @@ def register_all() -> list[RunnerDeployment]:
     paused = paused_deployments() - _take_paused_by_serve()
     for deployment in deployments:
         # Prefect sends paused=False with every registration: a deployment paused in the UI stays paused.
-        deployment.paused = deployment.full_name in paused
+        set_paused(deployment, deployment.full_name in paused)
         deployment.apply()
     with get_client(sync_client=True) as client:
         ensure_default_schedules(client)

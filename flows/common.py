@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.hooks import flow_run_ended, flow_run_started, task_run_ended_badly
+from flows.prefect_compat import in_flow_run
 from lib import retention, retry, sentry
 from lib.config import get_settings
 from lib.errors import InvalidInputError, is_transient
@@ -96,7 +96,7 @@ def final_attempt(run_count: int) -> bool:
 
 def scheduled_start() -> dt.datetime:
     """The run's scheduled start in UTC (now for an ad-hoc run or outside a flow)."""
-    start = flow_run.get_scheduled_start_time() if FlowRunContext.get() else None
+    start = flow_run.get_scheduled_start_time() if in_flow_run() else None
     return (start or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
 
 
@@ -114,7 +114,7 @@ def run_id() -> str:
 
 def publish_table(key: str, frame: pd.DataFrame | list[dict[str, Any]], description: str) -> None:
     """Publish rows (a DataFrame or plain dicts) as a table artifact under a stable kebab-case key."""
-    if FlowRunContext.get() is None:
+    if not in_flow_run():
         return
     if not isinstance(frame, list):
         from lib.stats import to_artifact_rows  # pandas: only runs that publish frames load it
@@ -125,7 +125,7 @@ def publish_table(key: str, frame: pd.DataFrame | list[dict[str, Any]], descript
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     """Publish a markdown artifact under a stable kebab-case key (no-op outside a flow run)."""
-    if FlowRunContext.get() is not None:
+    if in_flow_run():
         create_markdown_artifact(key=key, markdown=markdown, description=description)
 
 

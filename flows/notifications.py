@@ -30,6 +30,7 @@ from flows.common import (
     run_key,
     task_options,
 )
+from flows.prefect_compat import with_signature
 from flows.providers import SMS_LIMIT, SMTP_LIMIT, provider_rate, provider_session, sms_config, smtp_config
 from lib import db
 from lib import markdown as md
@@ -251,9 +252,7 @@ def kind_flow(kind: kinds.Kind) -> Flow[..., dict[str, Any]]:
     send.__name__ = send.__qualname__ = kind.function
     send.__doc__ = kind.doc
     send.__module__ = __name__
-    send.__signature__ = signature  # type: ignore[attr-defined]  # what Prefect reads for the parameters
-    send.__annotations__ = {n: p.annotation for n, p in signature.parameters.items()} | {"return": dict[str, Any]}
-    _KIND_FLOWS[kind.name] = flow(**flow_options(kind.name))(send)
+    _KIND_FLOWS[kind.name] = flow(**flow_options(kind.name))(with_signature(send, signature))
     return _KIND_FLOWS[kind.name]
 
 

@@ -182,8 +182,8 @@ def prefect_harness(prefect_database):
 
     # Flows called in-process need no heartbeat (no worker to lose), and Prefect 3.9's heartbeat
     # thread sleeps in whole seconds: joining it adds up to 1 s to the end of every flow run.
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), harness(prefect_database("harness")):
-        yield
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), harness(prefect_database("harness")) as url:
+        yield url
         _drain_prefect_logs()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.serve import deployment_specs, load_flow
+from deployments.specs import deployment_specs, load_flow
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = deployment_specs()

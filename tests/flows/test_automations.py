@@ -9,6 +9,7 @@ from prefect.client.orchestration import get_client
 
 from deployments import automations
 from deployments.blocks import BLOCK_NAME, IndostarOpsEmail
+from flows.prefect_compat import block_document_id
 from lib.config import get_settings
 
 
@@ -65,7 +66,7 @@ def test_reschedule_automation_fires_once_per_crashed_deployment_run(smtp):
 def test_email_automations_use_the_saved_block_and_link_the_run(smtp):
     """The two email automations point at the saved ops-email block and template the run's UI link."""
     automations.create_automations()
-    block_id = IndostarOpsEmail.load(BLOCK_NAME)._block_document_id
+    block_id = block_document_id(IndostarOpsEmail.load(BLOCK_NAME))
     for name in (automations.EMAIL_FAILED, automations.EMAIL_CRASHED_TWICE):
         [a] = _ours()[name]
         [action] = a.actions

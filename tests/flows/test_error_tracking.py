@@ -101,15 +101,16 @@ def test_an_otp_run_the_gateway_refuses_sends_one_event_without_the_phone_or_the
 def test_a_cron_deployments_runs_check_in_to_their_monitor_with_its_schedule(pg, sentry_server):
     """in_progress then ok (or error) under one check-in id, the monitor told the deployment's current cron."""
     from prefect.client.orchestration import get_client
-    from prefect.flow_engine import run_flow
     from prefect.schedules import Cron
+
+    from flows.prefect_compat import run_flow_run
 
     deployment_id = nightly.to_deployment(name="nightly", schedules=[Cron("20 1 * * *", timezone="UTC")]).apply()
     outcomes = []
     for fail in (False, True):
         with get_client(sync_client=True) as client:
             run = client.create_flow_run_from_deployment(deployment_id, parameters={"fail": fail})
-        outcomes.append(run_flow(nightly, flow_run=run, parameters={"fail": fail}, return_type="state"))
+        outcomes.append(run_flow_run(nightly, run, {"fail": fail}))
     assert outcomes[0].is_completed() and outcomes[1].is_failed()
     settled()
     check_ins = sentry_server.check_ins()

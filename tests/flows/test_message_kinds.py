@@ -7,7 +7,7 @@ import inspect
 import pytest
 import yaml
 
-from deployments.serve import load_flow
+from deployments.specs import load_flow
 from devtools import prefect_yaml
 from flows import notifications as nf
 from indostar_client import aclient, client
