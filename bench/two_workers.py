@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-stock", action="store_true", help="keep the data set's shortages (invariants only)")
     args = p.parse_args(argv)
 
-    from bench.subscriptions import build_template, differences, snapshot
+    from bench.nightly.dataset import build_template, differences, snapshot
     from lib import subscriptions as subs
     from lib.config import get_settings
     from lib.db import build_engine
