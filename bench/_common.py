@@ -10,12 +10,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
-from devtools.processes import Proc
+if TYPE_CHECKING:  # devtools is development tooling: imported where used, never when bench loads
+    from devtools.processes import Proc
 
 os.environ.setdefault("INDOSTAR_ENV", "dev")  # every benchmark runs with the development defaults
 

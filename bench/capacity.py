@@ -195,7 +195,8 @@ def _use_database(url: str) -> Engine:
 
 def bench_subs(base: str, n: int) -> tuple[Cost, dict[str, Any]]:
     """process-due-subscriptions on n due subscriptions, after a warm-up run on a small copy."""
-    from bench.subscriptions import DEFAULT_RUN_DATE, build_template, restore, run_flow
+    from bench.nightly.dataset import DEFAULT_RUN_DATE, build_template, restore
+    from bench.nightly.variants import run_flow
     from lib import db
 
     work, templates = f"{PREFIX}_subs", []

@@ -47,11 +47,14 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench._common import database_url, percentile, wait_for
-from devtools.processes import Proc
+
+if TYPE_CHECKING:  # devtools is development tooling: imported where used, never when bench loads
+    from devtools.processes import Proc
 
 BENCH_DB = "indostar_bench_latency"
 REDIS_PREFIX = "indostar-bench-latency:"
@@ -97,6 +100,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _start_worker(name: str, env: dict[str, str], workdir: Path) -> Proc:
+    from devtools.processes import Proc
+
     proc = Proc(name, [sys.executable, "-m", "deployments.cli", "task-worker"], env, workdir)
     wait_for(f"{name} listening", lambda: "listening" in proc.log.read_text(errors="replace"), 120, proc)
     return proc
@@ -219,7 +224,20 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Setup:
+    """Ports, databases and the scratch folder of one run; every subprocess and this process share them."""
+
+    workdir: Path
+    smtp_port: int
+    api_port: int
+    api_url: str
+    db_url: str
+    prefect_url: str
+    redis_url: str
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=30, help="sequential calls (default 30)")
     parser.add_argument("--burst", type=int, default=500, help="calls in the burst (default 500)")
@@ -228,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.calls, args.burst, args.threads, args.workers) < 1:
         parser.error("--calls, --burst, --threads and --workers must be >= 1")
-    signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.WARNING)
+    return args
 
+
+def _setup() -> Setup:
+    """Free ports, a scratch folder, the names of this run's databases; this process takes the workers' settings."""
     from deployments import prefect_db
-    from deployments.prefect_api import api_healthy
     from devtools.smtp_sink import free_port
     from lib import db
     from lib.config import get_settings
@@ -261,85 +280,133 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)  # this process is the backend: the same settings
     get_settings.cache_clear()
     db.reset_engine()
+    return Setup(workdir, smtp_port, api_port, api_url, db_url, prefect_url, base.redis_url)
 
+
+def _create_databases(setup: Setup) -> None:
+    from deployments import prefect_db
+    from lib import db
+
+    db.drop_database(setup.db_url)
+    db.migrate(setup.db_url)
+    prefect_db.drop_prefect_database(setup.prefect_url)
+    prefect_db.migrate_prefect_database(setup.prefect_url)
+
+
+def _start_server(setup: Setup) -> Proc:
+    from deployments import prefect_db
+    from devtools.processes import Proc
+
+    return Proc(
+        "server",
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(setup.api_port)],
+        {**os.environ, **prefect_db.server_env(setup.prefect_url)},
+        setup.workdir,
+    )
+
+
+def _scenarios(args: argparse.Namespace, setup: Setup, smtp: Any, procs: list[Proc]) -> dict[str, Any]:
+    """Every scenario in turn; subprocesses it starts join ``procs``, so the caller stops them whatever happens."""
+    from deployments.prefect_api import api_healthy
+    from devtools.smtp_sink import free_port
+
+    server = _start_server(setup)
+    procs.append(server)
+    server_s = wait_for("Prefect server health", lambda: api_healthy(setup.api_url), 120, server)
+
+    # Without the API first: the reference for what a batch's Prefect task run costs.
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    alone = _start_worker("task-worker-no-api", {**os.environ, "PREFECT_API_URL": closed}, setup.workdir)
+    without_api = sequential("alone", args.calls, smtp, [alone])
+    alone.stop()
+
+    workers = [_start_worker(f"task-worker-{i}", {**os.environ}, setup.workdir) for i in range(1, args.workers + 1)]
+    procs += workers
+    seq = sequential("seq", args.calls, smtp, procs)
+    phases = breakdown(seq.pop("ids")) | {
+        "delay_call_s": seq["delay_call"]["p50_s"],
+        "get_lag_s": seq["get_lag"]["p50_s"],
+    }
+    without_api.pop("ids")
+    bur = burst(args.burst, args.threads, smtp, procs)
+    return _results(args, seq, without_api, phases, bur, server_s)
+
+
+def _results(
+    args: argparse.Namespace,
+    seq: dict[str, Any],
+    without_api: dict[str, Any],
+    phases: dict[str, float],
+    bur: dict[str, Any],
+    server_s: float,
+) -> dict[str, Any]:
+    return {
+        "benchmark": "send_email_task.delay(...) -> email accepted by the SMTP server",
+        "prefect_server": "prefect server start, state in PostgreSQL (what `make up` runs)",
+        "task_workers": args.workers,
+        "sequential": seq,
+        "sequential_without_api": without_api,
+        "task_run_overhead_ratio_p50": seq["latency"]["p50_s"] / without_api["latency"]["p50_s"],
+        "breakdown_s": phases,
+        "burst": bur,
+        "celery_reference": "not measured: Celery is not a dependency (see README for the old system's figures)",
+        "target": TARGET,
+        "target_met": {
+            "sequential_p50": seq["latency"]["p50_s"] <= TARGET["sequential_p50_s"],
+            "sequential_p95": seq["latency"]["p95_s"] <= TARGET["sequential_p95_s"],
+            "delay_call_max": bur["delay_call"]["max_s"] <= TARGET["delay_call_max_s"],
+            "throughput": bur["throughput_msgs_per_s"] >= TARGET["throughput_msgs_per_s"],
+            "get_lag_max": bur["get_lag"]["max_s"] <= TARGET["get_lag_max_s"],
+            "exactly_once": bur["exactly_once"],
+        },
+        "prefect_server_start_s": server_s,
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _tear_down(setup: Setup, smtp: Any, procs: list[Proc], failed: bool) -> None:
+    """Stop what runs, drop what was created; after a failure, show and keep the subprocesses' logs."""
+    from deployments import prefect_db
+    from lib import db
+
+    if failed:
+        for p in procs:
+            print(f"--- {p.name} log (last lines) ---\n{p.tail()}", file=sys.stderr)
+    for p in reversed(procs):
+        p.stop()
+    smtp.stop()
+    db.reset_engine()
+    with contextlib.suppress(Exception):
+        db.drop_database(setup.db_url)
+        prefect_db.drop_prefect_database(setup.prefect_url)
+    _drop_redis_keys(setup.redis_url)
+    if not failed:
+        import shutil
+
+        shutil.rmtree(setup.workdir, ignore_errors=True)
+    else:
+        print(f"logs kept in {setup.workdir}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    logging.basicConfig(level=logging.WARNING)
+
+    setup = _setup()
     procs: list[Proc] = []
-    smtp = _smtp_server(smtp_port)
+    smtp = _smtp_server(setup.smtp_port)
     results: dict[str, Any] = {}
     failed = True
     try:
-        db.drop_database(db_url)
-        db.migrate(db_url)
-        prefect_db.drop_prefect_database(prefect_url)
-        prefect_db.migrate_prefect_database(prefect_url)
+        _create_databases(setup)
         smtp.start()
-        server_env = {**os.environ, **prefect_db.server_env(prefect_url)}
-        server = Proc(
-            "server",
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
-            server_env,
-            workdir,
-        )
-        procs.append(server)
-        server_s = wait_for("Prefect server health", lambda: api_healthy(api_url), 120, server)
-
-        # Without the API first: the reference for what a batch's Prefect task run costs.
-        closed = f"http://127.0.0.1:{free_port()}/api"
-        alone = _start_worker("task-worker-no-api", {**os.environ, "PREFECT_API_URL": closed}, workdir)
-        without_api = sequential("alone", args.calls, smtp, [alone])
-        alone.stop()
-
-        workers = [_start_worker(f"task-worker-{i}", {**os.environ}, workdir) for i in range(1, args.workers + 1)]
-        procs += workers
-        seq = sequential("seq", args.calls, smtp, procs)
-        phases = breakdown(seq.pop("ids")) | {
-            "delay_call_s": seq["delay_call"]["p50_s"],
-            "get_lag_s": seq["get_lag"]["p50_s"],
-        }
-        without_api.pop("ids")
-        bur = burst(args.burst, args.threads, smtp, procs)
-        results = {
-            "benchmark": "send_email_task.delay(...) -> email accepted by the SMTP server",
-            "prefect_server": "prefect server start, state in PostgreSQL (what `make up` runs)",
-            "task_workers": args.workers,
-            "sequential": seq,
-            "sequential_without_api": without_api,
-            "task_run_overhead_ratio_p50": seq["latency"]["p50_s"] / without_api["latency"]["p50_s"],
-            "breakdown_s": phases,
-            "burst": bur,
-            "celery_reference": "not measured: Celery is not a dependency (see README for the old system's figures)",
-            "target": TARGET,
-            "target_met": {
-                "sequential_p50": seq["latency"]["p50_s"] <= TARGET["sequential_p50_s"],
-                "sequential_p95": seq["latency"]["p95_s"] <= TARGET["sequential_p95_s"],
-                "delay_call_max": bur["delay_call"]["max_s"] <= TARGET["delay_call_max_s"],
-                "throughput": bur["throughput_msgs_per_s"] >= TARGET["throughput_msgs_per_s"],
-                "get_lag_max": bur["get_lag"]["max_s"] <= TARGET["get_lag_max_s"],
-                "exactly_once": bur["exactly_once"],
-            },
-            "prefect_server_start_s": server_s,
-            "load_average": os.getloadavg(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        }
+        results = _scenarios(args, setup, smtp, procs)
         failed = False
     finally:
-        if failed:
-            for p in procs:
-                print(f"--- {p.name} log (last lines) ---\n{p.tail()}", file=sys.stderr)
-        for p in reversed(procs):
-            p.stop()
-        smtp.stop()
-        db.reset_engine()
-        with contextlib.suppress(Exception):
-            db.drop_database(db_url)
-            prefect_db.drop_prefect_database(prefect_url)
-        _drop_redis_keys(base.redis_url)
-        if not failed:
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        _tear_down(setup, smtp, procs, failed)
     _print(results)
     return 0
 

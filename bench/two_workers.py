@@ -161,7 +161,7 @@ def checks(url: str, due: int) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.two_workers", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000, help="due subscriptions")
     p.add_argument("--products", type=int, default=1000)
@@ -169,12 +169,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lanes", type=int, default=None, help="lanes per process (default 4, as the nightly run)")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
     p.add_argument("--short-stock", action="store_true", help="keep the data set's shortages (invariants only)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from bench.subscriptions import build_template, differences, snapshot
+
+def _run_all(
+    base: str, args: argparse.Namespace, lanes: int, batch_size: int
+) -> tuple[dict[int, list[dict[str, Any]]], list[str]]:
+    """One worker then two, ``--repeats`` times, each on a fresh copy; the runs by worker count, and problems."""
+    from bench.nightly.dataset import differences, snapshot
+    from lib.db import build_engine
+
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    reference = None
+    problems: list[str] = []
+    for _ in range(args.repeats):
+        for workers in (1, 2):
+            url = fresh_copy(base)
+            r = run_night(url, workers, lanes, batch_size)
+            problems += [f"{workers} worker(s): {m}" for m in checks(url, args.n)]
+            engine = build_engine(url, 1)
+            state = snapshot(engine)
+            engine.dispose()
+            r["orders"] = len(state.orders)
+            if reference is None:
+                reference = state
+            elif not args.short_stock:
+                problems += [f"{workers} worker(s) vs one: {m}" for m in differences(state, reference)]
+            runs[workers].append(r)
+            print(
+                f"  {workers} worker(s): {r['wall_s']:.2f} s, {r['batches']} batches, {r['orders']} orders",
+                file=sys.stderr,
+            )
+    return runs, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+
+    from bench.nightly.dataset import build_template
     from lib import subscriptions as subs
     from lib.config import get_settings
-    from lib.db import build_engine
 
     s = get_settings()
     batch_size = args.batch_size or subs.BATCH_SIZE
@@ -183,28 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = build_template(base, TEMPLATE_DB, args.n, args.products, RUN_DATE, extra=0.5, history=0.0)
     if not args.short_stock:
         _autocommit(base, f"UPDATE products SET stock = stock + {3 * args.n}", "VACUUM ANALYZE", database=TEMPLATE_DB)
-    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    reference = None
-    problems: list[str] = []
     try:
-        for _ in range(args.repeats):
-            for workers in (1, 2):
-                url = fresh_copy(base)
-                r = run_night(url, workers, lanes, batch_size)
-                problems += [f"{workers} worker(s): {m}" for m in checks(url, args.n)]
-                engine = build_engine(url, 1)
-                state = snapshot(engine)
-                engine.dispose()
-                r["orders"] = len(state.orders)
-                if reference is None:
-                    reference = state
-                elif not args.short_stock:
-                    problems += [f"{workers} worker(s) vs one: {m}" for m in differences(state, reference)]
-                runs[workers].append(r)
-                print(
-                    f"  {workers} worker(s): {r['wall_s']:.2f} s, {r['batches']} batches, {r['orders']} orders",
-                    file=sys.stderr,
-                )
+        runs, problems = _run_all(base, args, lanes, batch_size)
     finally:
         _autocommit(
             base,

@@ -96,11 +96,11 @@ def process_wide_settings() -> Iterator[None]:
 
 
 @contextmanager
-def sqlite_test_harness() -> Iterator[None]:
-    """Prefect's test harness (an API on a temporary SQLite file): the benches' reference runs only."""
+def sqlite_test_harness(startup_timeout: int = 120) -> Iterator[None]:
+    """Prefect's test harness (an API on a temporary SQLite file): the subscriptions bench only."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=startup_timeout):
         yield
 
 
