@@ -50,9 +50,9 @@ MARK_ZOMBIES = "indostar-mark-zombie-runs-crashed"
 RESCHEDULE_WINDOW = dt.timedelta(hours=24)
 ZOMBIE_AFTER = dt.timedelta(seconds=90)  # three missed 30-second heartbeats
 
-ANY_FLOW_RUN = {"prefect.resource.id": "prefect.flow-run.*"}
+ANY_FLOW_RUN: dict[str, str | list[str]] = {"prefect.resource.id": "prefect.flow-run.*"}
 # Only runs of a deployment: those are the ones a worker or `serve` picks up again.
-OF_A_DEPLOYMENT = {"prefect.resource.role": "deployment"}
+OF_A_DEPLOYMENT: dict[str, str | list[str]] = {"prefect.resource.role": "deployment"}
 TERMINAL_EVENTS = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Crashed", "Cancelled", "TimedOut")}
 
 
@@ -100,7 +100,10 @@ def definitions(block_id: UUID) -> list[Any]:
     subject = "[indostar-jobs] {{ flow.name }} run {{ flow_run.name }} is {{ flow_run.state.name }}"
     send = SendNotification(block_document_id=block_id, subject=subject, body=email_body())
     reschedule = ChangeFlowRunState(
-        state=StateType.SCHEDULED, name="Rescheduled", message="Crashed: rescheduled once by automation " + RESCHEDULE
+        state=StateType.SCHEDULED,
+        name="Rescheduled",
+        message="Crashed: rescheduled once by automation " + RESCHEDULE,
+        force=False,
     )
     return [
         _on_deployment_runs(
@@ -143,6 +146,7 @@ def definitions(block_id: UUID) -> list[Any]:
                     state=StateType.CRASHED,
                     name="Crashed",
                     message="No heartbeat: the worker running this flow is gone.",
+                    force=False,
                 )
             ],
         ),
@@ -152,7 +156,7 @@ def definitions(block_id: UUID) -> list[Any]:
 def ensure_email_block() -> UUID:
     """Save (or overwrite) the alert email block from the current settings; returns its document id."""
     block = IndostarOpsEmail.from_settings()
-    return block.save(BLOCK_NAME, overwrite=True)
+    return UUID(str(block.save(BLOCK_NAME, overwrite=True)))
 
 
 def create_automations() -> list[str]:

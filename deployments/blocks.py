@@ -53,7 +53,7 @@ class IndostarOpsEmail(NotificationBlock):
         s = get_settings()
         config = SmtpConfig.from_settings(s)
         fields = {ours: getattr(config, theirs) for ours, theirs in _CONFIG_FIELDS.items()}
-        return cls(**fields, password=config.password, to=[s.ops_email])
+        return cls(**fields, password=SecretStr(config.password) if config.password else None, to=[s.ops_email])
 
     def _send(self, body: str, subject: str | None) -> None:
         from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message

@@ -163,13 +163,14 @@ class PrefectSource:
             FlowRunFilterState,
             FlowRunFilterStateType,
         )
+        from prefect.client.schemas.objects import StateType
         from prefect.client.schemas.sorting import FlowRunSort
 
         overlap = dt.timedelta(seconds=60)  # runs whose end time is written late (clock skew, slow commits)
         newest = self.tally.watermark
         flt = FlowRunFilter(
-            end_time=FlowRunFilterEndTime(after_=newest),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(TERMINAL))),
+            end_time=FlowRunFilterEndTime(after_=newest),  # type: ignore[arg-type]  # a datetime is what it takes at run time
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(t) for t in TERMINAL])),
         )
         for run in self._runs(client, flt, sort=FlowRunSort.END_TIME_DESC):
             if run.end_time is not None and run.state_type is not None:
@@ -205,9 +206,10 @@ class PrefectSource:
             FlowRunFilterState,
             FlowRunFilterStateType,
         )
+        from prefect.client.schemas.objects import StateType
         from prefect.client.schemas.sorting import FlowRunSort
 
-        done = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"])))
+        done = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])))
         last: dict[str, float] = {}
         for dep in client.read_deployments():
             if dep.id not in self.deployments_seen:

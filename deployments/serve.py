@@ -94,7 +94,7 @@ PAUSED_BY_SERVE = "indostar_paused_by_serve"  # Prefect Variable: what `serve --
 def _take_paused_by_serve() -> set[str]:
     from prefect.variables import Variable
 
-    names = Variable.get(PAUSED_BY_SERVE, default=None) or []
+    names: list[str] = Variable.get(PAUSED_BY_SERVE, default=[]) or []
     if names:
         Variable.unset(PAUSED_BY_SERVE)
     return set(names)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 from lib.config import get_settings
 from lib.notify.email_channel import SmtpConfig
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SMTP_LIMIT = "smtp-provider"
 SMS_LIMIT = "sms-provider"
+_SECURITY: dict[str, Literal["ssl", "starttls", "none"]] = {"SSL": "ssl", "STARTTLS": "starttls"}
 
 
 def smtp_config() -> SmtpConfig:
@@ -40,7 +41,7 @@ def smtp_config() -> SmtpConfig:
     return SmtpConfig(
         host=getattr(block.smtp_server, "value", block.smtp_server),
         port=block.smtp_port or default_port,
-        security={"SSL": "ssl", "STARTTLS": "starttls"}.get(kind, "none"),
+        security=_SECURITY.get(kind, "none"),
         timeout=s.smtp_timeout,
         username=block.username,
         password=block.password.get_secret_value() or None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -50,7 +51,9 @@ def _duration(run: Any) -> float | None:
 def fetch_flow_runs(since: dt.datetime, until: dt.datetime) -> list[reports.RunRow]:
     """Every flow run expected to start in the window, with its flow name, end state, duration and retries."""
     with get_client(sync_client=True) as client:
-        window = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=since, before_=until))
+        # Prefect's filters are annotated with its own DateTime; they take a timezone-aware datetime.
+        expected = FlowRunFilterExpectedStartTime(after_=since, before_=until)  # type: ignore[arg-type]
+        window = FlowRunFilter(expected_start_time=expected)
         runs = _pages(
             lambda offset: client.read_flow_runs(
                 flow_run_filter=window, sort=FlowRunSort.ID_DESC, limit=PAGE, offset=offset
@@ -63,7 +66,7 @@ def fetch_flow_runs(since: dt.datetime, until: dt.datetime) -> list[reports.RunR
             else {}
         )
         task_retries: dict[UUID, int] = {}
-        started = TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since))
+        started = TaskRunFilter(start_time=TaskRunFilterStartTime(after_=since))  # type: ignore[arg-type]
         for tr in _pages(
             lambda offset: client.read_task_runs(
                 task_run_filter=started, sort=TaskRunSort.ID_DESC, limit=PAGE, offset=offset
@@ -83,7 +86,7 @@ def fetch_flow_runs(since: dt.datetime, until: dt.datetime) -> list[reports.RunR
     ]
 
 
-def _pages(read, cap: int | None = None) -> list[Any]:
+def _pages(read: Callable[[int], list[Any]], cap: int | None = None) -> list[Any]:
     out: list[Any] = []
     while page := read(len(out)):
         out.extend(page)

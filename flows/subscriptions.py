@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Completed, State
+from prefect.states import Cancelled, Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import NonNegativeInt, PositiveInt
 
@@ -346,10 +346,10 @@ def process_single_subscription(
 
 
 @task(**task_options("list-reminders-due"))
-def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[int, str]]:
+def list_reminders_due(day: dt.date, after_id: int, limit: int) -> list[tuple[int, dt.date | None]]:
     """One page of active subscriptions delivering on ``day``."""
     with session_scope() as session:
-        return [(sid, day.isoformat()) for sid in subs.reminders_due(session, day, after_id, limit)]
+        return [(sid, day) for sid in subs.reminders_due(session, day, after_id, limit)]
 
 
 def _reminder_requests(day: dt.date, counter: list[int]) -> Iterator[RenewalReminderRequest]:
@@ -432,7 +432,7 @@ def handle_razorpay_event(body: str, signature: str, event_id: str) -> dict[str,
         raise (RejectedError if result.status == "rejected" else PermanentError)(
             f"razorpay {event.event} {event.event_id} {result.status}: {result.reason}"
         )
-    out = {
+    out: dict[str, Any] = {
         "event": event.event,
         "status": result.status,
         "reason": result.reason,

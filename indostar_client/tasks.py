@@ -150,7 +150,7 @@ class AsyncResult:
         if self._state().type.value not in ("SCHEDULED", "PENDING"):
             return False
         with get_client(sync_client=True) as api:
-            result = api.set_flow_run_state(uuid.UUID(self.id), Cancelled(message="revoked by the caller"))
+            result: Any = api.set_flow_run_state(uuid.UUID(self.id), Cancelled(message="revoked by the caller"))
         return str(result.status.value) == "ACCEPT"
 
     def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.05) -> Any:

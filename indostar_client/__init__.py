@@ -1,0 +1,1 @@
+"""What the shop's backend imports: start runs (client, aclient) and the old Celery tasks (tasks)."""
