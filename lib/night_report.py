@@ -1,6 +1,6 @@
 """The nightly run's artifact: a one-line headline and one small table per dimension, as markdown.
 
-``render`` takes the run's summary DataFrame (lib.subscriptions.summarize: subscriptions, units
+``render`` takes the run's summary DataFrame (lib.subscription_stats.summarize: subscriptions, units
 and revenue by outcome, frequency and product), the product names, batch timings and what
 happened to payments and confirmations, and returns what an operator reads at a glance in the
 Prefect UI: outcomes, frequencies, the top products by name, money as ₹ with Indian grouping.
