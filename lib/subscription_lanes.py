@@ -54,7 +54,7 @@ def run_lane(
     after: tuple[dt.date, int] | None = None
     while True:
         if deadline is not None and time.time() >= deadline:
-            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, True)
+            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, stopped_early=True)
         started = time.perf_counter()
         with session_factory() as session:
             result = process_batch(session, Due(run_date, run_id, lane=lane, after=after), batch_size)
@@ -67,7 +67,7 @@ def run_lane(
         elif after is not None:
             after = None
         else:
-            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, False)
+            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, stopped_early=False)
 
 
 def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
@@ -92,9 +92,9 @@ def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
             {"run_date": run_date, "d": cursor[0], "i": cursor[1], "n": batch_size},
         ).all()
         if not rows:
-            return LaneResult(tally.frame(), [], batches, 0, False)
+            return LaneResult(tally.frame(), [], batches, 0, stopped_early=False)
         batches += 1
-        subs = [DueSub(*r[:8]) for r in rows]
+        subs = [DueSub.from_row(r) for r in rows]
         price = {r.product_id: r.price_paise for r in rows}
         for r in rows:
             if r.stock is not None:

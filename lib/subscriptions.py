@@ -47,6 +47,20 @@ class DueSub:
     anchor_day: int
     existing_order_id: int | None = None  # this cycle already has an order (e.g. the webhook made it)
 
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> DueSub:
+        """The subscription of a row selected with DUE_COLUMNS and EXISTING_ORDER, read by column name."""
+        return cls(
+            id=row.id,
+            customer_id=row.customer_id,
+            product_id=row.product_id,
+            quantity=row.quantity,
+            frequency=row.frequency,
+            next_delivery_date=row.next_delivery_date,
+            anchor_day=row.anchor_day,
+            existing_order_id=row.existing_order_id,
+        )
+
     def decided(
         self, outcome: str, reason: str | None = None, order_id: int | None = None, unit_price: int | None = None
     ) -> Outcome:
@@ -54,7 +68,15 @@ class DueSub:
         units = self.quantity if unit_price is not None else 0
         revenue = (unit_price or 0) * units
         return Outcome(
-            self.id, self.product_id, self.frequency, self.next_delivery_date, outcome, reason, order_id, units, revenue
+            subscription_id=self.id,
+            product_id=self.product_id,
+            frequency=self.frequency,
+            delivery_date=self.next_delivery_date,
+            outcome=outcome,
+            reason=reason,
+            order_id=order_id,
+            units=units,
+            revenue_paise=revenue,
         )
 
 
@@ -101,7 +123,10 @@ def validate_knobs(batch_size: int, max_concurrency: int = 1) -> None:
 
 DUE_COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day"
 # The order this cycle already has, if any: one lookup in uq_orders_subscription_id_delivery_date.
-EXISTING_ORDER = "(SELECT o.id FROM orders o WHERE o.subscription_id = s.id AND o.delivery_date = s.next_delivery_date)"
+EXISTING_ORDER = (
+    "(SELECT o.id FROM orders o WHERE o.subscription_id = s.id AND o.delivery_date = s.next_delivery_date) "
+    "AS existing_order_id"
+)
 
 
 @dataclass(frozen=True)
@@ -160,7 +185,7 @@ def claim_due(session: Session, due: Due, limit: int) -> list[DueSub]:
             "after_id": after[1] if after else None,
         },
     ).all()
-    return [DueSub(*r) for r in rows]
+    return [DueSub.from_row(r) for r in rows]
 
 
 def _lock_products(session: Session, product_ids: Iterable[int]) -> dict[int, Row[Any]]:

@@ -177,8 +177,8 @@ _CLAIM = text(
     )
     UPDATE notifications n SET status = 'sending', claimed_by = :token, claimed_at = now(), updated_at = now()
       FROM c WHERE n.id = c.id
-    RETURNING n.id, n.idempotency_key, n.channel, n.kind, n.template, n.recipient, n.payload, n.attempts,
-              n.payload_cleared_at IS NOT NULL, c.was = 'sending'
+    RETURNING n.id, n.idempotency_key AS key, n.channel, n.kind, n.template, n.recipient, n.payload AS intent,
+              n.attempts, n.payload_cleared_at IS NOT NULL AS cleared, c.was = 'sending' AS recovered
     """
 )
 
@@ -192,7 +192,7 @@ def claim(conn: Connection, keys: Sequence[str], token: int, channel: str | None
     if not keys:
         return []
     rows = conn.execute(_CLAIM, {"keys": list(keys), "channel": channel, "token": token}).all()
-    return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+    return sorted((Claimed(**r._mapping) for r in rows), key=lambda c: c.id)
 
 
 _MARK_SENT = (
