@@ -67,7 +67,7 @@ def record_messages(request: MessageRequest) -> MessageBatch:
     return batch
 
 
-def _finish(report: dlog.DeliveryReport, channel: str, final: bool) -> dlog.DeliveryReport:
+def _raise_if_retryable(report: dlog.DeliveryReport, channel: str, final: bool) -> dlog.DeliveryReport:
     get_run_logger().info("%s: %s", channel, report.as_dict())
     if report.transient_error and not final:
         raise TransientError(report.transient_error)
@@ -92,14 +92,14 @@ def deliver_sms_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
 def deliver_emails(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent emails among these keys over one SMTP session, committing each outcome as it happens."""
     final = final_attempt(task_run.get_run_count())
-    return _finish(deliver_email_keys(keys, final), "email", final)
+    return _raise_if_retryable(deliver_email_keys(keys, final), "email", final)
 
 
 @task(**task_options("deliver-sms"))
 def deliver_sms(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent SMS among these keys through one pooled HTTP client, committing each outcome."""
     final = final_attempt(task_run.get_run_count())
-    return _finish(deliver_sms_keys(keys, final), "sms", final)
+    return _raise_if_retryable(deliver_sms_keys(keys, final), "sms", final)
 
 
 @task(**task_options("report-messages"))

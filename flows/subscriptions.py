@@ -134,7 +134,7 @@ def publish_night_summary(
     publish_markdown(key, text, f"Subscriptions due on or before {run_date}" + (" (dry run)" if dry else ""))
 
 
-def _finish(
+def _confirm_and_report(
     key: str,
     run: str,
     lanes: list[sub_lanes.LaneResult],
@@ -192,7 +192,7 @@ def process_due_subscriptions(
         ]
         lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
-    return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
+    return _confirm_and_report("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
 
 
 # --- scale-out: the night's lanes as flow runs on several workers ---------------------------------
@@ -346,7 +346,7 @@ def process_single_subscription(
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
     paid = attach_awaiting_payments(run_date, [subscription_id])
-    return _finish("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
+    return _confirm_and_report("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
 
 
 @task(**task_options("list-reminders-due"))
@@ -390,7 +390,7 @@ def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> payme
         # The inbox shows why (a redelivery applies it again); the error itself goes on to the retry policy.
         reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         with contextlib.suppress(Exception), session_scope() as session:
-            payments.mark_failed(session, event.event_id, reason)
+            payments.mark_event_failed(session, event.event_id, reason)
         raise
 
 

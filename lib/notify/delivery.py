@@ -68,7 +68,7 @@ def sms_sender(config: SmsConfig, client: httpx.Client | None = None) -> Iterato
 
 
 def _dead(conn: Connection, msg: dlog.Claimed, token: int, reason: str, report: dlog.DeliveryReport) -> None:
-    dlog.mark_failed(conn, [msg.id], token, scrub(reason), dead=True, tried=True)
+    dlog.mark_unsent(conn, [msg.id], token, scrub(reason), dead=True, tried=True)
     report.dead += 1
     report.dead_reasons.append(scrub(reason))
     log.warning("dead: %s %s to %s: %s", msg.kind, msg.channel, mask(msg.recipient), scrub(reason))
@@ -115,7 +115,7 @@ def deliver(
         # Raised by opening the sender: nothing of this channel can go out until it is fixed.
         rest = claimed[done:]
         reason = f"could not open the {channel} sender: {exc}"
-        dlog.mark_failed(conn, [m.id for m in rest], token, scrub(reason), dead=True, tried=False)
+        dlog.mark_unsent(conn, [m.id for m in rest], token, scrub(reason), dead=True, tried=False)
         report.dead += len(rest)
         report.dead_reasons.append(scrub(reason))
         log.error("%d %s message(s) dead: %s", len(rest), channel, scrub(reason))
@@ -126,8 +126,8 @@ def deliver(
         # On the wire: that message's attempt failed. Not on the wire: the session never opened.
         tried = [current.id] if current is not None else [m.id for m in rest]
         untried = [m.id for m in rest if m.id not in tried]
-        dlog.mark_failed(conn, tried, token, reason, dead=final, tried=True)
-        dlog.mark_failed(conn, untried, token, f"not attempted: {reason}", dead=final, tried=False)
+        dlog.mark_unsent(conn, tried, token, reason, dead=final, tried=True)
+        dlog.mark_unsent(conn, untried, token, f"not attempted: {reason}", dead=final, tried=False)
         if final:
             report.dead += len(rest)
             report.dead_reasons.append(reason)

@@ -212,7 +212,7 @@ def mark_sent(conn: Connection, msg_id: int, token: int, provider_id: str, to: s
     conn.exec_driver_sql(_MARK_SENT, params)
 
 
-def mark_failed(conn: Connection, ids: Sequence[int], token: int, error: str, dead: bool, tried: bool) -> None:
+def mark_unsent(conn: Connection, ids: Sequence[int], token: int, error: str, *, dead: bool, tried: bool) -> None:
     """Release rows with an error: ``failed`` (claimable again) or ``dead``; count the attempt if tried."""
     if not ids:
         return
