@@ -43,7 +43,9 @@ from lib.db import advisory_session, lock_held
 from lib.errors import InvalidInputError
 from lib.models import NOTIFICATION_STATUSES, Notification
 
-SENDABLE = ("pending", "failed")
+SENDABLE = ("pending", "failed")  # statuses a claim takes (besides abandoned `sending` rows)
+# SENDABLE as an SQL list, for IN: a literal of this module's constants, so the statements' text stays fixed.
+_SENDABLE_SQL = ", ".join(f"'{status}'" for status in SENDABLE)
 # classid of our advisory locks; the objid is the delivery session's random key (claimed_by).
 LOCK_NAMESPACE = 0x1D05
 MAX_ERROR = 2000
@@ -171,7 +173,7 @@ _CLAIM = text(
     WITH c AS (
         SELECT n.id, n.status AS was FROM notifications n
          WHERE n.idempotency_key = ANY(:keys) AND (:channel IS NULL OR n.channel = :channel)
-           AND (n.status IN ('pending', 'failed') OR ({_ABANDONED}))
+           AND (n.status IN ({_SENDABLE_SQL}) OR ({_ABANDONED}))
          ORDER BY n.id
          FOR UPDATE OF n SKIP LOCKED
     )
@@ -295,7 +297,7 @@ def stuck(session: Session, older_than_minutes: int, limit: int = 10_000) -> lis
     rows = session.execute(
         text(
             f"SELECT n.idempotency_key, n.channel FROM notifications n WHERE ({_ABANDONED}) OR "
-            "(n.status IN ('pending', 'failed') AND n.updated_at < now() - make_interval(mins => :m)) "
+            f"(n.status IN ({_SENDABLE_SQL}) AND n.updated_at < now() - make_interval(mins => :m)) "
             "ORDER BY n.id LIMIT :n"
         ),
         {"m": older_than_minutes, "n": limit},
