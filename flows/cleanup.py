@@ -68,13 +68,13 @@ def delete_stale_carts(
     phase: str, cutoff: dt.datetime, now: dt.datetime, batch_size: int, limits: Limits, dry_run: bool
 ) -> PassStats:
     """Delete one phase of stale carts (empty ones, or ones with items) in short batches."""
-    return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run)
+    return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run=dry_run)
 
 
 @task(**task_options("delete-aged-rows"))
 def delete_aged_rows(table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool) -> PassStats:
     """Delete rows of one table older than the cutoff in short batches."""
-    return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run)
+    return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run=dry_run)
 
 
 @task(**task_options("check-token-store"))

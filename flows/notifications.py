@@ -78,14 +78,16 @@ def deliver_email_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
     """One delivery pass over these email keys: one SMTP session, each outcome committed as it happens."""
     # Wait for a provider slot before claiming rows, so waiting never holds messages in `sending`.
     with provider_session(SMTP_LIMIT), dlog.delivery_session(db.get_engine()) as (conn, token):
-        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final)
+        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final=final)
 
 
 def deliver_sms_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
     """One delivery pass over these SMS keys: one pooled HTTP client, each outcome committed as it happens."""
     config, rate = sms_config(), provider_rate(SMS_LIMIT)
     with dlog.delivery_session(db.get_engine()) as (conn, token):
-        return delivery.deliver(conn, token, keys, "sms", lambda: delivery.sms_sender(config), final, rate)
+        return delivery.deliver(
+            conn, token, keys, "sms", lambda: delivery.sms_sender(config), final=final, before_send=rate
+        )
 
 
 @task(**task_options("deliver-emails"))

@@ -130,7 +130,7 @@ def publish_night_summary(
     with session_scope() as session:
         names = night_report.product_names(session, night_report.top_product_ids(groups))
     dry = bool(stats["dry_run"])
-    text = night_report.render(groups, stats, names, batch_ms, run_date, dry)
+    text = night_report.render(groups, stats, names, batch_ms, run_date, dry_run=dry)
     publish_markdown(key, text, f"Subscriptions due on or before {run_date}" + (" (dry run)" if dry else ""))
 
 
@@ -175,7 +175,7 @@ def process_due_subscriptions(
     of the subscriptions queue; 0 runs them here, in threads.
     """
     s = get_settings()
-    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date or dry_run)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date or dry_run)
     subs.validate_knobs(batch_size, max_concurrency)
     _check_worker_runs(worker_runs, max_concurrency)
     if dry_run:
@@ -342,7 +342,7 @@ def process_single_subscription(
 ) -> dict[str, Any]:
     """Process one subscription now, with the nightly rules; unknown or inactive ids fail."""
     positive_int(subscription_id, "subscription_id")
-    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date)
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
     paid = attach_awaiting_payments(run_date, [subscription_id])
@@ -367,7 +367,7 @@ def _reminder_requests(day: dt.date, counter: list[int]) -> Iterator[RenewalRemi
 @flow(**flow_options("remind-upcoming-deliveries"))
 def remind_upcoming_deliveries(run_date: dt.date | None = None, allow_any_date: bool = False) -> dict[str, Any]:
     """Remind every active subscription delivering the day after the run date, once per delivery date."""
-    day = check_run_date(scheduled_date(run_date), _today(), allow_any_date) + dt.timedelta(days=1)
+    day = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date) + dt.timedelta(days=1)
     counter = [0]
     counts = send_in_batches(_reminder_requests(day, counter), "remind-upcoming-deliveries")
     return counts | {"subscriptions": counter[0], "delivery_date": day.isoformat()}

@@ -80,6 +80,7 @@ def deliver(
     keys: list[str],
     channel: str,
     open_sender: OpenSender,
+    *,
     final: bool,
     before_send: Callable[[], None] | None = None,
 ) -> dlog.DeliveryReport:

@@ -143,7 +143,7 @@ def record(session: Session, messages: Sequence[Message]) -> int:
 
 
 @contextmanager
-def delivery_session(engine: Engine, durable: bool | None = None) -> Iterator[tuple[Connection, int]]:
+def delivery_session(engine: Engine, *, durable: bool | None = None) -> Iterator[tuple[Connection, int]]:
     """An AUTOCOMMIT connection holding this session's advisory lock; yields (connection, lock key).
 
     Unless ``durable`` (default: NOTIFICATION_DURABLE_MARKS), the session's commits do not wait
