@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from lib.errors import InvalidInputError, positive_int
 
-if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.tokens (send time) imports this module
+if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.token_cleanup imports this module for its counters
     import pandas as pd
 
 CART_PHASES = ("empty_carts", "carts_with_items")
