@@ -18,15 +18,6 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # The tables in dependency order, in four steps so that no function runs past a screen.
-    _create_audit_customers_notifications()
-    _create_products_webhooks_carts_subscriptions()
-    _create_sessions_cart_items_orders()
-    _create_order_items_outcomes()
-
-
-def _create_audit_customers_notifications() -> None:
-    """The audit_logs, customers and notifications tables, with their indexes."""
     op.create_table('audit_logs',
     sa.Column('id', sa.BigInteger(), nullable=False),
     sa.Column('actor', sa.String(length=100), nullable=False),
@@ -71,10 +62,6 @@ def _create_audit_customers_notifications() -> None:
     sa.UniqueConstraint('idempotency_key', name=op.f('uq_notifications_idempotency_key'))
     )
     op.create_index('ix_notifications_status_updated', 'notifications', ['status', 'updated_at'], unique=False)
-
-
-def _create_products_webhooks_carts_subscriptions() -> None:
-    """The products, webhook_events, carts and subscriptions tables, with their indexes."""
     op.create_table('products',
     sa.Column('id', sa.BigInteger(), nullable=False),
     sa.Column('sku', sa.String(length=64), nullable=False),
@@ -128,10 +115,6 @@ def _create_products_webhooks_carts_subscriptions() -> None:
     op.create_index(op.f('ix_subscriptions_customer_id'), 'subscriptions', ['customer_id'], unique=False)
     op.create_index('ix_subscriptions_due', 'subscriptions', ['next_delivery_date', 'id'], unique=False, postgresql_where=sa.text("status = 'active'"))
     op.create_index(op.f('ix_subscriptions_product_id'), 'subscriptions', ['product_id'], unique=False)
-
-
-def _create_sessions_cart_items_orders() -> None:
-    """The user_sessions, cart_items and orders tables, with their indexes."""
     op.create_table('user_sessions',
     sa.Column('id', sa.BigInteger(), nullable=False),
     sa.Column('session_key_hash', sa.String(length=64), nullable=False),
@@ -178,10 +161,6 @@ def _create_sessions_cart_items_orders() -> None:
     sa.UniqueConstraint('subscription_id', 'delivery_date', name=op.f('uq_orders_subscription_id_delivery_date'))
     )
     op.create_index(op.f('ix_orders_customer_id'), 'orders', ['customer_id'], unique=False)
-
-
-def _create_order_items_outcomes() -> None:
-    """The order_items and subscription_outcomes tables, with their indexes."""
     op.create_table('order_items',
     sa.Column('id', sa.BigInteger(), nullable=False),
     sa.Column('order_id', sa.BigInteger(), nullable=False),
