@@ -3,7 +3,7 @@
     python -m bench.two_workers --n 100000
 
 What two workers on the `subscriptions` queue do: each process runs the flow's lanes
-(lib.subscriptions.run_lane, --lanes threads per process, as process_due_subscriptions
+(lib.subscription_lanes.run_lane, --lanes threads per process, as process_due_subscriptions
 does) with the same run id, and the lanes of both processes claim batches side by side
 with SELECT ... FOR UPDATE SKIP LOCKED. Prefect's own bookkeeping is left out: only the
 claiming and the work are timed.
@@ -80,7 +80,7 @@ def _worker(url: str, run_date: dt.date, batch_size: int, run_id: str, lanes: in
     from sqlalchemy.orm import sessionmaker
 
     from lib.db import build_engine
-    from lib.subscriptions import run_lane
+    from lib.subscription_lanes import run_lane
 
     engine = build_engine(url, lanes)
     maker = sessionmaker(engine, expire_on_commit=False)

@@ -9,18 +9,8 @@ import random
 
 from lib.cleanup import Limits, PassStats
 from lib.errors import InvalidInputError
-from lib.tokens import (
-    KINDS,
-    Client,
-    _answering,
-    _client,
-    _prefix,
-    _scan_batches,
-    now_ms,
-    purge_dangling_user_entries,
-    purge_expired_index,
-    purge_ttl_lost_keys,
-)
+from lib.token_cleanup import purge_dangling_user_entries, purge_expired_index, purge_ttl_lost_keys, scan_batches
+from lib.token_store import KINDS, Client, answering, client_or_default, key_prefix, now_ms
 
 
 def cleanup_expired(*, client: Client | None = None, dry_run: bool = False, limits: Limits | None = None) -> PassStats:
@@ -64,11 +54,11 @@ def seed_demo_tokens(n: int, rng: random.Random, *, client: Client | None = None
     """
     if n < 0:
         raise InvalidInputError("n must be >= 0")
-    r = _client(client)
+    r = client_or_default(client)
     now = now_ms()
     users = max(n // 2, 2)
     written = 0
-    with _answering(r):
+    with answering(r):
         script = r.register_script(_SEED)
         while written < n:
             size = min(chunk, n - written)
@@ -82,7 +72,7 @@ def seed_demo_tokens(n: int, rng: random.Random, *, client: Client | None = None
                     expires, mode = now - rng.randrange(1, 7 * 24 * 3_600_000), ("P" if roll >= 0.90 else "G")
                 tid = uid if kind == "otp" else rng.randbytes(16).hex()
                 lines.append(f"{kind} {tid} {uid} {expires} {mode}\n")
-            written += int(script(keys=[], args=[_prefix(), now, "".join(lines)]))
+            written += int(script(keys=[], args=[key_prefix(), now, "".join(lines)]))
     return written
 
 
@@ -90,9 +80,9 @@ def delete_prefix(prefix: str, *, client: Client | None = None, count: int = 500
     """UNLINK every key under ``prefix`` (benchmarks and tests); refuses an empty prefix."""
     if not prefix:
         raise InvalidInputError("refusing to delete every key: empty prefix")
-    r = _client(client)
+    r = client_or_default(client)
     removed = 0
-    with _answering(r):
-        for keys in _scan_batches(r, f"{prefix}*", count, None):
+    with answering(r):
+        for keys in scan_batches(r, f"{prefix}*", count, None):
             removed += int(r.unlink(*keys))
     return removed

@@ -1,6 +1,6 @@
 """Nightly housekeeping flows: stale carts, expired tokens, old audit logs, abandoned sessions.
 
-Thin orchestration over lib.cleanup and lib.tokens. Each task loops over batches (one
+Thin orchestration over lib.cleanup and lib.token_cleanup. Each task loops over batches (one
 short transaction, or one Redis script call, per batch) rather than one task run per
 row. The cutoff comes from the run's scheduled time, so a late run removes the same
 rows the on-time run would have. After the soft limit a flow stops claiming batches
@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import PositiveFloat, PositiveInt
 
 from flows.common import flow_options, owner_retention, publish_table, scheduled_start, task_options
-from lib import cleanup, outbox, retention, tokens
+from lib import cleanup, outbox, retention, token_cleanup, tokens
 from lib.cleanup import Limits, PassStats
 from lib.config import get_settings
 from lib.db import session_scope
@@ -68,13 +68,13 @@ def delete_stale_carts(
     phase: str, cutoff: dt.datetime, now: dt.datetime, batch_size: int, limits: Limits, dry_run: bool
 ) -> PassStats:
     """Delete one phase of stale carts (empty ones, or ones with items) in short batches."""
-    return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run)
+    return cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits, dry_run=dry_run)
 
 
 @task(**task_options("delete-aged-rows"))
 def delete_aged_rows(table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool) -> PassStats:
     """Delete rows of one table older than the cutoff in short batches."""
-    return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run)
+    return cleanup.purge_aged(session_scope, table, cutoff, batch_size, limits, dry_run=dry_run)
 
 
 @task(**task_options("check-token-store"))
@@ -86,19 +86,19 @@ def check_token_store() -> None:
 @task(**task_options("purge-token-index"))
 def purge_token_index(kind: str, limits: Limits, dry_run: bool) -> PassStats:
     """Drop expired entries of one kind's expiry index; remove only tokens whose own expiry passed."""
-    return tokens.purge_expired_index(kind, dry_run=dry_run, limits=limits)
+    return token_cleanup.purge_expired_index(kind, dry_run=dry_run, limits=limits)
 
 
 @task(**task_options("purge-user-index"))
 def purge_user_index(limits: Limits, dry_run: bool) -> PassStats:
     """Drop per-user index entries whose token is gone."""
-    return tokens.purge_dangling_user_entries(dry_run=dry_run, limits=limits)
+    return token_cleanup.purge_dangling_user_entries(dry_run=dry_run, limits=limits)
 
 
 @task(**task_options("purge-ttl-lost-tokens"))
 def purge_ttl_lost_tokens(limits: Limits, dry_run: bool) -> PassStats:
     """SCAN for token keys that lost their TTL; delete those past their own expiry."""
-    return tokens.purge_ttl_lost_keys(dry_run=dry_run, limits=limits)
+    return token_cleanup.purge_ttl_lost_keys(dry_run=dry_run, limits=limits)
 
 
 @flow(**flow_options("cleanup-expired-carts"))

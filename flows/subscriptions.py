@@ -31,6 +31,8 @@ from pydantic import NonNegativeInt, PositiveInt
 from flows.common import flow_options, publish_markdown, publish_table, run_id, scheduled_date, task_options
 from flows.notifications import send_in_batches, send_messages
 from lib import night_report, payments, razorpay
+from lib import subscription_lanes as sub_lanes
+from lib import subscription_stats as sub_stats
 from lib import subscriptions as subs
 from lib.config import get_settings
 from lib.db import session_scope
@@ -48,18 +50,18 @@ def _today() -> dt.date:
 @task(**task_options("process-lane"))
 def process_lane(
     lane: int, lanes: int, run_date: dt.date, batch_size: int, run_id: str, deadline: float
-) -> subs.LaneResult:
+) -> sub_lanes.LaneResult:
     """Claim and process batches (one transaction each) until nothing is due or the soft limit."""
-    result = subs.run_lane(session_scope, run_date, batch_size, run_id, deadline, (lane, lanes))
+    result = sub_lanes.run_lane(session_scope, run_date, batch_size, run_id, deadline, (lane, lanes))
     get_run_logger().info("lane %d: %d batches, %d isolated", lane, result.batches, result.isolated_batches)
     return result
 
 
 @task(**task_options("dry-run-subscriptions"))
-def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> subs.LaneResult:
+def dry_run_subscriptions(run_date: dt.date, batch_size: int) -> sub_lanes.LaneResult:
     """Compute what a run would do, read-only."""
     with session_scope() as session:
-        return subs.read_only_dry_run(session, run_date, batch_size)
+        return sub_lanes.read_only_dry_run(session, run_date, batch_size)
 
 
 @task(**task_options("list-created-orders"))
@@ -102,13 +104,15 @@ def _confirm(run: str, stats: dict[str, Any], deadline: float | None = None) -> 
     return None
 
 
-def _night_stats(lanes: list[subs.LaneResult], run_date: dt.date, dry_run: bool) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _night_stats(
+    lanes: list[sub_lanes.LaneResult], run_date: dt.date, dry_run: bool
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The lanes' summaries merged (pandas, bounded by products x outcomes) and the run's headline numbers."""
-    groups = subs.summarize([], pd.concat([lane.groups for lane in lanes], ignore_index=True))
+    groups = sub_stats.summarize([], pd.concat([lane.groups for lane in lanes], ignore_index=True))
     stats: dict[str, Any] = {
         "run_date": run_date.isoformat(),
         "dry_run": dry_run,
-        **subs.headline(groups),
+        **sub_stats.headline(groups),
         "batches": sum(lane.batches for lane in lanes),
         "isolated_batches": sum(lane.isolated_batches for lane in lanes),
         "stopped_early": any(lane.stopped_early for lane in lanes),
@@ -126,14 +130,14 @@ def publish_night_summary(
     with session_scope() as session:
         names = night_report.product_names(session, night_report.top_product_ids(groups))
     dry = bool(stats["dry_run"])
-    text = night_report.render(groups, stats, names, batch_ms, run_date, dry)
+    text = night_report.render(groups, stats, names, batch_ms, run_date, dry_run=dry)
     publish_markdown(key, text, f"Subscriptions due on or before {run_date}" + (" (dry run)" if dry else ""))
 
 
-def _finish(
+def _confirm_and_report(
     key: str,
     run: str,
-    lanes: list[subs.LaneResult],
+    lanes: list[sub_lanes.LaneResult],
     run_date: dt.date,
     paid: dict[str, int],
     confirm: bool,
@@ -171,7 +175,7 @@ def process_due_subscriptions(
     of the subscriptions queue; 0 runs them here, in threads.
     """
     s = get_settings()
-    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date or dry_run)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date or dry_run)
     subs.validate_knobs(batch_size, max_concurrency)
     _check_worker_runs(worker_runs, max_concurrency)
     if dry_run:
@@ -188,7 +192,7 @@ def process_due_subscriptions(
         ]
         lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
-    return _finish("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
+    return _confirm_and_report("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
 
 
 # --- scale-out: the night's lanes as flow runs on several workers ---------------------------------
@@ -212,7 +216,7 @@ def _check_worker_runs(worker_runs: int, lanes: int) -> None:
 def summarize_run_outcomes(run_id: str) -> pd.DataFrame:
     """The outcomes this run recorded, by outcome, frequency and product, read from the database."""
     with session_scope() as session:
-        return subs.run_outcomes(session, run_id)
+        return sub_stats.run_outcomes(session, run_id)
 
 
 def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UUID]]:
@@ -238,7 +242,7 @@ def _wait_or_take_back(run_ids: list[uuid.UUID]) -> tuple[list[Any], set[uuid.UU
 
 def _lanes_on_workers(
     run_date: dt.date, batch_size: int, lanes: int, worker_runs: int, run_id: str, deadline: float
-) -> subs.LaneResult:
+) -> sub_lanes.LaneResult:
     """Start the lane runs, wait for them, then summarise the night from the database.
 
     Workers on other machines share no result storage, so the numbers come from the
@@ -275,7 +279,7 @@ def _lanes_on_workers(
     futures = [process_lane.submit(i, lanes, run_date, batch_size, run_id, deadline) for i in here]
     parts = [json.loads(r.state.message or "{}") for r in runs if r.id not in taken_back]
     parts += [vars(f.result()) for f in futures]
-    return subs.LaneResult(
+    return sub_lanes.LaneResult(
         summarize_run_outcomes(run_id),
         [],
         sum(p.get("batches", 0) for p in parts),
@@ -322,14 +326,14 @@ def process_subscription_lanes(
 
 
 @task(**task_options("process-one-subscription"))
-def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> subs.LaneResult:
+def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> sub_lanes.LaneResult:
     """Process one subscription by id through the same batch code."""
     with session_scope() as session:
         row = subs.load_subscription(session, subscription_id)
         if row.status != "active":
             raise InvalidInputError(f"subscription {subscription_id} is {row.status}, not active: nothing to do")
         result = subs.process_batch(session, subs.Due(run_date, run_id, only_ids=[subscription_id]), 1)
-    return subs.LaneResult(subs.summarize(result.outcomes), [], 1, int(result.isolated), False)
+    return sub_lanes.LaneResult(sub_stats.summarize(result.outcomes), [], 1, int(result.isolated), False)
 
 
 @flow(**flow_options("process-single-subscription"))
@@ -338,11 +342,11 @@ def process_single_subscription(
 ) -> dict[str, Any]:
     """Process one subscription now, with the nightly rules; unknown or inactive ids fail."""
     positive_int(subscription_id, "subscription_id")
-    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date)
+    run_date = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date)
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
     paid = attach_awaiting_payments(run_date, [subscription_id])
-    return _finish("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
+    return _confirm_and_report("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
 
 
 @task(**task_options("list-reminders-due"))
@@ -363,7 +367,7 @@ def _reminder_requests(day: dt.date, counter: list[int]) -> Iterator[RenewalRemi
 @flow(**flow_options("remind-upcoming-deliveries"))
 def remind_upcoming_deliveries(run_date: dt.date | None = None, allow_any_date: bool = False) -> dict[str, Any]:
     """Remind every active subscription delivering the day after the run date, once per delivery date."""
-    day = check_run_date(scheduled_date(run_date), _today(), allow_any_date) + dt.timedelta(days=1)
+    day = check_run_date(scheduled_date(run_date), _today(), allow_any_date=allow_any_date) + dt.timedelta(days=1)
     counter = [0]
     counts = send_in_batches(_reminder_requests(day, counter), "remind-upcoming-deliveries")
     return counts | {"subscriptions": counter[0], "delivery_date": day.isoformat()}
@@ -386,7 +390,7 @@ def apply_razorpay_event(event: razorpay.RazorpayEvent, today: dt.date) -> payme
         # The inbox shows why (a redelivery applies it again); the error itself goes on to the retry policy.
         reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
         with contextlib.suppress(Exception), session_scope() as session:
-            payments.mark_failed(session, event.event_id, reason)
+            payments.mark_event_failed(session, event.event_id, reason)
         raise
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from lib.errors import InvalidInputError, positive_int
 
-if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.tokens (send time) imports this module
+if TYPE_CHECKING:  # pandas is loaded by the summaries only: lib.token_cleanup imports this module for its counters
     import pandas as pd
 
 CART_PHASES = ("empty_carts", "carts_with_items")
@@ -212,6 +212,7 @@ def cart_batch(
     now: dt.datetime,
     after_id: int,
     batch_size: int,
+    *,
     dry_run: bool = False,
 ) -> Batch:
     """Delete (or on a dry run, count) one batch of carts not updated since ``cutoff``; items go by cascade."""
@@ -262,7 +263,7 @@ SELECT count(*) AS n, max(id) AS last_id FROM gone
 
 
 def aged_batch(
-    session: Session, table: str, cutoff: dt.datetime, after_id: int, batch_size: int, dry_run: bool = False
+    session: Session, table: str, cutoff: dt.datetime, after_id: int, batch_size: int, *, dry_run: bool = False
 ) -> Batch:
     """Delete (or count) one batch of ``table`` rows whose timestamp is before ``cutoff``."""
     if table not in AGED_TABLES:
@@ -286,6 +287,7 @@ def purge_carts(
     now: dt.datetime,
     batch_size: int,
     limits: Limits,
+    *,
     dry_run: bool = False,
 ) -> PassStats:
     """One phase of the stale-cart cleanup, batch after batch, each in its own transaction."""
@@ -293,17 +295,17 @@ def purge_carts(
     def step(session: Session, after: int) -> Batch:
         if not dry_run:
             session.execute(_NO_FLUSH_WAIT)
-        return cart_batch(session, phase, cutoff, now, after, batch_size, dry_run)
+        return cart_batch(session, phase, cutoff, now, after, batch_size, dry_run=dry_run)
 
     return run_batches(scope, step, batch_size, limits)
 
 
 def purge_aged(
-    scope: Scope, table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, dry_run: bool = False
+    scope: Scope, table: str, cutoff: dt.datetime, batch_size: int, limits: Limits, *, dry_run: bool = False
 ) -> PassStats:
     """Delete every row of ``table`` older than ``cutoff``, batch after batch."""
     return run_batches(
-        scope, lambda s, after: aged_batch(s, table, cutoff, after, batch_size, dry_run), batch_size, limits
+        scope, lambda s, after: aged_batch(s, table, cutoff, after, batch_size, dry_run=dry_run), batch_size, limits
     )
 
 

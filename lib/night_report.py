@@ -1,6 +1,6 @@
 """The nightly run's artifact: a one-line headline and one small table per dimension, as markdown.
 
-``render`` takes the run's summary DataFrame (lib.subscriptions.summarize: subscriptions, units
+``render`` takes the run's summary DataFrame (lib.subscription_stats.summarize: subscriptions, units
 and revenue by outcome, frequency and product), the product names, batch timings and what
 happened to payments and confirmations, and returns what an operator reads at a glance in the
 Prefect UI: outcomes, frequencies, the top products by name, money as ₹ with Indian grouping.
@@ -79,7 +79,7 @@ def _products(groups: pd.DataFrame, names: Mapping[int, str], ids: Sequence[int]
     return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
-def headline(stats: Mapping[str, Any], run_date: dt.date, dry_run: bool) -> str:
+def headline(stats: Mapping[str, Any], run_date: dt.date, *, dry_run: bool) -> str:
     """One line: created / out of stock / failed / stopped early, and the revenue."""
     created = int(stats.get("created", 0))
     parts = [
@@ -99,6 +99,7 @@ def render(
     names: Mapping[int, str],
     batch_ms: Sequence[float],
     run_date: dt.date,
+    *,
     dry_run: bool = False,
 ) -> str:
     """The whole artifact as markdown."""
@@ -129,4 +130,4 @@ def render(
         sections.append(md.section("Run", md.table([extra], list(extra))))
     if failed := stats.get("confirmations_failed"):
         sections.append(md.section("Confirmations", f"Not all sent: {failed}"))
-    return md.document(headline(stats, run_date, dry_run), *sections)
+    return md.document(headline(stats, run_date, dry_run=dry_run), *sections)

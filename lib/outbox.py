@@ -153,7 +153,7 @@ def read(engine: Engine, task_id: uuid.UUID) -> TaskRow | None:
             ),
             {"id": task_id},
         ).one_or_none()
-    return TaskRow(*row) if row else None
+    return TaskRow(**row._mapping) if row else None
 
 
 def revoke(engine: Engine, task_id: uuid.UUID, reason: str = "revoked by the caller") -> bool:
@@ -251,7 +251,7 @@ _CLAIM = text(
 def claim(conn: Connection, holder_key: int, worker: str, limit: int) -> list[Claimed]:
     """Take up to ``limit`` due rows for this worker (committed), oldest due first."""
     rows = conn.execute(_CLAIM, {"limit": limit, "holder": holder_key, "worker": worker[:128]})
-    return [Claimed(*r) for r in rows]
+    return [Claimed(**r._mapping) for r in rows]
 
 
 def next_due_in(conn: Connection) -> float | None:

@@ -113,7 +113,7 @@ def record_event(session: Session, ev: RazorpayEvent) -> Inbox:
     return Inbox(seen.status, seen.reason, seen.order_id, new=False)
 
 
-def finish_event(session: Session, result: EventResult) -> None:
+def record_event_result(session: Session, result: EventResult) -> None:
     """Write the outcome of an attempt on the inbox row (status, reason, money, order)."""
     status = {"awaiting_cycle": "applied", "notify": "applied", "replay": "applied"}.get(result.status, result.status)
     session.execute(
@@ -133,7 +133,7 @@ def finish_event(session: Session, result: EventResult) -> None:
     )
 
 
-def mark_failed(session: Session, event_id: str, reason: str) -> None:
+def mark_event_failed(session: Session, event_id: str, reason: str) -> None:
     """Record that an attempt died of an unexpected error, so the event is retried on redelivery, not lost."""
     session.execute(
         text(
@@ -152,7 +152,7 @@ def apply_event(session: Session, ev: RazorpayEvent, today: dt.date) -> EventRes
         result = _payment_failed(session, ev)
     else:
         result = EventResult(ev.event_id, ev.event, "ignored", f"{ev.event} is not acted on (we handle {HANDLED})")
-    finish_event(session, result)
+    record_event_result(session, result)
     return result
 
 

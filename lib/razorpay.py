@@ -82,7 +82,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_id(value: Any, where: str, required: bool = True) -> str | None:
+def check_id(value: Any, where: str, *, required: bool = True) -> str | None:
     """A Razorpay id: text of 1-64 safe characters; InvalidInputError (one line) otherwise."""
     if value is None and not required:
         return None

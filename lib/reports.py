@@ -327,7 +327,7 @@ def render_chart(report: Report, dpi: int = 90) -> bytes:
 
 
 def _stacked_bars(
-    ax: Any, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str], horizontal: bool
+    ax: Any, frame: pd.DataFrame, label: str, columns: Sequence[str], colors: Sequence[str], *, horizontal: bool
 ) -> None:
     if frame.empty:
         ax.text(0.5, 0.5, "no data in this period", ha="center", va="center", transform=ax.transAxes)

@@ -67,7 +67,7 @@ MAX_DAYS_AHEAD = 1
 MAX_DAYS_BEHIND = 35
 
 
-def check_run_date(run_date: dt.date, today: dt.date, allow_any_date: bool = False) -> dt.date:
+def check_run_date(run_date: dt.date, today: dt.date, *, allow_any_date: bool = False) -> dt.date:
     """The run date, if it lies within [today - 35 days, today + 1 day]; InvalidInputError otherwise.
 
     A run orders every subscription due on or before its date, so a typo such as 2999-12-31

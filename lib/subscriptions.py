@@ -6,40 +6,34 @@ products in id order, allocate stock oldest due first, insert orders and items
 each subscription past the run date, and record one outcome per subscription. A
 killed worker's transaction rolls back, so its rows are simply due again.
 
-A lane walks the due rows in (next_delivery_date, id) order with a keyset cursor, so
-each claim starts where the last one ended instead of re-reading the rows this run has
-already decided (out-of-stock rows stay due); one last claim from the start picks up
-rows that another transaction held while the lane passed them.
-
 If the set-based statements hit a data error, the batch is redone row by row in
 savepoints so that one bad row fails alone (outcome ``failed``) and the rest go.
 Connection-level errors are raised as TransientError for the caller's retry.
+
+The loops over batches are in lib.subscription_lanes, the night's statistics in
+lib.subscription_stats.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 from sqlalchemy import Row, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from lib.errors import NotFoundError, TransientError, positive_int
+from lib.pg_arrays import pg_array, pg_text_array
 from lib.schedule import next_after
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ["outcome", "frequency", "product_id"]
 BATCH_SIZE = 1000  # subscriptions per transaction: the nightly run's default batch_size
 LANES = 4  # batches claimed side by side: its default max_concurrency
-SUMMARY_COLUMNS = [*SUMMARY_KEYS, "subscriptions", "units", "revenue_paise"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,20 @@ class DueSub:
     anchor_day: int
     existing_order_id: int | None = None  # this cycle already has an order (e.g. the webhook made it)
 
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> DueSub:
+        """The subscription of a row selected with DUE_COLUMNS and EXISTING_ORDER, read by column name."""
+        return cls(
+            id=row.id,
+            customer_id=row.customer_id,
+            product_id=row.product_id,
+            quantity=row.quantity,
+            frequency=row.frequency,
+            next_delivery_date=row.next_delivery_date,
+            anchor_day=row.anchor_day,
+            existing_order_id=row.existing_order_id,
+        )
+
     def decided(
         self, outcome: str, reason: str | None = None, order_id: int | None = None, unit_price: int | None = None
     ) -> Outcome:
@@ -60,7 +68,15 @@ class DueSub:
         units = self.quantity if unit_price is not None else 0
         revenue = (unit_price or 0) * units
         return Outcome(
-            self.id, self.product_id, self.frequency, self.next_delivery_date, outcome, reason, order_id, units, revenue
+            subscription_id=self.id,
+            product_id=self.product_id,
+            frequency=self.frequency,
+            delivery_date=self.next_delivery_date,
+            outcome=outcome,
+            reason=reason,
+            order_id=order_id,
+            units=units,
+            revenue_paise=revenue,
         )
 
 
@@ -105,35 +121,12 @@ def validate_knobs(batch_size: int, max_concurrency: int = 1) -> None:
     positive_int(max_concurrency, "max_concurrency")
 
 
-_COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day"
+DUE_COLUMNS = "s.id, s.customer_id, s.product_id, s.quantity, s.frequency, s.next_delivery_date, s.anchor_day"
 # The order this cycle already has, if any: one lookup in uq_orders_subscription_id_delivery_date.
-_EXISTING_ORDER = (
-    "(SELECT o.id FROM orders o WHERE o.subscription_id = s.id AND o.delivery_date = s.next_delivery_date)"
+EXISTING_ORDER = (
+    "(SELECT o.id FROM orders o WHERE o.subscription_id = s.id AND o.delivery_date = s.next_delivery_date) "
+    "AS existing_order_id"
 )
-
-
-def pg_array(values: Iterable[int | dt.date]) -> str:
-    """A PostgreSQL array literal (``{1,2,3}``) of ints or dates, passed as one text parameter.
-
-    psycopg2 sends a Python list as ARRAY[...] with one literal per element: for the
-    thousand-row arrays of a batch that costs milliseconds per array to build and as much
-    again for the server to parse, several times the work the statement then does.
-    """
-    return "{" + ",".join(map(str, values)) + "}"
-
-
-def pg_text_array(values: Iterable[object]) -> str:
-    """Like pg_array, for text or values that may be None (NULL): every element quoted."""
-    parts = []
-    for v in values:
-        if v is None:
-            parts.append("NULL")
-            continue
-        element = str(v)
-        if '"' in element or "\\" in element:
-            element = element.replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(f'"{element}"')
-    return "{" + ",".join(parts) + "}"
 
 
 @dataclass(frozen=True)
@@ -168,7 +161,7 @@ def claim_due(session: Session, due: Due, limit: int) -> list[DueSub]:
         where += "(s.next_delivery_date, s.id) > (:after_day, :after_id) AND "
     rows = session.execute(
         text(
-            f"SELECT {_COLUMNS}, {_EXISTING_ORDER} FROM subscriptions s "
+            f"SELECT {DUE_COLUMNS}, {EXISTING_ORDER} FROM subscriptions s "
             f"WHERE {where}s.status = 'active' AND s.next_delivery_date <= :run_date "
             # The probe must stay a lookup of this row's outcomes in the unique index. A new
             # run id is in no statistics, so the planner takes it for a rare value and, given
@@ -192,7 +185,7 @@ def claim_due(session: Session, due: Due, limit: int) -> list[DueSub]:
             "after_id": after[1] if after else None,
         },
     ).all()
-    return [DueSub(*r) for r in rows]
+    return [DueSub.from_row(r) for r in rows]
 
 
 def _lock_products(session: Session, product_ids: Iterable[int]) -> dict[int, Row[Any]]:
@@ -366,7 +359,7 @@ def _short_error(exc: BaseException) -> str:
 # will not be met and reads and sorts the whole remaining due range in every claim (measured
 # 0.5-1.3 s a claim at 1M due, against 5-15 ms for the walk in index order). JIT compiling,
 # set off by those estimates, cost ~100 ms a claim that runs in a few milliseconds.
-_BATCH_SETTINGS = text(
+BATCH_SETTINGS = text(
     "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
     "set_config('jit', 'off', true)"
 )
@@ -376,7 +369,7 @@ def process_batch(session: Session, due: Due, batch_size: int) -> BatchResult:
     """Claim up to ``batch_size`` of the ``due`` subscriptions and process them in the caller's transaction."""
     run_date, run_id = due.run_date, due.run_id
     try:
-        session.execute(_BATCH_SETTINGS)
+        session.execute(BATCH_SETTINGS)
         subs = claim_due(session, due, batch_size)
         if not subs:
             return BatchResult(0)
@@ -412,159 +405,6 @@ def _row_by_row(session: Session, subs: Sequence[DueSub], run_date: dt.date, run
     return outcomes
 
 
-# --- statistics -------------------------------------------------------------------------------
-
-
-class Tally:
-    """Counts, units and revenue by (outcome, frequency, product), kept in a plain dict.
-
-    A lane adds every batch's outcomes here (microseconds per outcome; a pandas groupby
-    per batch cost ~8 ms) and builds the DataFrame once, at the end. Bounded by products
-    x outcomes x frequencies, not by subscriptions.
-    """
-
-    def __init__(self, outcomes: Iterable[Outcome] = ()) -> None:
-        self._sums: dict[tuple[str, str, int], list[int]] = {}
-        self.add(outcomes)
-
-    def add(self, outcomes: Iterable[Outcome]) -> None:
-        sums = self._sums
-        for o in outcomes:
-            key = (o.outcome, o.frequency, o.product_id)
-            row = sums.get(key)
-            if row is None:
-                sums[key] = [1, o.units, o.revenue_paise]
-            else:
-                row[0] += 1
-                row[1] += o.units
-                row[2] += o.revenue_paise
-
-    def frame(self) -> pd.DataFrame:
-        """The table summarize() makes: one row per (outcome, frequency, product), in key order."""
-        if not self._sums:
-            return pd.DataFrame(columns=SUMMARY_COLUMNS)
-        return pd.DataFrame([(*k, *v) for k, v in sorted(self._sums.items())], columns=SUMMARY_COLUMNS)
-
-
-def summarize(outcomes: Sequence[Outcome], into: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Counts, units and revenue by (outcome, frequency, product); merged into ``into`` if given.
-
-    The result is bounded by products x outcomes x frequencies, not by subscriptions,
-    so a lane can keep merging without its memory growing with the night's size.
-    """
-    frame = pd.DataFrame(
-        [(o.outcome, o.frequency, o.product_id, 1, o.units, o.revenue_paise) for o in outcomes],
-        columns=SUMMARY_COLUMNS,
-    )
-    if into is not None and not into.empty:
-        frame = pd.concat([into, frame], ignore_index=True) if not frame.empty else into
-    if frame.empty:
-        return frame
-    return frame.groupby(SUMMARY_KEYS, as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
-
-
-def night_tables(groups: pd.DataFrame, batch_ms: Sequence[float], top_products: int = 20) -> pd.DataFrame:
-    """One long table for the artifact: rows by outcome, by frequency, top products, batch timings."""
-    parts = []
-    if not groups.empty:
-        for dim in ("outcome", "frequency"):
-            t = groups.groupby(dim, as_index=False)[["subscriptions", "units", "revenue_paise"]].sum()
-            parts.append(t.assign(dimension=dim, key=t[dim].astype(str)))
-        created = groups[groups["outcome"] == "created"]
-        t = (
-            created.groupby("product_id", as_index=False)[["subscriptions", "units", "revenue_paise"]]
-            .sum()
-            .sort_values(["units", "product_id"], ascending=[False, True])
-            .head(top_products)
-        )
-        parts.append(t.assign(dimension="product (top by units)", key=t["product_id"].astype(str)))
-    table = (
-        pd.concat(parts, ignore_index=True)
-        if parts
-        else pd.DataFrame(columns=["dimension", "key", "subscriptions", "units", "revenue_paise"])
-    )
-    table["revenue_inr"] = (table["revenue_paise"] / 100).round(2)
-    table = table[["dimension", "key", "subscriptions", "units", "revenue_inr"]]
-    if len(batch_ms):
-        s = pd.Series(batch_ms, dtype=float)
-        timing = pd.DataFrame(
-            {
-                "dimension": "batch duration (ms)",
-                "key": ["batches", "p50", "p95", "max"],
-                "subscriptions": [len(s), None, None, None],
-                "units": [None, round(s.median(), 1), round(s.quantile(0.95), 1), round(s.max(), 1)],
-                "revenue_inr": None,
-            }
-        )
-        table = pd.concat([table, timing], ignore_index=True)
-    return table
-
-
-def headline(groups: pd.DataFrame) -> dict[str, int | float]:
-    """The numbers a flow returns: subscriptions by outcome, units and revenue created."""
-    out: dict[str, int | float] = {k: 0 for k in ("created", "out_of_stock", "inactive", "failed")}
-    if not groups.empty:
-        for outcome, n in groups.groupby("outcome")["subscriptions"].sum().items():
-            out[str(outcome)] = int(n)
-        created = groups[groups["outcome"] == "created"]
-        out["units"] = int(created["units"].sum())
-        out["revenue_inr"] = round(float(created["revenue_paise"].sum()) / 100, 2)
-    else:
-        out.update(units=0, revenue_inr=0.0)
-    return out
-
-
-# --- the loops the flow tasks wrap -------------------------------------------------------------
-
-
-@dataclass
-class LaneResult:
-    groups: pd.DataFrame
-    batch_ms: list[float]
-    batches: int
-    isolated_batches: int
-    stopped_early: bool
-
-
-def run_lane(
-    session_factory: Callable[[], AbstractContextManager[Session]],
-    run_date: dt.date,
-    batch_size: int,
-    run_id: str,
-    deadline: float | None = None,
-    lane: tuple[int, int] | None = None,
-) -> LaneResult:
-    """Process batch after batch, each its own transaction, until nothing is due or the deadline.
-
-    ``deadline`` is a ``time.time()`` value: past it, no new batch is claimed. ``lane``
-    is (index, count) when several lanes of one run share the night. Each claim goes on
-    from the last row claimed; when that walk runs dry, one claim from the start picks
-    up rows that were locked by another transaction as the walk passed them (e.g. a
-    worker that then died): the lane ends when a claim from the start finds less than
-    a batch.
-    """
-    tally = Tally()
-    batch_ms: list[float] = []
-    isolated = 0
-    after: tuple[dt.date, int] | None = None
-    while True:
-        if deadline is not None and time.time() >= deadline:
-            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, True)
-        started = time.perf_counter()
-        with session_factory() as session:
-            result = process_batch(session, Due(run_date, run_id, lane=lane, after=after), batch_size)
-        if result.claimed:
-            batch_ms.append((time.perf_counter() - started) * 1000)
-            tally.add(result.outcomes)
-            isolated += result.isolated
-        if result.claimed == batch_size:
-            after = result.last
-        elif after is not None:
-            after = None
-        else:
-            return LaneResult(tally.frame(), batch_ms, len(batch_ms), isolated, False)
-
-
 def load_subscription(session: Session, subscription_id: int) -> Row[Any]:
     row = session.execute(
         text("SELECT id, status, next_delivery_date FROM subscriptions WHERE id = :id"), {"id": subscription_id}
@@ -572,42 +412,6 @@ def load_subscription(session: Session, subscription_id: int) -> Row[Any]:
     if row is None:
         raise NotFoundError(f"subscription {subscription_id} does not exist")
     return row
-
-
-def dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
-    """What a run would do, computed read-only with the same allocation; nothing is written.
-
-    Walks due rows by keyset (date, id) so memory stays bounded, carrying the stock
-    of the products seen so far.
-    """
-    stock: dict[int, int] = {}
-    tally = Tally()
-    cursor: tuple[dt.date, int] = (dt.date.min, 0)
-    batches = 0
-    session.execute(_BATCH_SETTINGS)  # the same index walk as a claim, whatever the statistics say
-    while True:
-        rows = session.execute(
-            text(
-                f"SELECT {_COLUMNS}, {_EXISTING_ORDER}, p.price_paise, p.stock FROM subscriptions s "
-                "LEFT JOIN products p ON p.id = s.product_id "
-                "WHERE s.status = 'active' AND s.next_delivery_date <= :run_date "
-                "AND (s.next_delivery_date, s.id) > (:d, :i) ORDER BY s.next_delivery_date, s.id LIMIT :n"
-            ),
-            {"run_date": run_date, "d": cursor[0], "i": cursor[1], "n": batch_size},
-        ).all()
-        if not rows:
-            return LaneResult(tally.frame(), [], batches, 0, False)
-        batches += 1
-        subs = [DueSub(*r[:8]) for r in rows]
-        price = {r.product_id: r.price_paise for r in rows}
-        for r in rows:
-            if r.stock is not None:
-                stock.setdefault(r.product_id, r.stock)
-        served, short, stock_left = allocate([s for s in subs if s.existing_order_id is None], stock)
-        stock.update(stock_left)
-        tally.add(s.decided("created", unit_price=price[s.product_id] or 0) for s in served)
-        tally.add(s.decided("out_of_stock") for s in short)
-        cursor = (subs[-1].next_delivery_date, subs[-1].id)
 
 
 def created_order_ids(session: Session, run_id: str, after_id: int, limit: int) -> list[int]:
@@ -623,31 +427,6 @@ def created_order_ids(session: Session, run_id: str, after_id: int, limit: int) 
     )
 
 
-# Aggregated in SQL so the summary stays products x outcomes x frequencies whatever the night's size.
-# Units and revenue count only orders this run made (reason IS NULL), as the in-process summary does.
-_RUN_OUTCOMES = text(
-    """
-SELECT o.outcome, s.frequency, s.product_id, count(*) AS subscriptions,
-       CAST(coalesce(sum(i.units), 0) AS bigint) AS units,
-       CAST(coalesce(sum(i.revenue_paise), 0) AS bigint) AS revenue_paise
-FROM subscription_outcomes o
-JOIN subscriptions s ON s.id = o.subscription_id
-LEFT JOIN LATERAL (
-    SELECT sum(quantity) AS units, sum(quantity * unit_price_paise) AS revenue_paise
-    FROM order_items WHERE order_id = o.order_id
-) i ON o.outcome = 'created' AND o.reason IS NULL
-WHERE o.run_id = :run_id
-GROUP BY o.outcome, s.frequency, s.product_id
-"""
-)
-
-
-def run_outcomes(session: Session, run_id: str) -> pd.DataFrame:
-    """The outcomes a run recorded (its lanes and lane runs included), as ``summarize`` groups them."""
-    rows = session.execute(_RUN_OUTCOMES, {"run_id": run_id}).all()
-    return summarize([], pd.DataFrame([tuple(r) for r in rows], columns=SUMMARY_COLUMNS))
-
-
 def reminders_due(session: Session, day: dt.date, after_id: int, limit: int) -> list[int]:
     """One id page of the active subscriptions delivering on ``day``."""
     rows = session.execute(
@@ -658,9 +437,3 @@ def reminders_due(session: Session, day: dt.date, after_id: int, limit: int) -> 
         {"d": day, "a": after_id, "n": limit},
     ).scalars()
     return list(rows)
-
-
-def read_only_dry_run(session: Session, run_date: dt.date, batch_size: int) -> LaneResult:
-    """``dry_run`` in one REPEATABLE READ snapshot, so the whole report sees one state of the tables."""
-    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-    return dry_run(session, run_date, batch_size)

@@ -117,7 +117,7 @@ class Split:
     """Thread-seconds by statement class, Python inside a batch, commit, lane bookkeeping, Prefect.
 
     Engine events time every statement as the client sees it (parameter adaptation, round
-    trip, server work); lib.subscriptions.process_batch and run_lane are wrapped to time the
+    trip, server work); lib.subscription_lanes' process_batch and run_lane are wrapped to time the
     batch and the lane. With several lanes the figures are thread-seconds, so they add up to
     the lanes' total, not to the wall time.
     """
@@ -136,7 +136,7 @@ class Split:
 
     @contextmanager
     def attached(self, engine: Engine) -> Iterator[Split]:
-        from lib import subscriptions as subs
+        from lib import subscription_lanes as sub_lanes
 
         def before(conn, cursor, statement, parameters, context, executemany) -> None:
             self._local.t = time.perf_counter()
@@ -166,14 +166,14 @@ class Split:
                 self.counts["batch"] += result.batches
             return result
 
-        batch, lane = subs.process_batch, subs.run_lane
+        batch, lane = sub_lanes.process_batch, sub_lanes.run_lane
         event.listen(engine, "before_cursor_execute", before)
         event.listen(engine, "after_cursor_execute", after)
-        subs.process_batch, subs.run_lane = process_batch, run_lane
+        sub_lanes.process_batch, sub_lanes.run_lane = process_batch, run_lane
         try:
             yield self
         finally:
-            subs.process_batch, subs.run_lane = batch, lane
+            sub_lanes.process_batch, sub_lanes.run_lane = batch, lane
             event.remove(engine, "before_cursor_execute", before)
             event.remove(engine, "after_cursor_execute", after)
 

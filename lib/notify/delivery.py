@@ -68,7 +68,7 @@ def sms_sender(config: SmsConfig, client: httpx.Client | None = None) -> Iterato
 
 
 def _dead(conn: Connection, msg: dlog.Claimed, token: int, reason: str, report: dlog.DeliveryReport) -> None:
-    dlog.mark_failed(conn, [msg.id], token, scrub(reason), dead=True, tried=True)
+    dlog.mark_unsent(conn, [msg.id], token, scrub(reason), dead=True, tried=True)
     report.dead += 1
     report.dead_reasons.append(scrub(reason))
     log.warning("dead: %s %s to %s: %s", msg.kind, msg.channel, mask(msg.recipient), scrub(reason))
@@ -80,6 +80,7 @@ def deliver(
     keys: list[str],
     channel: str,
     open_sender: OpenSender,
+    *,
     final: bool,
     before_send: Callable[[], None] | None = None,
 ) -> dlog.DeliveryReport:
@@ -115,23 +116,37 @@ def deliver(
         # Raised by opening the sender: nothing of this channel can go out until it is fixed.
         rest = claimed[done:]
         reason = f"could not open the {channel} sender: {exc}"
-        dlog.mark_failed(conn, [m.id for m in rest], token, scrub(reason), dead=True, tried=False)
+        dlog.mark_unsent(conn, [m.id for m in rest], token, scrub(reason), dead=True, tried=False)
         report.dead += len(rest)
         report.dead_reasons.append(scrub(reason))
         log.error("%d %s message(s) dead: %s", len(rest), channel, scrub(reason))
     except TransientError as exc:
-        reason = scrub(str(exc))
-        report.transient_error = reason
-        rest = claimed[done:]
-        # On the wire: that message's attempt failed. Not on the wire: the session never opened.
-        tried = [current.id] if current is not None else [m.id for m in rest]
-        untried = [m.id for m in rest if m.id not in tried]
-        dlog.mark_failed(conn, tried, token, reason, dead=final, tried=True)
-        dlog.mark_failed(conn, untried, token, f"not attempted: {reason}", dead=final, tried=False)
-        if final:
-            report.dead += len(rest)
-            report.dead_reasons.append(reason)
-            log.warning("retries exhausted, %d %s message(s) dead: %s", len(rest), channel, scrub(reason))
-        else:
-            report.failed += len(rest)
+        _release_after_transient(conn, token, claimed[done:], current, str(exc), report, channel, final=final)
     return report
+
+
+def _release_after_transient(
+    conn: Connection,
+    token: int,
+    rest: list[dlog.Claimed],
+    current: dlog.Claimed | None,
+    error: str,
+    report: dlog.DeliveryReport,
+    channel: str,
+    *,
+    final: bool,
+) -> None:
+    """After a transient error, the messages without an outcome go back to ``failed`` (``dead`` if ``final``)."""
+    reason = scrub(error)
+    report.transient_error = reason
+    # On the wire: that message's attempt failed. Not on the wire: the session never opened.
+    tried = [current.id] if current is not None else [m.id for m in rest]
+    untried = [m.id for m in rest if m.id not in tried]
+    dlog.mark_unsent(conn, tried, token, reason, dead=final, tried=True)
+    dlog.mark_unsent(conn, untried, token, f"not attempted: {reason}", dead=final, tried=False)
+    if final:
+        report.dead += len(rest)
+        report.dead_reasons.append(reason)
+        log.warning("retries exhausted, %d %s message(s) dead: %s", len(rest), channel, scrub(reason))
+    else:
+        report.failed += len(rest)

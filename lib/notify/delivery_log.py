@@ -43,7 +43,9 @@ from lib.db import advisory_session, lock_held
 from lib.errors import InvalidInputError
 from lib.models import NOTIFICATION_STATUSES, Notification
 
-SENDABLE = ("pending", "failed")
+SENDABLE = ("pending", "failed")  # statuses a claim takes (besides abandoned `sending` rows)
+# SENDABLE as an SQL list, for IN: a literal of this module's constants, so the statements' text stays fixed.
+_SENDABLE_SQL = ", ".join(f"'{status}'" for status in SENDABLE)
 # classid of our advisory locks; the objid is the delivery session's random key (claimed_by).
 LOCK_NAMESPACE = 0x1D05
 MAX_ERROR = 2000
@@ -141,7 +143,7 @@ def record(session: Session, messages: Sequence[Message]) -> int:
 
 
 @contextmanager
-def delivery_session(engine: Engine, durable: bool | None = None) -> Iterator[tuple[Connection, int]]:
+def delivery_session(engine: Engine, *, durable: bool | None = None) -> Iterator[tuple[Connection, int]]:
     """An AUTOCOMMIT connection holding this session's advisory lock; yields (connection, lock key).
 
     Unless ``durable`` (default: NOTIFICATION_DURABLE_MARKS), the session's commits do not wait
@@ -171,14 +173,14 @@ _CLAIM = text(
     WITH c AS (
         SELECT n.id, n.status AS was FROM notifications n
          WHERE n.idempotency_key = ANY(:keys) AND (:channel IS NULL OR n.channel = :channel)
-           AND (n.status IN ('pending', 'failed') OR ({_ABANDONED}))
+           AND (n.status IN ({_SENDABLE_SQL}) OR ({_ABANDONED}))
          ORDER BY n.id
          FOR UPDATE OF n SKIP LOCKED
     )
     UPDATE notifications n SET status = 'sending', claimed_by = :token, claimed_at = now(), updated_at = now()
       FROM c WHERE n.id = c.id
-    RETURNING n.id, n.idempotency_key, n.channel, n.kind, n.template, n.recipient, n.payload, n.attempts,
-              n.payload_cleared_at IS NOT NULL, c.was = 'sending'
+    RETURNING n.id, n.idempotency_key AS key, n.channel, n.kind, n.template, n.recipient, n.payload AS intent,
+              n.attempts, n.payload_cleared_at IS NOT NULL AS cleared, c.was = 'sending' AS recovered
     """
 )
 
@@ -192,7 +194,7 @@ def claim(conn: Connection, keys: Sequence[str], token: int, channel: str | None
     if not keys:
         return []
     rows = conn.execute(_CLAIM, {"keys": list(keys), "channel": channel, "token": token}).all()
-    return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
+    return sorted((Claimed(**r._mapping) for r in rows), key=lambda c: c.id)
 
 
 _MARK_SENT = (
@@ -212,7 +214,7 @@ def mark_sent(conn: Connection, msg_id: int, token: int, provider_id: str, to: s
     conn.exec_driver_sql(_MARK_SENT, params)
 
 
-def mark_failed(conn: Connection, ids: Sequence[int], token: int, error: str, dead: bool, tried: bool) -> None:
+def mark_unsent(conn: Connection, ids: Sequence[int], token: int, error: str, *, dead: bool, tried: bool) -> None:
     """Release rows with an error: ``failed`` (claimable again) or ``dead``; count the attempt if tried."""
     if not ids:
         return
@@ -295,7 +297,7 @@ def stuck(session: Session, older_than_minutes: int, limit: int = 10_000) -> lis
     rows = session.execute(
         text(
             f"SELECT n.idempotency_key, n.channel FROM notifications n WHERE ({_ABANDONED}) OR "
-            "(n.status IN ('pending', 'failed') AND n.updated_at < now() - make_interval(mins => :m)) "
+            f"(n.status IN ({_SENDABLE_SQL}) AND n.updated_at < now() - make_interval(mins => :m)) "
             "ORDER BY n.id LIMIT :n"
         ),
         {"m": older_than_minutes, "n": limit},

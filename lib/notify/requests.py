@@ -121,6 +121,7 @@ def _customer_messages(
     intent: dict[str, Any],
     customer: Customer,
     template: str,
+    *,
     email: bool,
     sms: bool,
 ) -> MessageBatch:
@@ -284,7 +285,9 @@ class OrderConfirmationRequest:
                 base = self.key or f"order-confirmation:{oid}"
                 intent = {"order_id": oid}
                 out.extend(
-                    _customer_messages(base, "order_confirmation", intent, customer, "order_confirmation", True, True)
+                    _customer_messages(
+                        base, "order_confirmation", intent, customer, "order_confirmation", email=True, sms=True
+                    )
                 )
         return out
 
@@ -311,7 +314,9 @@ class OrderShippedRequest:
             raise NotFoundError(f"order {self.order_id} does not exist")
         base = self.key or f"order-shipped:{self.order_id}:{self.tracking_number}"
         intent = {"order_id": self.order_id, "tracking_number": self.tracking_number, "carrier": self.carrier}
-        return _customer_messages(base, "order_shipped", intent, found[self.order_id][1], "order_shipped", True, True)
+        return _customer_messages(
+            base, "order_shipped", intent, found[self.order_id][1], "order_shipped", email=True, sms=True
+        )
 
 
 def _subscriptions(session: Session, ids: Sequence[int]) -> dict[int, tuple[Subscription, Customer, Product]]:
@@ -362,7 +367,7 @@ class PaymentFailedRequest:
             # One notice per subscription cycle: a failure next month is a new message.
             base = self.key or f"payment-failed:subscription:{sub.id}:{cycle}"
             intent = {"subscription_id": sub.id, "cycle": cycle, "reason": self.reason}
-        return _customer_messages(base, "payment_failed", intent, customer, "payment_failed", True, True)
+        return _customer_messages(base, "payment_failed", intent, customer, "payment_failed", email=True, sms=True)
 
 
 # ---- subscriptions -------------------------------------------------------------------------------
@@ -420,8 +425,8 @@ class RenewalReminderRequest:
                         intent,
                         customer,
                         "renewal_reminder",
-                        customer.email_opt_in,
-                        customer.sms_opt_in,
+                        email=customer.email_opt_in,
+                        sms=customer.sms_opt_in,
                     )
                 )
         return out
@@ -457,7 +462,7 @@ class OtpRequest:
             raise InvalidInputError(f"customer {self.customer_id} has no phone number for an OTP")
         base = f"otp:{self.customer_id}:{self.purpose}:{_nonce(self.key)}"
         intent = {"customer_id": self.customer_id, "purpose": self.purpose}
-        return _customer_messages(base, "otp", intent, customer, "otp", False, True)
+        return _customer_messages(base, "otp", intent, customer, "otp", email=False, sms=True)
 
 
 @dataclass(frozen=True)
@@ -477,4 +482,6 @@ class LinkRequest:
     def build(self, session: Session) -> MessageBatch:
         customer = _customer(session, self.customer_id)
         base = f"{self.kind.replace('_', '-')}:{self.customer_id}:{_nonce(self.key)}"
-        return _customer_messages(base, self.kind, {"customer_id": self.customer_id}, customer, self.kind, True, False)
+        return _customer_messages(
+            base, self.kind, {"customer_id": self.customer_id}, customer, self.kind, email=True, sms=False
+        )

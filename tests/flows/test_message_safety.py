@@ -25,7 +25,7 @@ from sqlalchemy import text
 from devtools.smtp_sink import DevSMTPServer, free_port
 from flows import notifications as nf
 from flows.cleanup import cleanup_delivery_log
-from lib import tokens
+from lib import token_store, tokens
 from lib.config import get_settings
 from lib.db import session_scope
 from lib.errors import InvalidInputError, PermanentError
@@ -316,7 +316,7 @@ def test_token_messages_deliver_working_secrets_that_are_stored_nowhere(
     assert any(line.startswith("10 ") for line in stored["logs"]), "no DEBUG line reached the API"
     assert any(line.startswith("20 ") and "email: {" in line for line in stored["logs"]), "no INFO line of ours"
     assert len(stored["artifacts"]) >= 3 and len(stored["task_runs"]) >= 6
-    assert any(tokens.token_key("otp", str(cid)) in line for line in stored["redis"])
+    assert any(token_store.token_key("otp", str(cid)) in line for line in stored["redis"])
     haystack = "\n".join(line for lines in stored.values() for line in lines)
     for secret in (code, reset, verify):
         assert _absent(secret, haystack), "a token or code was found at rest"

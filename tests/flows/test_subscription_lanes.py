@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from flows.subscriptions import process_due_subscriptions, process_subscription_lanes, summarize_run_outcomes
-from lib import subscriptions as subs
+from lib import subscription_stats as sub_stats
 from lib.errors import InvalidInputError
 from lib.stats import to_artifact_rows
 from tests.builders import make_order, make_product, make_subscription, today
@@ -64,9 +64,9 @@ def test_summary_read_from_the_database_matches_what_the_run_returned(pg):
     stats = process_due_subscriptions(run_date=TODAY, batch_size=2, max_concurrency=2, send_confirmations=False)
     (run_id,) = _rows(pg, "SELECT DISTINCT run_id FROM subscription_outcomes")[0]
     groups = summarize_run_outcomes.fn(run_id)
-    from_db = subs.headline(groups)
+    from_db = sub_stats.headline(groups)
     assert from_db == {k: stats[k] for k in from_db}
-    json.dumps(to_artifact_rows(subs.night_tables(groups, [])))  # plain ints, not SQL numerics (Decimal)
+    json.dumps(to_artifact_rows(sub_stats.night_tables(groups, [])))  # plain ints, not SQL numerics (Decimal)
     assert (from_db["created"], from_db["out_of_stock"], from_db["units"]) == (6, 1, 9)
 
 

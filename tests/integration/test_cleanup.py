@@ -29,7 +29,9 @@ def _purge_all_carts(days: int = 30, batch_size: int = 100, limits: Limits | Non
         limits_left = (limits or Limits()).after(stats.batches)
         if stats.stopped_early:
             break
-        stats = stats.merge(cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits_left, dry_run))
+        stats = stats.merge(
+            cleanup.purge_carts(session_scope, phase, cutoff, now, batch_size, limits_left, dry_run=dry_run)
+        )
     return stats
 
 

@@ -28,7 +28,7 @@ def _emails(n: int, prefix: str = "bulk") -> list[dlog.Message]:
 def _deliver(keys: list[str], final: bool = False) -> dlog.DeliveryReport:
     config = SmtpConfig.from_settings(get_settings())
     with dlog.delivery_session(get_engine()) as (conn, token):
-        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(config), final)
+        return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(config), final=final)
 
 
 def _status(key: str) -> tuple[str, int, str | None]:

@@ -15,6 +15,9 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import event, text
 
+from lib import pg_arrays
+from lib import subscription_lanes as sub_lanes
+from lib import subscription_stats as sub_stats
 from lib import subscriptions as subs
 from lib.db import session_scope
 from tests.builders import make_customer, make_product, make_subscription, month_end, today
@@ -30,7 +33,7 @@ def _today_as_the_test_starts():
 
 
 def run_night(run_date=None, batch_size=50, run_id=None):
-    return subs.run_lane(session_scope, run_date or TODAY, batch_size, run_id or str(uuid.uuid4()))
+    return sub_lanes.run_lane(session_scope, run_date or TODAY, batch_size, run_id or str(uuid.uuid4()))
 
 
 def scalar(pg, sql, **params):
@@ -42,7 +45,7 @@ def test_out_of_stock_makes_no_order_and_stays_due(pg):
     """With no stock: no order, an out_of_stock outcome with reason, and the date unchanged."""
     sid = make_subscription(pg, due=TODAY, stock=0)
     lane = run_night()
-    assert subs.headline(lane.groups)["out_of_stock"] == 1
+    assert sub_stats.headline(lane.groups)["out_of_stock"] == 1
     assert scalar(pg, "SELECT count(*) FROM orders") == 0
     assert scalar(pg, "SELECT next_delivery_date FROM subscriptions WHERE id=:i", i=sid) == TODAY
     assert "in stock" in scalar(pg, "SELECT reason FROM subscription_outcomes WHERE subscription_id=:i", i=sid)
@@ -106,9 +109,9 @@ def test_second_run_creates_nothing(pg):
     """Running the night twice: the second run finds nothing due and writes no order."""
     for _ in range(30):
         make_subscription(pg, due=TODAY)
-    first = subs.headline(run_night().groups)
+    first = sub_stats.headline(run_night().groups)
     orders = scalar(pg, "SELECT count(*) FROM orders")
-    second = subs.headline(run_night().groups)
+    second = sub_stats.headline(run_night().groups)
     assert first["created"] == 30 and second["created"] == 0
     assert scalar(pg, "SELECT count(*) FROM orders") == orders == 30
 
@@ -191,7 +194,7 @@ def test_concurrent_runs_make_each_order_once(pg):
 KILLABLE = """
 import datetime as dt, uuid
 from lib.db import session_scope
-from lib.subscriptions import run_lane
+from lib.subscription_lanes import run_lane
 run_lane(session_scope, dt.date.fromisoformat('{day}'), 10, str(uuid.uuid4()))
 """
 
@@ -260,11 +263,11 @@ def test_dry_run_predicts_and_writes_nothing(pg):
     for _ in range(5):
         make_subscription(pg, product_id=product, due=TODAY)
     with session_scope() as s:
-        predicted = subs.headline(subs.dry_run(s, TODAY, 2).groups)
+        predicted = sub_stats.headline(sub_lanes.dry_run(s, TODAY, 2).groups)
     assert scalar(pg, "SELECT count(*) FROM orders") == 0
     assert scalar(pg, "SELECT count(*) FROM subscription_outcomes") == 0
     assert scalar(pg, "SELECT stock FROM products WHERE id=:p", p=product) == 3
-    actual = subs.headline(run_night(batch_size=2).groups)
+    actual = sub_stats.headline(run_night(batch_size=2).groups)
     assert predicted == actual == {**actual, "created": 3, "out_of_stock": 2}
 
 
@@ -302,7 +305,8 @@ def test_lanes_of_one_run_serve_the_oldest_due_first_per_product(pg):
     expected, _, _ = subs.allocate(due, stock)
     run_id = str(uuid.uuid4())
     threads = [
-        threading.Thread(target=subs.run_lane, args=(session_scope, TODAY, 40, run_id, None, (i, 4))) for i in range(4)
+        threading.Thread(target=sub_lanes.run_lane, args=(session_scope, TODAY, 40, run_id, None, (i, 4)))
+        for i in range(4)
     ]
     for t in threads:
         t.start()
@@ -331,11 +335,11 @@ def test_a_row_locked_while_the_lane_passes_is_picked_up_before_the_lane_ends(pg
             blocker.close()
         return session_scope()
 
-    lane = subs.run_lane(factory, TODAY, 3, str(uuid.uuid4()))
+    lane = sub_lanes.run_lane(factory, TODAY, 3, str(uuid.uuid4()))
     with pg.connect() as c:
         ordered = set(c.execute(text("SELECT subscription_id FROM orders")).scalars())
     assert ordered == {held, *rest}
-    assert subs.headline(lane.groups)["created"] == 8
+    assert sub_stats.headline(lane.groups)["created"] == 8
 
 
 def test_claims_go_on_from_the_last_row_claimed(pg):
@@ -412,7 +416,7 @@ def test_a_batch_plans_index_walks_without_jit(pg):
 def test_array_parameters_round_trip_through_postgresql(pg, values, kind):
     """Array literals of ints, dates and text (commas, quotes, backslashes, braces, NULL) read back unchanged."""
     plain = all(isinstance(v, int | dt.date) for v in values)
-    literal = subs.pg_array(values) if plain else subs.pg_text_array(values)
+    literal = pg_arrays.pg_array(values) if plain else pg_arrays.pg_text_array(values)
     with pg.connect() as c:
         back = c.execute(text(f"SELECT CAST(:a AS {kind})"), {"a": literal}).scalar()
     assert back == values
@@ -434,12 +438,12 @@ def test_the_lane_tally_equals_the_pandas_summary(pg):
         )
         for i in range(1, 200)
     ]
-    tally = subs.Tally(outcomes[:50])
+    tally = sub_stats.Tally(outcomes[:50])
     tally.add(outcomes[50:])
-    expected = subs.summarize(outcomes)
+    expected = sub_stats.summarize(outcomes)
     got = tally.frame()
     assert got.to_dict("records") == expected.to_dict("records")
-    assert subs.Tally().frame().empty and list(subs.Tally().frame().columns) == subs.SUMMARY_COLUMNS
+    assert sub_stats.Tally().frame().empty and list(sub_stats.Tally().frame().columns) == sub_stats.SUMMARY_COLUMNS
 
 
 def test_out_of_stock_rows_are_not_claimed_again_by_the_same_run(pg):

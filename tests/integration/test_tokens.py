@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from devtools import tokens as dev_tokens
 from devtools.smtp_sink import free_port
-from lib import tokens
+from lib import token_store, tokens
 from lib.config import get_settings
 from lib.errors import InvalidInputError
 from lib.tokens import OtpResult
@@ -43,7 +43,7 @@ def _all_values(r) -> str:
 def test_issue_writes_the_documented_layout_hashed_with_a_native_ttl(redis_client):
     """A token is stored under its HMAC with a TTL, in its kind's expiry index and its user's index; never in clear."""
     token = tokens.issue("password_reset", 42, 60)
-    tid = tokens.token_id("password_reset", token)
+    tid = token_store.token_id("password_reset", token)
     key = f"{_prefix()}tok:password_reset:{tid}"
     assert redis_client.hget(key, "u") == "42"
     assert 59_000 < redis_client.pttl(key) <= 60_000
@@ -149,10 +149,10 @@ def test_cleanup_removes_dead_entries_and_ttl_less_expired_keys_only(redis_clien
     short = tokens.issue("password_reset", 2, 0.01)
     lost = tokens.issue("email_verification", 3, 60)
     lost_future = tokens.issue("email_verification", 4, 60)
-    lost_key = f"{_prefix()}tok:email_verification:{tokens.token_id('email_verification', lost)}"
-    future_key = f"{_prefix()}tok:email_verification:{tokens.token_id('email_verification', lost_future)}"
+    lost_key = f"{_prefix()}tok:email_verification:{token_store.token_id('email_verification', lost)}"
+    future_key = f"{_prefix()}tok:email_verification:{token_store.token_id('email_verification', lost_future)}"
     redis_client.persist(lost_key)
-    redis_client.hset(lost_key, "e", tokens.now_ms() - 1000)  # TTL lost and past its own expiry
+    redis_client.hset(lost_key, "e", token_store.now_ms() - 1000)  # TTL lost and past its own expiry
     redis_client.persist(future_key)  # TTL lost but its own expiry is ahead: keep, put the TTL back
     time.sleep(0.03)
     stats = dev_tokens.cleanup_expired()
@@ -193,7 +193,7 @@ def test_unreachable_redis_error_names_the_address_and_the_setting(redis_client)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = tokens.redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
     with pytest.raises(tokens.RedisUnavailableError, match=rf"127\.0\.0\.1:{port}.*REDIS_URL"):
         tokens.issue("password_reset", 1, 60, client=client)
     with pytest.raises(tokens.RedisUnavailableError, match=rf"127\.0\.0\.1:{port}"):
@@ -261,7 +261,7 @@ def test_cleanup_never_removes_a_token_whose_ttl_has_not_run_out(own_redis):
             if op[0] == "issue":
                 _, kind, user, ttl_ms = op
                 token = tokens.issue(kind, user, ttl_ms / 1000, client=r)
-                tid = str(user) if kind == "otp" else tokens.token_id(kind, token)
+                tid = str(user) if kind == "otp" else token_store.token_id(kind, token)
                 issued.append((kind, f"{_prefix()}tok:{kind}:{tid}", token))
                 continue
             if op[0] == "sleep":
@@ -280,11 +280,11 @@ def test_cleanup_never_removes_a_token_whose_ttl_has_not_run_out(own_redis):
                 r.persist(key)
             elif op[0] == "persist_past" and r.exists(key):  # lost its TTL and its expiry passed
                 r.persist(key)
-                r.hset(key, "e", tokens.now_ms() - 1)
+                r.hset(key, "e", token_store.now_ms() - 1)
             elif op[0] == "drop_key":  # as if the native TTL fired
                 r.delete(key)
 
-        started = tokens.now_ms()
+        started = token_store.now_ms()
         alive = {}
         for _, key, _ in issued:
             pttl, expires = r.pttl(key), r.hget(key, "e")

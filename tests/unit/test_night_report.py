@@ -22,7 +22,9 @@ def test_headline_says_created_out_of_stock_failed_and_stopped_early():
     line = night_report.headline(stats, dt.date(2026, 11, 28), dry_run=False)
     assert line.startswith("2026-11-28: created 4 orders (₹1,23,956.00), 2 out of stock, 0 failed")
     assert "stopped early" in line
-    assert "stopped early" not in night_report.headline(stats | {"stopped_early": False}, dt.date(2026, 11, 28), False)
+    assert "stopped early" not in night_report.headline(
+        stats | {"stopped_early": False}, dt.date(2026, 11, 28), dry_run=False
+    )
 
 
 def test_tables_per_dimension_with_names_and_indian_grouping():

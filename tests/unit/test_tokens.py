@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lib import cleanup, tokens
+from lib import cleanup, token_store
 from lib.cleanup import Limits, PassStats
 from lib.errors import InvalidInputError
 
@@ -16,10 +16,10 @@ from lib.errors import InvalidInputError
 def test_token_id_is_a_keyed_hash_that_depends_on_kind_and_hides_the_token():
     """The stored id is a 64-hex HMAC, different per kind, and never contains the token."""
     token = "s3cr3t-token-value"
-    a, b = tokens.token_id("password_reset", token), tokens.token_id("email_verification", token)
+    a, b = token_store.token_id("password_reset", token), token_store.token_id("email_verification", token)
     assert len(a) == 64 and int(a, 16) >= 0
     assert a != b and token not in a
-    assert tokens.token_id("password_reset", token) == a
+    assert token_store.token_id("password_reset", token) == a
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, None])
@@ -68,9 +68,9 @@ def test_token_summary_has_one_row_per_kind_with_json_plain_numbers():
     """The token artifact has a row per kind with keys, index and per-user removals as plain ints."""
     stats = PassStats()
     stats.add({"otp": 2, "otp_index": 3, "password_reset_user_index": 1}, 4.0)
-    frame = cleanup.token_summary(stats, tokens.KINDS)
+    frame = cleanup.token_summary(stats, token_store.KINDS)
     rows = frame.set_index("kind").to_dict(orient="index")
-    assert list(rows) == list(tokens.KINDS)
+    assert list(rows) == list(token_store.KINDS)
     assert rows["otp"]["keys_removed"] == 2 and rows["otp"]["index_entries_removed"] == 3
     assert rows["password_reset"]["user_entries_removed"] == 1
     assert rows["email_verification"]["keys_removed"] == 0
