@@ -7,8 +7,9 @@ from lib.config import get_settings
 from lib.db import get_engine, session_scope
 from lib.errors import PermanentError, TransientError
 from lib.models import Notification
-from lib.notify import delivery, messages
+from lib.notify import delivery
 from lib.notify import delivery_log as dlog
+from lib.notify import requests as req
 from lib.notify.email_channel import SmtpConfig, SmtpSession, build_message
 from lib.notify.sms_channel import SmsConfig, make_client, send_sms
 from tests.builders import make_customer, make_order, today
@@ -17,10 +18,10 @@ SENDER = "IndoStar Naturals <orders@indostar.example>"
 
 
 def _emails(n: int, prefix: str = "bulk") -> list[dlog.Message]:
-    batch = messages.MessageBatch()
+    batch = req.MessageBatch()
     for i in range(n):
         batch.extend(
-            messages.EmailRequest(f"user{i}@example.in", f"Hello {i}", f"body {i}", None, f"{prefix}:{i}").build(None)
+            req.EmailRequest(f"user{i}@example.in", f"Hello {i}", f"body {i}", None, f"{prefix}:{i}").build(None)
         )  # type: ignore[arg-type]  # plain emails read nothing
     return batch.messages
 
@@ -179,7 +180,7 @@ def test_order_confirmation_builder_records_bad_phone_as_dead(pg):
     cid = make_customer(pg, phone="12345", email="bad-phone@example.in")
     oid = make_order(pg, customer_id=cid)
     with session_scope() as s:
-        built = messages.OrderConfirmationRequest((oid, 999_999)).build(s)
+        built = req.OrderConfirmationRequest((oid, 999_999)).build(s)
     by_channel = {m.channel: m for m in built.messages}
     assert by_channel["email"].error is None and by_channel["email"].key == f"order-confirmation:{oid}:email"
     assert "phone" in by_channel["sms"].error
@@ -195,7 +196,7 @@ def test_reminders_honour_opt_outs(pg):
     cid = make_customer(pg, email_opt_in=False, sms_opt_in=True)
     sid = make_subscription(pg, customer_id=cid)
     with session_scope() as s:
-        built = messages.RenewalReminderRequest(((sid, today() + dt.timedelta(days=1)),)).build(s)
+        built = req.RenewalReminderRequest(((sid, today() + dt.timedelta(days=1)),)).build(s)
     assert [m.channel for m in built.messages] == ["sms"]
     assert built.messages[0].key == f"renewal-reminder:{sid}:{today() + dt.timedelta(days=1)}:sms"
     assert built.opted_out == 1
