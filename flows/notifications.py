@@ -11,6 +11,7 @@ run and the daily reminders use. Provider settings and rate limits are flows.pro
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -235,16 +236,12 @@ def send_in_batches(
 # --- flows: one per message kind (lib.notify.kinds) -------------------------------------------------
 
 
-_KIND_FLOWS: dict[str, Flow[..., dict[str, Any]]] = {}
-
-
+@functools.cache
 def kind_flow(kind: kinds.Kind) -> Flow[..., dict[str, Any]]:
     """The flow of a message kind: its parameters checked as declared, then record, deliver, report.
 
     Without a caller's key, a kind keyed by the run (plain, templated, token messages) takes the
     run's id, so a retried run sends once; the others are keyed by what they are about."""
-    if kind.name in _KIND_FLOWS:
-        return _KIND_FLOWS[kind.name]
     signature = kind.signature(id_type=PositiveId, key_type=IdempotencyKey)
 
     def send(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -254,20 +251,11 @@ def kind_flow(kind: kinds.Kind) -> Flow[..., dict[str, Any]]:
     send.__name__ = send.__qualname__ = kind.function
     send.__doc__ = kind.doc
     send.__module__ = __name__
-    _KIND_FLOWS[kind.name] = flow(**flow_options(kind.name))(with_signature(send, signature))
-    return _KIND_FLOWS[kind.name]
+    return flow(**flow_options(kind.name))(with_signature(send, signature))
 
 
-for _kind in kinds.KINDS.values():
-    globals()[_kind.function] = kind_flow(_kind)
-
-
-def __getattr__(name: str) -> Any:
-    """A kind registered after import (a test's) is a flow here too, as ``flows/notifications.py:<name>``."""
-    kind = kinds.find(name, "function")
-    if kind is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return kind_flow(kind)
+# A kind registered after import (a test's) is a flow here too, as ``flows/notifications.py:<name>``.
+__getattr__ = kinds.expose(globals(), "function", kind_flow)
 
 
 # --- dead letters and stuck messages -----------------------------------------------------------------

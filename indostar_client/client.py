@@ -108,14 +108,11 @@ def deployment_call(describe: Callable[P, Call]) -> ClientFunction[P]:
 
 # ---- messages: one function per kind of lib.notify.kinds -----------------------------------------
 
-_KIND_FUNCTIONS: dict[str, ClientFunction[...]] = {}
 
-
+@functools.cache
 def kind_function(kind: kinds.Kind) -> ClientFunction[...]:
     """The client function of a message kind: the arguments checked here (the request is built and
     dropped, so bad input raises before a run exists), then the run started under the kind's key."""
-    if kind.name in _KIND_FUNCTIONS:
-        return _KIND_FUNCTIONS[kind.name]
 
     def describe(*args: Any, **kwargs: Any) -> Call:
         params, key = kinds.bind(kind, args, kwargs)
@@ -128,20 +125,11 @@ def kind_function(kind: kinds.Kind) -> ClientFunction[...]:
     describe.__name__ = describe.__qualname__ = kind.function
     describe.__doc__ = f"Start {kind.name}/default: {kind.doc[0].lower()}{kind.doc[1:]}"
     describe.__signature__ = kind.signature().replace(return_annotation=UUID)  # type: ignore[attr-defined]
-    _KIND_FUNCTIONS[kind.name] = deployment_call(describe)
-    return _KIND_FUNCTIONS[kind.name]
+    return deployment_call(describe)
 
 
-for _kind in kinds.KINDS.values():
-    globals()[_kind.function] = kind_function(_kind)
-
-
-def __getattr__(name: str) -> Any:
-    """A kind registered after import (a test's) has its client function here too."""
-    kind = kinds.find(name, "function")
-    if kind is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return kind_function(kind)
+# A kind registered after import (a test's) has its client function here too.
+__getattr__ = kinds.expose(globals(), "function", kind_function)
 
 
 # ---- jobs -----------------------------------------------------------------------------------------

@@ -353,16 +353,8 @@ def _same(*names: str, task: str) -> Callable[..., dict[str, Any]]:
     return translate
 
 
-for _kind in kinds.KINDS.values():
-    globals()[_kind.celery_name] = MessageTask(_kind)
-
-
-def __getattr__(name: str) -> Any:
-    """A message kind registered after import (a test's) has its old-style task here too."""
-    kind = kinds.find(name, "celery_name")
-    if kind is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return MessageTask(kind)
+# A message kind registered after import (a test's) has its old-style task here too.
+__getattr__ = kinds.expose(globals(), "celery_name", MessageTask)
 
 
 # ---- job tasks: deployment runs -------------------------------------------------------------------

@@ -64,7 +64,7 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each kind is one object: compared and hashed by identity
 class Kind:
     """One message kind and everything its surfaces need to know."""
 
@@ -158,6 +158,21 @@ def registered(kind: Kind) -> Iterator[Kind]:
 def find(value: str, attribute: str) -> Kind | None:
     """The kind whose ``attribute`` (name, function, task_name, celery_name) is ``value``."""
     return next((k for k in KINDS.values() if getattr(k, attribute) == value), None)
+
+
+def expose(namespace: dict[str, Any], attribute: str, make: Callable[[Kind], Any]) -> Callable[[str], Any]:
+    """Put ``make(kind)`` in ``namespace`` (a module's globals) under each kind's ``attribute`` (function,
+    celery_name), and return the module's ``__getattr__``, which makes it for a kind registered later."""
+    for kind in KINDS.values():
+        namespace[getattr(kind, attribute)] = make(kind)
+
+    def getattr_(name: str) -> Any:
+        kind = find(name, attribute)
+        if kind is None:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+        return make(kind)
+
+    return getattr_
 
 
 def by_task(task_name: str) -> Kind:
