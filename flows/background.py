@@ -95,7 +95,7 @@ class _Batch:
                 if not keys:
                     continue
                 try:
-                    send(keys, final)
+                    send(keys, final=final)
                 except Exception as exc:  # noqa: BLE001 - e.g. the SMTP server refused the session
                     for r in group:
                         self.errors[r.id] = exc

@@ -56,21 +56,21 @@ def record_messages(request: MessageRequest) -> MessageBatch:
     return batch
 
 
-def _raise_if_retryable(report: dlog.DeliveryReport, channel: str, final: bool) -> dlog.DeliveryReport:
+def _raise_if_retryable(report: dlog.DeliveryReport, channel: str, *, final: bool) -> dlog.DeliveryReport:
     get_run_logger().info("%s: %s", channel, report.as_dict())
     if report.transient_error and not final:
         raise TransientError(report.transient_error)
     return report
 
 
-def deliver_email_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
+def deliver_email_keys(keys: list[str], *, final: bool) -> dlog.DeliveryReport:
     """One delivery pass over these email keys: one SMTP session, each outcome committed as it happens."""
     # Wait for a provider slot before claiming rows, so waiting never holds messages in `sending`.
     with provider_session(SMTP_LIMIT), dlog.delivery_session(db.get_engine()) as (conn, token):
         return delivery.deliver(conn, token, keys, "email", lambda: delivery.email_sender(smtp_config()), final=final)
 
 
-def deliver_sms_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
+def deliver_sms_keys(keys: list[str], *, final: bool) -> dlog.DeliveryReport:
     """One delivery pass over these SMS keys: one pooled HTTP client, each outcome committed as it happens."""
     config, rate = sms_config(), provider_rate(SMS_LIMIT)
     with dlog.delivery_session(db.get_engine()) as (conn, token):
@@ -83,14 +83,14 @@ def deliver_sms_keys(keys: list[str], final: bool) -> dlog.DeliveryReport:
 def deliver_emails(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent emails among these keys over one SMTP session, committing each outcome as it happens."""
     final = final_attempt(task_run.get_run_count())
-    return _raise_if_retryable(deliver_email_keys(keys, final), "email", final)
+    return _raise_if_retryable(deliver_email_keys(keys, final=final), "email", final=final)
 
 
 @task(**task_options("deliver-sms"))
 def deliver_sms(keys: list[str]) -> dlog.DeliveryReport:
     """Send the unsent SMS among these keys through one pooled HTTP client, committing each outcome."""
     final = final_attempt(task_run.get_run_count())
-    return _raise_if_retryable(deliver_sms_keys(keys, final), "sms", final)
+    return _raise_if_retryable(deliver_sms_keys(keys, final=final), "sms", final=final)
 
 
 @task(**task_options("report-messages"))

@@ -48,6 +48,24 @@ def with_signature(fn: Callable[..., Any], signature: inspect.Signature) -> Call
     return fn
 
 
+def completed_with_summary(summary: dict[str, Any]) -> Any:
+    """A flow's final Completed state carrying ``summary`` (JSON) in its message, for a parent run that reads
+    it through the API: lane runs on other workers share no result storage with the nightly run."""
+    import json
+
+    from prefect.states import Completed
+
+    return Completed(message=json.dumps(summary), data=summary)
+
+
+def summary_of(flow_run: Any) -> dict[str, Any]:
+    """The summary ``completed_with_summary`` put in a flow run's final state, read back from the API ({} if none)."""
+    import json
+
+    message = flow_run.state.message if flow_run.state is not None else None
+    return dict(json.loads(message)) if message else {}
+
+
 def set_paused(deployment: Any, paused: bool) -> Any:
     """Register a ``RunnerDeployment`` paused or not: Prefect sends ``paused`` with every registration
     (False unless set), so `serve` sets it from the server's state to keep an owner's pause."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import socket
 import time
@@ -24,12 +23,13 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Completed
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import NonNegativeInt, PositiveInt
 
 from flows.common import flow_options, publish_markdown, publish_table, run_id, scheduled_date, task_options
 from flows.notifications import send_in_batches, send_messages
+from flows.prefect_compat import completed_with_summary, summary_of
 from lib import night_report, payments, razorpay
 from lib import subscription_lanes as sub_lanes
 from lib import subscription_stats as sub_stats
@@ -140,6 +140,7 @@ def _confirm_and_report(
     lanes: list[sub_lanes.LaneResult],
     run_date: dt.date,
     paid: dict[str, int],
+    *,
     confirm: bool,
     deadline: float | None = None,
 ) -> dict[str, Any]:
@@ -192,7 +193,9 @@ def process_due_subscriptions(
         ]
         lanes = [f.result() for f in futures]
     paid = attach_awaiting_payments(run_date)
-    return _confirm_and_report("process-due-subscriptions", run, lanes, run_date, paid, send_confirmations, deadline)
+    return _confirm_and_report(
+        "process-due-subscriptions", run, lanes, run_date, paid, confirm=send_confirmations, deadline=deadline
+    )
 
 
 # --- scale-out: the night's lanes as flow runs on several workers ---------------------------------
@@ -277,14 +280,14 @@ def _lanes_on_workers(
     if here:
         get_run_logger().warning("no worker took some lane runs in time: lanes %s run in this process", here)
     futures = [process_lane.submit(i, lanes, run_date, batch_size, run_id, deadline) for i in here]
-    parts = [json.loads(r.state.message or "{}") for r in runs if r.id not in taken_back]
+    parts = [summary_of(r) for r in runs if r.id not in taken_back]
     parts += [vars(f.result()) for f in futures]
     return sub_lanes.LaneResult(
         summarize_run_outcomes(run_id),
         [],
         sum(p.get("batches", 0) for p in parts),
         sum(p.get("isolated_batches", 0) for p in parts),
-        any(p.get("stopped_early", False) for p in parts),
+        stopped_early=any(p.get("stopped_early", False) for p in parts),
     )
 
 
@@ -321,8 +324,7 @@ def process_subscription_lanes(
         "process": f"{socket.gethostname()}:{os.getpid()}",
     }
     get_run_logger().info("lanes %s of run %s done in process %s", lanes, run_id, stats["process"])
-    # The parent reads these numbers from the API (the state message): it shares no result storage with us.
-    return Completed(message=json.dumps(stats), data=stats)
+    return completed_with_summary(stats)
 
 
 @task(**task_options("process-one-subscription"))
@@ -333,7 +335,7 @@ def process_one(subscription_id: int, run_date: dt.date, run_id: str) -> sub_lan
         if row.status != "active":
             raise InvalidInputError(f"subscription {subscription_id} is {row.status}, not active: nothing to do")
         result = subs.process_batch(session, subs.Due(run_date, run_id, only_ids=[subscription_id]), 1)
-    return sub_lanes.LaneResult(sub_stats.summarize(result.outcomes), [], 1, int(result.isolated), False)
+    return sub_lanes.LaneResult(sub_stats.summarize(result.outcomes), [], 1, int(result.isolated), stopped_early=False)
 
 
 @flow(**flow_options("process-single-subscription"))
@@ -346,7 +348,7 @@ def process_single_subscription(
     run = run_id()
     lanes = [process_one(subscription_id, run_date, run)]
     paid = attach_awaiting_payments(run_date, [subscription_id])
-    return _confirm_and_report("process-single-subscription", run, lanes, run_date, paid, send_confirmation)
+    return _confirm_and_report("process-single-subscription", run, lanes, run_date, paid, confirm=send_confirmation)
 
 
 @task(**task_options("list-reminders-due"))

@@ -122,3 +122,17 @@ def test_the_sqlite_harness_and_run_flow_are_where_the_wrappers_look():
 
     assert "server_startup_timeout" in inspect.signature(prefect_test_harness).parameters
     assert {"flow_run", "parameters", "return_type"} <= set(inspect.signature(run_flow).parameters)
+
+
+def test_a_summary_in_a_completed_state_is_read_back_from_the_api_by_another_process():
+    """The nightly run reads its lane runs' numbers from their final state's message, through the API."""
+
+    @flow
+    def lane_probe():
+        return compat.completed_with_summary({"batches": 3, "stopped_early": False})
+
+    state = lane_probe(return_state=True)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.state.is_completed()
+    assert compat.summary_of(run) == {"batches": 3, "stopped_early": False}
