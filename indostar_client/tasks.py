@@ -324,8 +324,11 @@ def old_arguments(kind: kinds.Kind, args: tuple[Any, ...], kwargs: Mapping[str, 
         if name in given:
             raise TypeError(f"{task}() got multiple values for argument {name!r}")
         given[name] = value
+    params = (*kind.params, kinds.Param(kinds.KEY, str, None))
+    if unknown := set(given) - {n for p in params for n in (p.name, *p.old_names)}:
+        raise TypeError(f"{task}() got unexpected argument(s): {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {}
-    for param in (*kind.params, kinds.Param(kinds.KEY, str, None)):
+    for param in params:
         names = [n for n in (*param.old_names, param.name) if n in given]
         if len(names) > 1:
             raise TypeError(f"{task}() got {' and '.join(names)}: give one")
@@ -337,8 +340,6 @@ def old_arguments(kind: kinds.Kind, args: tuple[Any, ...], kwargs: Mapping[str, 
             out[param.name] = param.default
         else:
             raise TypeError(f"{task}() missing argument {' / '.join((*param.old_names, param.name))}")
-    if given:
-        raise TypeError(f"{task}() got unexpected argument(s): {', '.join(sorted(given))}")
     return out
 
 
