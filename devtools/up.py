@@ -109,11 +109,12 @@ def start_task_worker() -> Any:
 
 def run_dev(prefect_database: str) -> int:
     """The shop, a Prefect server, a task worker and every deployment served from this process, until Ctrl-C."""
-    from deployments.serve import serve_all
-
+    # Before anything imports Prefect: its settings are read from the environment at import.
     api_url = os.environ.setdefault("PREFECT_API_URL", DEFAULT_API)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    from deployments.serve import serve_all
+
     smtp = prepare_shop()
     server = start_prefect_server(api_url, prefect_database)
     tasks = start_task_worker()

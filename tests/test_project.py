@@ -71,6 +71,19 @@ def test_lib_never_imports_prefect():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_the_dev_commands_import_prefect_only_after_setting_its_environment():
+    """`python -m devtools up` sets PREFECT_API_URL in devtools.up.run_dev before its first Prefect import:
+    Prefect reads its settings at import, and `serve` in a process that imported it earlier registers the
+    deployments with a temporary server of its own. So the dev modules import no Prefect at load."""
+    code = (
+        "import sys, devtools.cli, devtools.up, devtools.topology\n"
+        "bad = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_sql_stays_in_lib():
     """flows/, deployments/ and the backend client build no SQL: no sqlalchemy import, no text(...) statement."""
     import ast
