@@ -71,7 +71,7 @@ class Kind:
     name: str
     doc: str  # the flow's UI description and the client function's docstring
     params: tuple[Param, ...]
-    build: Callable[..., req.MessageRequest]  # (**params, idempotency_key=...) -> the request
+    build: Callable[..., req.MessageRequest]  # (**every param, idempotency_key) -> the request
     queue: Literal["critical", "notifications"] = "notifications"
     tags: tuple[str, ...] = ()
     # Without a caller's key, does a flow run key its messages by the run (each run new, as a Celery
@@ -93,9 +93,11 @@ class Kind:
         return f"{self.function}_task"
 
     def request(self, params: Mapping[str, Any], key: str | None) -> req.MessageRequest:
-        """The request these parameters make; a missing or unknown parameter is bad input, named."""
+        """The request these parameters make (the declared defaults filled in, so a row recorded before a
+        parameter existed still builds); a missing or unknown parameter is bad input, named."""
+        defaults = {p.name: p.default for p in self.params if p.default is not REQUIRED}
         try:
-            return self.build(**params, idempotency_key=key)
+            return self.build(**(defaults | dict(params)), idempotency_key=key)
         except TypeError as exc:
             raise InvalidInputError(f"{self.name}: {exc}") from None
 
@@ -212,9 +214,7 @@ for _kind in (
             Param("body", str, old_names=("text", "message")),
             Param("html", str | None, None, old_names=("html_body",)),
         ),
-        lambda to, subject, body, html=None, idempotency_key=None: req.EmailRequest(
-            to, subject, body, html, idempotency_key
-        ),
+        lambda to, subject, body, html, idempotency_key: req.EmailRequest(to, subject, body, html, idempotency_key),
         old_positional=("to_email", "subject", "body"),
     ),
     Kind(
@@ -224,14 +224,14 @@ for _kind in (
             Param("phone", str, old_names=("to_phone", "phone_number")),
             Param("text", str, old_names=("message", "body")),
         ),
-        lambda phone, text, idempotency_key=None: req.SmsRequest(phone, text, idempotency_key),
+        lambda phone, text, idempotency_key: req.SmsRequest(phone, text, idempotency_key),
         old_positional=("phone", "message"),
     ),
     Kind(
         "send-templated-email",
         "Render a template's subject, HTML and text with the context and email it once.",
         (TEMPLATE, CONTEXT, Param("to", str, old_names=("to_email",))),
-        lambda template, context, to, idempotency_key=None: req.TemplatedRequest(
+        lambda template, context, to, idempotency_key: req.TemplatedRequest(
             "email", template, context, to, idempotency_key
         ),
         old_positional=("to_email", "template_name", "context"),
@@ -240,7 +240,7 @@ for _kind in (
         "send-templated-sms",
         "Render a template's DLT-registered SMS text with the context and send it once.",
         (TEMPLATE, CONTEXT, Param("phone", str, old_names=("to_phone",))),
-        lambda template, context, phone, idempotency_key=None: req.TemplatedRequest(
+        lambda template, context, phone, idempotency_key: req.TemplatedRequest(
             "sms", template, context, phone, idempotency_key
         ),
         old_positional=("phone", "template_name", "context"),
@@ -249,9 +249,7 @@ for _kind in (
         "send-order-confirmation",
         "Email and SMS the confirmation of one order (keys order-confirmation:<order>:<channel>).",
         (ORDER_ID,),
-        lambda order_id, idempotency_key=None: req.OrderConfirmationRequest(
-            (order_id,), idempotency_key, require_all=True
-        ),
+        lambda order_id, idempotency_key: req.OrderConfirmationRequest((order_id,), idempotency_key, require_all=True),
         tags=("orders",),
         keyless="about",
         run_keys=about("order-confirmation:{order_id}"),
@@ -260,7 +258,7 @@ for _kind in (
         "send-order-shipped",
         "Email and SMS that an order has shipped, with carrier and tracking number.",
         (ORDER_ID, Param("tracking_number", str), Param("carrier", str)),
-        lambda order_id, tracking_number, carrier, idempotency_key=None: req.OrderShippedRequest(
+        lambda order_id, tracking_number, carrier, idempotency_key: req.OrderShippedRequest(
             order_id, tracking_number, carrier, idempotency_key
         ),
         tags=("orders",),
@@ -275,8 +273,8 @@ for _kind in (
             Param("subscription_id", int, None, is_id=True),
             Param("reason", str, "the payment was declined"),
         ),
-        lambda order_id=None, subscription_id=None, reason="the payment was declined", idempotency_key=None: (
-            req.PaymentFailedRequest(order_id, subscription_id, reason, idempotency_key)
+        lambda order_id, subscription_id, reason, idempotency_key: req.PaymentFailedRequest(
+            order_id, subscription_id, reason, idempotency_key
         ),
         queue="critical",
         tags=("payments",),
@@ -288,7 +286,7 @@ for _kind in (
         "Remind a customer of a coming delivery (the next one unless a date is given), on the channels they "
         "opted in to.",
         (Param("subscription_id", int, is_id=True), Param("delivery_date", dt.date | None, None)),
-        lambda subscription_id, delivery_date=None, idempotency_key=None: req.RenewalReminderRequest(
+        lambda subscription_id, delivery_date, idempotency_key: req.RenewalReminderRequest(
             ((subscription_id, delivery_date),), idempotency_key, require_all=True
         ),
         tags=("subscriptions",),
@@ -299,9 +297,7 @@ for _kind in (
         "send-otp",
         "Issue a one-time code for the customer and send it by SMS; the code exists only inside this run.",
         (CUSTOMER_ID, Param("purpose", str, "login")),
-        lambda customer_id, purpose="login", idempotency_key=None: req.OtpRequest(
-            customer_id, purpose, idempotency_key
-        ),
+        lambda customer_id, purpose, idempotency_key: req.OtpRequest(customer_id, purpose, idempotency_key),
         queue="critical",
         tags=("tokens",),
         run_keys=scoped("otp:{customer_id}:{purpose}"),
@@ -310,7 +306,7 @@ for _kind in (
         "send-password-reset",
         "Issue a password-reset token and email its link; the token exists only inside this run.",
         (CUSTOMER_ID,),
-        lambda customer_id, idempotency_key=None: req.LinkRequest("password_reset", customer_id, idempotency_key),
+        lambda customer_id, idempotency_key: req.LinkRequest("password_reset", customer_id, idempotency_key),
         queue="critical",
         tags=("tokens",),
         run_keys=scoped("password-reset:{customer_id}"),
@@ -319,7 +315,7 @@ for _kind in (
         "send-email-verification",
         "Issue an email-verification token and email its link; the token exists only inside this run.",
         (CUSTOMER_ID,),
-        lambda customer_id, idempotency_key=None: req.LinkRequest("email_verification", customer_id, idempotency_key),
+        lambda customer_id, idempotency_key: req.LinkRequest("email_verification", customer_id, idempotency_key),
         tags=("tokens",),
         run_keys=scoped("email-verification:{customer_id}"),
     ),

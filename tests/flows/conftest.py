@@ -33,7 +33,7 @@ def sentry_server(monkeypatch):
         server.shutdown()
 
 
-POLL = 0.2
+POLL = 0.2  # seconds between a test worker's polls: short, so a test waits little
 
 
 @pytest.fixture

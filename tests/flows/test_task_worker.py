@@ -20,8 +20,7 @@ from indostar_client import tasks as old
 from lib import db, outbox, tokens
 from lib.errors import InvalidInputError, NotFoundError
 from tests.builders import count_rows, make_customer, make_order
-
-POLL = 0.2
+from tests.flows.conftest import POLL  # the worker fixture's poll interval
 
 
 def _row(task_id: str) -> dict:
